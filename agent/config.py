@@ -1,0 +1,309 @@
+"""TOML configuration -> frozen dataclasses.
+
+Every section is a frozen dataclass; the loader walks the dataclass fields, so the schema *is*
+the dataclasses below. Each error is one `ConfigError` line naming the file, the key path and
+what was expected: `config.toml: keys.algorithm: expected one of 'ec-p256', ..., got 'ec-p521'`.
+
+A field's `metadata` may carry `check`: a function of the value that returns an error text
+(what was expected) or None. `config.example.toml` documents every key with its default; a test
+keeps the two in step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import enum
+import os
+import sys
+import types
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from agent.errors import ConfigError
+from hal.interfaces import KeyAlgorithm
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on 3.10 only
+    import tomli as tomllib  # type: ignore[import-not-found,unused-ignore]
+
+DEFAULT_CONFIG_PATH = Path("/etc/devid-agent/config.toml")
+CONFIG_ENV = "DEVID_AGENT_CONFIG"
+MAX_CONFIG_BYTES = 1024 * 1024
+
+Check = Callable[[Any], "str | None"]
+
+
+def checked(default: Any = dataclasses.MISSING, *, check: Check | None = None, **kw: Any) -> Any:
+    """A dataclass field with a validity check (returns what was expected, or None)."""
+    if isinstance(default, (list, tuple)):
+        value = tuple(default)
+        return field(default_factory=lambda: value, metadata={"check": check}, **kw)
+    return field(default=default, metadata={"check": check}, **kw)
+
+
+def _positive(value: Any) -> str | None:
+    return None if value > 0 else "a number greater than 0"
+
+
+def _non_negative(value: Any) -> str | None:
+    return None if value >= 0 else "a number of 0 or more"
+
+
+def _non_empty(value: str) -> str | None:
+    return None if value.strip() else "a non-empty string"
+
+
+def _absolute_path(value: Path) -> str | None:
+    return None if value.is_absolute() else "an absolute path"
+
+
+def _optional_absolute_path(value: Path | None) -> str | None:
+    return None if value is None or value.is_absolute() else "an absolute path"
+
+
+def _tls_version(value: str) -> str | None:
+    return None if value in ("1.2", "1.3") else "'1.2' or '1.3'"
+
+
+def _log_level(value: str) -> str | None:
+    levels = ("debug", "info", "warning", "error")
+    return None if value in levels else "one of " + ", ".join(repr(v) for v in levels)
+
+
+# ---------------------------------------------------------------------------------------------
+# The schema
+
+
+@dataclass(frozen=True)
+class DeviceConfig:
+    #: the device's stable identifier; goes into the certificate subject (CN and/or serialNumber)
+    id: str = checked(check=_non_empty)
+
+
+@dataclass(frozen=True)
+class PathsConfig:
+    #: identity generations, CA certificates and scheduler state
+    state_dir: Path = checked(Path("/var/lib/devid-agent"), check=_absolute_path)
+    #: control socket
+    run_dir: Path = checked(Path("/run/devid-agent"), check=_absolute_path)
+
+
+class KeyStoreKind(enum.Enum):
+    TPM = "tpm"
+    SOFTWARE = "software"
+
+
+@dataclass(frozen=True)
+class KeysConfig:
+    #: "tpm" (keys generated in and never leaving the TPM) or "software" (key files; weaker)
+    store: KeyStoreKind = KeyStoreKind.TPM
+    #: algorithm of the operational key
+    algorithm: KeyAlgorithm = KeyAlgorithm.EC_P256
+
+
+@dataclass(frozen=True)
+class TpmConfig:
+    #: TSS2 TCTI string: "device:/dev/tpmrm0" on hardware, "swtpm:host=...,port=..." for swtpm
+    tcti: str = checked("device:/dev/tpmrm0", check=_non_empty)
+    #: path to tpm2-openssl's tpm2.so (>= 1.2); None: the system's OpenSSL modules directory
+    openssl_provider: Path | None = checked(None, check=_optional_absolute_path)
+
+
+@dataclass(frozen=True)
+class SubjectConfig:
+    #: put the device id into the subject's commonName
+    common_name: bool = True
+    #: put the device id into the subject's serialNumber attribute
+    serial_number: bool = False
+    organization: str = ""
+    organizational_unit: str = ""
+    #: subjectAltName URIs; "{device_id}" is replaced by the device id
+    san_uris: tuple[str, ...] = checked(())
+    #: subjectAltName DNS names; "{device_id}" is replaced by the device id
+    san_dns: tuple[str, ...] = checked(())
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    #: lowest TLS version offered; 1.2 is the floor (many EST servers are 1.2-only)
+    min_version: str = checked("1.2", check=_tls_version)
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    level: str = checked("info", check=_log_level)
+
+
+@dataclass(frozen=True)
+class Config:
+    device: DeviceConfig
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    keys: KeysConfig = field(default_factory=KeysConfig)
+    tpm: TpmConfig = field(default_factory=TpmConfig)
+    subject: SubjectConfig = field(default_factory=SubjectConfig)
+    tls: TlsConfig = field(default_factory=TlsConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    #: where this config was read from (not a TOML key)
+    source: Path = field(default=Path("<defaults>"), metadata={"internal": True})
+
+
+# ---------------------------------------------------------------------------------------------
+# The loader
+
+T = TypeVar("T")
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return " or ".join(_type_name(a) for a in args)
+    if origin is tuple:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}s"
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        return "one of " + ", ".join(repr(m.value) for m in tp)
+    if dataclasses.is_dataclass(tp):
+        return "a table"
+    return {
+        str: "a string",
+        int: "an integer",
+        float: "a number",
+        bool: "true or false",
+        Path: "a path string",
+    }.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, dict):
+        return "a table"
+    if isinstance(value, list):
+        return "a list"
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+class _Loader:
+    def __init__(self, source: Path) -> None:
+        self.source = source
+
+    def fail(self, key: str, message: str) -> ConfigError:
+        return ConfigError(f"{self.source}: {key}: {message}")
+
+    def expected(self, key: str, what: str, value: Any) -> ConfigError:
+        return self.fail(key, f"expected {what}, got {_show(value)}")
+
+    def convert(self, key: str, tp: Any, value: Any) -> Any:
+        origin = typing.get_origin(tp)
+        if origin in (typing.Union, types.UnionType):
+            args = [a for a in typing.get_args(tp) if a is not type(None)]
+            # TOML has no null: "" means "not set" for optional values
+            if value == "":
+                return None
+            return self.convert(key, args[0], value)
+        if origin is tuple:
+            if not isinstance(value, list):
+                raise self.expected(key, _type_name(tp), value)
+            (item_tp, _ellipsis) = typing.get_args(tp)
+            return tuple(self.convert(f"{key}[{i}]", item_tp, v) for i, v in enumerate(value))
+        if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                raise self.expected(key, "a table", value)
+            return self.build(tp, value, prefix=f"{key}.")
+        if isinstance(tp, type) and issubclass(tp, enum.Enum):
+            for member in tp:
+                if value == member.value:
+                    return member
+            raise self.expected(key, _type_name(tp), value)
+        if tp is bool:
+            if not isinstance(value, bool):
+                raise self.expected(key, "true or false", value)
+            return value
+        if tp is int:
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise self.expected(key, "an integer", value)
+            return value
+        if tp is float:
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise self.expected(key, "a number", value)
+            return float(value)
+        if tp is str:
+            if not isinstance(value, str):
+                raise self.expected(key, "a string", value)
+            return value
+        if tp is Path:
+            if not isinstance(value, str) or not value:
+                raise self.expected(key, "a path string", value)
+            return Path(value)
+        raise TypeError(f"config schema uses an unsupported type at {key}: {tp!r}")
+
+    def build(self, cls: type[T], table: dict[str, Any], *, prefix: str = "") -> T:
+        hints = typing.get_type_hints(cls)
+        fields = {
+            f.name: f
+            for f in dataclasses.fields(cls)  # type: ignore[arg-type]
+            if not f.metadata.get("internal")
+        }
+        for name in table:
+            if name not in fields:
+                close = difflib.get_close_matches(name, list(fields), n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise self.fail(f"{prefix}{name}", f"unknown key{hint}")
+        values: dict[str, Any] = {}
+        for name, f in fields.items():
+            key = f"{prefix}{name}"
+            if name in table:
+                value = self.convert(key, hints[name], table[name])
+            elif isinstance(hints[name], type) and dataclasses.is_dataclass(hints[name]):
+                if f.default_factory is not dataclasses.MISSING:
+                    continue
+                value = self.build(hints[name], {}, prefix=f"{key}.")
+            elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise self.fail(key, f"missing required key ({_type_name(hints[name])})")
+            else:
+                continue
+            check = f.metadata.get("check")
+            if check is not None and value is not None:
+                problem = check(value)
+                if problem:
+                    raise self.expected(key, problem, table.get(name, value))
+            values[name] = value
+        return cls(**values)
+
+
+def parse_config(text: str, *, source: Path = Path("<string>")) -> Config:
+    """Parse TOML text into a Config, or raise one-line ConfigError."""
+    try:
+        table = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{source}: invalid TOML: {e}") from e
+    config = _Loader(source).build(Config, table)
+    return dataclasses.replace(config, source=source)
+
+
+def load_config(path: Path) -> Config:
+    """Read and parse the config file at `path`."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read config file: {e.strerror}") from e
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: config file is larger than {MAX_CONFIG_BYTES} bytes")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: config file is not UTF-8 (byte {e.start})") from e
+    return parse_config(text, source=path)
+
+
+def config_path(explicit: str | None) -> Path:
+    """--config, else $DEVID_AGENT_CONFIG, else /etc/devid-agent/config.toml."""
+    if explicit:
+        return Path(explicit)
+    env = os.environ.get(CONFIG_ENV)
+    return Path(env) if env else DEFAULT_CONFIG_PATH

@@ -1,0 +1,1 @@
+"""RFC 7030 EST client."""

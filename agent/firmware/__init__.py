@@ -1,0 +1,1 @@
+"""Signed firmware bundles, A/B slots, commit and rollback."""

@@ -1,0 +1,69 @@
+"""TLS client contexts for the device identity: TLS >= 1.2, explicit CA file, hostname checks on.
+
+A TPM key file (`TSS2 PRIVATE KEY`) is signed with through the tpm2 OpenSSL provider, which must
+have been loaded into this process first (hal.openssl_provider.load_tpm2_provider, done by
+agent.wiring). Each live context with a TPM key holds one TPM object slot: keep few alive.
+"""
+
+from __future__ import annotations
+
+import ssl
+from pathlib import Path
+
+from agent.errors import ConfigError, ProviderError
+from hal.openssl_provider import loaded_provider
+
+TSS2_PEM_MARKER = b"-----BEGIN TSS2 PRIVATE KEY-----"
+
+_VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
+
+
+def is_tpm_key_file(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return TSS2_PEM_MARKER in f.read(4096)
+    except OSError:
+        return False
+
+
+def client_context(
+    *,
+    ca_file: Path,
+    cert_file: Path | None = None,
+    key_file: Path | None = None,
+    min_version: str = "1.2",
+    max_version: str | None = None,
+) -> ssl.SSLContext:
+    """A client context that verifies the server against `ca_file` only (no system store).
+
+    With `cert_file` and `key_file` it presents that client identity (mutual TLS).
+    """
+    if min_version not in _VERSIONS:
+        raise ConfigError(f"TLS minimum version must be 1.2 or 1.3, not {min_version!r}")
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # check_hostname and CERT_REQUIRED are on
+    ctx.minimum_version = _VERSIONS[min_version]
+    if max_version is not None:
+        ctx.maximum_version = _VERSIONS[max_version]
+    try:
+        ctx.load_verify_locations(cafile=str(ca_file))
+    except (OSError, ssl.SSLError) as e:
+        raise ConfigError(f"cannot load trust anchor file {ca_file}: {e}") from e
+    if cert_file is not None and key_file is not None:
+        load_client_identity(ctx, cert_file, key_file)
+    return ctx
+
+
+def load_client_identity(ctx: ssl.SSLContext, cert_file: Path, key_file: Path) -> None:
+    """Attach a certificate and its key (file key or TPM key) to `ctx`."""
+    if is_tpm_key_file(key_file) and loaded_provider() is None:
+        raise ProviderError(
+            f"{key_file} is a TPM key, but the tpm2 OpenSSL provider is not loaded into this "
+            "process; TPM-backed TLS needs it (see tpm.openssl_provider)"
+        )
+    try:
+        ctx.load_cert_chain(certfile=str(cert_file), keyfile=str(key_file))
+    except (OSError, ssl.SSLError) as e:
+        message = f"cannot use client identity {cert_file} with key {key_file}: {e}"
+        if is_tpm_key_file(key_file):
+            raise ProviderError(message) from e
+        raise ConfigError(message) from e

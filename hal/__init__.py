@@ -1,0 +1,1 @@
+"""Hardware abstraction: TPM, bootloader environments, slots and atomic storage."""

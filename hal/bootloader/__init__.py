@@ -1,0 +1,1 @@
+"""Bootloader environments: U-Boot, GRUB, a plain file."""

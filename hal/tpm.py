@@ -1,0 +1,181 @@
+"""Keys generated inside the TPM, through tpm2-pytss (imported lazily).
+
+Keys are ordinary (non-primary) signing keys under the owner hierarchy's standard ECC storage
+primary, stored as `TSS2 PRIVATE KEY` PEM (the format of tpm2-openssl and tpm2-tss-engine), so
+the same file works for CSR signing here and for TLS through the tpm2 OpenSSL provider. The PEM
+holds the private part wrapped by the TPM's storage key: only this TPM can load it.
+
+Attributes: fixedTPM | fixedParent | sensitiveDataOrigin | userWithAuth | sign (| noDA, so a
+dictionary-attack lockout triggered elsewhere cannot lock the device out of its own identity; the
+auth value is empty, so there is nothing to guess). No decrypt, no duplication: the key can sign
+and do nothing else, and cannot leave this TPM.
+
+The TPM is opened per operation and every loaded context is flushed: swtpm has 3 transient slots
+and no resource manager, and on a device other processes (the TLS provider) share the TPM.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.types import (
+    CertificateIssuerPrivateKeyTypes,
+    PublicKeyTypes,
+)
+
+from agent.errors import KeyStoreError
+from hal.interfaces import KeyAlgorithm
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TCTI = "device:/dev/tpmrm0"
+
+
+def _pytss() -> Any:
+    try:
+        import tpm2_pytss
+        import tpm2_pytss.constants
+        import tpm2_pytss.cryptography
+        import tpm2_pytss.tsskey
+        import tpm2_pytss.types
+    except ImportError as e:  # no libtss2 on this device
+        raise KeyStoreError(
+            f"the TPM key store needs tpm2-pytss and libtss2, which cannot be imported ({e}); "
+            'install them, or set keys.store = "software"'
+        ) from e
+    return tpm2_pytss
+
+
+@contextmanager
+def open_esapi(tcti: str) -> Iterator[Any]:
+    """An ESAPI connection to the TPM for the length of the block."""
+    tss = _pytss()
+    try:
+        ectx = tss.ESAPI(tcti)
+    except Exception as e:
+        raise KeyStoreError(f"cannot open the TPM at {tcti!r}: {e}") from e
+    try:
+        yield ectx
+    finally:
+        ectx.close()
+
+
+def signing_key_template(algorithm: KeyAlgorithm) -> Any:
+    """A TPMT_PUBLIC for a sign-only, non-duplicable key of `algorithm`."""
+    tss = _pytss()
+    types = tss.types
+    attrs = (
+        types.TPMA_OBJECT.FIXEDTPM
+        | types.TPMA_OBJECT.FIXEDPARENT
+        | types.TPMA_OBJECT.SENSITIVEDATAORIGIN
+        | types.TPMA_OBJECT.USERWITHAUTH
+        | types.TPMA_OBJECT.SIGN_ENCRYPT
+        | types.TPMA_OBJECT.NODA
+    )
+    alg = tss.constants.TPM2_ALG
+    if algorithm.is_rsa:
+        bits = 2048 if algorithm is KeyAlgorithm.RSA_2048 else 3072
+        return types.TPMT_PUBLIC(
+            type=alg.RSA,
+            nameAlg=alg.SHA256,
+            objectAttributes=attrs,
+            authPolicy=b"",
+            parameters=types.TPMU_PUBLIC_PARMS(
+                rsaDetail=types.TPMS_RSA_PARMS(
+                    symmetric=types.TPMT_SYM_DEF_OBJECT(algorithm=alg.NULL),
+                    scheme=types.TPMT_RSA_SCHEME(scheme=alg.NULL),
+                    keyBits=bits,
+                    exponent=0,
+                ),
+            ),
+        )
+    curve = (
+        tss.constants.TPM2_ECC.NIST_P256
+        if algorithm is KeyAlgorithm.EC_P256
+        else tss.constants.TPM2_ECC.NIST_P384
+    )
+    return types.TPMT_PUBLIC(
+        type=alg.ECC,
+        nameAlg=alg.SHA256,
+        objectAttributes=attrs,
+        authPolicy=b"",
+        parameters=types.TPMU_PUBLIC_PARMS(
+            eccDetail=types.TPMS_ECC_PARMS(
+                symmetric=types.TPMT_SYM_DEF_OBJECT(algorithm=alg.NULL),
+                scheme=types.TPMT_ECC_SCHEME(scheme=alg.NULL),
+                curveID=curve,
+                kdf=types.TPMT_KDF_SCHEME(scheme=alg.NULL),
+            ),
+        ),
+    )
+
+
+class TpmKeyStore:
+    """A `KeyStore` whose keys live in the TPM named by `tcti`."""
+
+    kind = "tpm"
+    hardware_backed = True
+    key_file_name = "key.tss2.pem"
+
+    def __init__(self, *, tcti: str = DEFAULT_TCTI) -> None:
+        self.tcti = tcti
+
+    def generate(self, algorithm: KeyAlgorithm) -> bytes:
+        tss = _pytss()
+        with open_esapi(self.tcti) as ectx:
+            try:
+                key = tss.tsskey.TSSPrivKey.create(ectx, signing_key_template(algorithm))
+            except Exception as e:
+                raise KeyStoreError(
+                    f"the TPM at {self.tcti!r} could not create a {algorithm.value} key: {e}"
+                ) from e
+        pem: bytes = key.to_pem()
+        log.info("created %s key in the TPM", algorithm.value)
+        return pem
+
+    def _parse(self, blob: bytes) -> Any:
+        tss = _pytss()
+        try:
+            return tss.tsskey.TSSPrivKey.from_pem(blob)
+        except Exception as e:
+            raise KeyStoreError(f"not a TSS2 PRIVATE KEY PEM: {e}") from e
+
+    @contextmanager
+    def signer(self, blob: bytes) -> Iterator[CertificateIssuerPrivateKeyTypes]:
+        tss = _pytss()
+        parsed = self._parse(blob)
+        with open_esapi(self.tcti) as ectx:
+            try:
+                handle = parsed.load(ectx)
+            except Exception as e:
+                raise KeyStoreError(
+                    f"the TPM at {self.tcti!r} cannot load this key (was it made by another "
+                    f"TPM, or was the TPM cleared?): {e}"
+                ) from e
+            try:
+                if parsed.public.publicArea.type == tss.constants.TPM2_ALG.RSA:
+                    key: CertificateIssuerPrivateKeyTypes = tss.cryptography.tpm_rsa_private_key(
+                        ectx, handle
+                    )
+                else:
+                    key = tss.cryptography.tpm_ecc_private_key(ectx, handle)
+                yield key
+            finally:
+                ectx.flush_context(handle)
+
+    def public_key(self, blob: bytes) -> PublicKeyTypes:
+        from cryptography.hazmat.primitives.serialization import load_der_public_key
+
+        parsed = self._parse(blob)
+        try:
+            der = parsed.public.to_der()
+            return load_der_public_key(der)
+        except Exception as e:
+            raise KeyStoreError(f"cannot read the public key of a TPM key: {e}") from e
+
+    def object_attributes(self, blob: bytes) -> int:
+        """The TPMA_OBJECT bits the TPM sealed into the key (they cannot be changed)."""
+        return int(self._parse(blob).public.publicArea.objectAttributes)
