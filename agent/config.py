@@ -164,7 +164,8 @@ def _type_name(tp: Any) -> str:
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         return " or ".join(_type_name(a) for a in args)
     if origin is tuple:
-        return f"a list of {_type_name(typing.get_args(tp)[0])}s"
+        item = _type_name(typing.get_args(tp)[0]).removeprefix("a ").removeprefix("an ")
+        return f"a list of {item}s"
     if isinstance(tp, type) and issubclass(tp, enum.Enum):
         return "one of " + ", ".join(repr(m.value) for m in tp)
     if dataclasses.is_dataclass(tp):

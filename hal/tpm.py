@@ -113,6 +113,14 @@ def signing_key_template(algorithm: KeyAlgorithm) -> Any:
     )
 
 
+def _flush_quietly(ectx: Any, handle: Any) -> None:
+    """Flush a loaded context; if the TPM is gone, say so, but let the original error stand."""
+    try:
+        ectx.flush_context(handle)
+    except Exception as e:
+        log.warning("could not flush a TPM context (TPM unreachable?): %s", e)
+
+
 class TpmKeyStore:
     """A `KeyStore` whose keys live in the TPM named by `tcti`."""
 
@@ -164,7 +172,7 @@ class TpmKeyStore:
                     key = tss.cryptography.tpm_ecc_private_key(ectx, handle)
                 yield key
             finally:
-                ectx.flush_context(handle)
+                _flush_quietly(ectx, handle)
 
     def public_key(self, blob: bytes) -> PublicKeyTypes:
         from cryptography.hazmat.primitives.serialization import load_der_public_key
