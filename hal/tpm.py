@@ -63,6 +63,24 @@ def open_esapi(tcti: str) -> Iterator[Any]:
         ectx.close()
 
 
+def describe_tpm(tcti: str) -> dict[str, str]:
+    """Who made the TPM at `tcti` and which spec revision it implements (proves it answers)."""
+    tss = _pytss()
+    pt = tss.constants.TPM2_PT
+    with open_esapi(tcti) as ectx:
+        try:
+            _, data = ectx.get_capability(tss.constants.TPM2_CAP.TPM_PROPERTIES, pt.MANUFACTURER, 1)
+            _, rev = ectx.get_capability(tss.constants.TPM2_CAP.TPM_PROPERTIES, pt.REVISION, 1)
+        except Exception as e:
+            raise KeyStoreError(f"the TPM at {tcti!r} does not answer: {e}") from e
+    manufacturer = int(data.data.tpmProperties.tpmProperty[0].value).to_bytes(4, "big")
+    revision = int(rev.data.tpmProperties.tpmProperty[0].value)
+    return {
+        "manufacturer": manufacturer.decode("ascii", "replace").strip("\x00 "),
+        "revision": f"{revision // 100}.{revision % 100:02d}",
+    }
+
+
 def signing_key_template(algorithm: KeyAlgorithm) -> Any:
     """A TPMT_PUBLIC for a sign-only, non-duplicable key of `algorithm`."""
     tss = _pytss()

@@ -1,0 +1,104 @@
+"""`devid-agent doctor`: check that this device can run the agent, and say what to fix.
+
+Each check prints one line: `ok`, `warn` (works, but weaker than it should be) or `FAIL` with
+what to do. `--json` prints the same as a list of objects. Exit 0 unless a check failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import stat
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+from agent.cli.config_cmd import add_config_option
+from agent.config import Config, KeyStoreKind, config_path, load_config
+from agent.errors import AgentError
+
+
+@dataclass(frozen=True)
+class Finding:
+    check: str
+    status: str  # "ok" | "warn" | "fail"
+    detail: str
+
+
+def check_state_dir(config: Config) -> Finding:
+    path = config.paths.state_dir
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return Finding("state_dir", "warn", f"{path} does not exist yet (created at enrollment)")
+    except OSError as e:
+        return Finding("state_dir", "fail", f"cannot stat {path}: {e.strerror}")
+    if stat.S_IMODE(st.st_mode) & 0o077:
+        return Finding(
+            "state_dir", "fail", f"{path} is mode {stat.S_IMODE(st.st_mode):04o}; want 0700"
+        )
+    return Finding("state_dir", "ok", f"{path} (0700)")
+
+
+def check_key_store(config: Config) -> Finding:
+    if config.keys.store is KeyStoreKind.SOFTWARE:
+        return Finding(
+            "key_store", "warn", "software keys: the private key is a file root can copy"
+        )
+    from hal.tpm import describe_tpm
+
+    info = describe_tpm(config.tpm.tcti)
+    return Finding(
+        "key_store",
+        "ok",
+        f"TPM at {config.tpm.tcti}: manufacturer {info['manufacturer']}, "
+        f"spec revision {info['revision']}",
+    )
+
+
+def check_tls_provider(config: Config) -> Finding:
+    if config.keys.store is KeyStoreKind.SOFTWARE:
+        return Finding("tls_provider", "ok", "not needed for software keys")
+    from agent.wiring import prepare_tls
+
+    info = prepare_tls(config)
+    assert info is not None
+    return Finding("tls_provider", "ok", f"tpm2 OpenSSL provider {info.version} at {info.path}")
+
+
+CHECKS: list[Callable[[Config], Finding]] = [check_state_dir, check_key_store, check_tls_provider]
+
+
+def run_checks(config: Config) -> list[Finding]:
+    findings = []
+    for check in CHECKS:
+        name = check.__name__.removeprefix("check_")
+        try:
+            findings.append(check(config))
+        except AgentError as e:
+            findings.append(Finding(name, "fail", str(e)))
+    return findings
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    doctor = subparsers.add_parser("doctor", help="check the TPM, TLS provider, state and config")
+    add_config_option(doctor)
+    doctor.add_argument("--json", action="store_true", help="machine-readable output")
+    doctor.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    path = config_path(args.config)
+    try:
+        config = load_config(path)
+        findings = [Finding("config", "ok", str(path)), *run_checks(config)]
+    except AgentError as e:
+        findings = [Finding("config", "fail", str(e))]
+    if args.json:
+        print(json.dumps([asdict(f) for f in findings], indent=2))
+    else:
+        for f in findings:
+            print(
+                f"{f.status.upper() if f.status == 'fail' else f.status:<4}  {f.check}: {f.detail}"
+            )
+    return 1 if any(f.status == "fail" for f in findings) else 0

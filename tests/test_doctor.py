@@ -1,0 +1,65 @@
+"""`devid-agent doctor` against a real swtpm and the real provider, and against broken setups."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import ROOT, provider_path
+from tests.support.procs import free_port
+from tests.support.swtpm import Swtpm
+
+
+def doctor(config: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "agent.cli", "doctor", "--config", str(config), *extra],
+        capture_output=True, text=True, cwd=ROOT, timeout=60, check=False,
+    )  # fmt: skip
+
+
+def write_config(tmp_path: Path, tcti: str, provider: Path, store: str = "tpm") -> Path:
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    path = tmp_path / "config.toml"
+    path.write_text(
+        f'[device]\nid = "gw-1"\n[paths]\nstate_dir = "{state}"\n'
+        f'[keys]\nstore = "{store}"\n[tpm]\ntcti = "{tcti}"\nopenssl_provider = "{provider}"\n'
+    )
+    return path
+
+
+def test_doctor_all_ok_with_tpm(swtpm: Swtpm, tmp_path: Path) -> None:
+    config = write_config(tmp_path, swtpm.tcti, provider_path())
+    result = doctor(config, "--json")
+    assert result.returncode == 0, result.stdout + result.stderr
+    findings = {f["check"]: f for f in json.loads(result.stdout)}
+    assert [f["status"] for f in findings.values()] == ["ok"] * 4
+    assert "manufacturer IBM" in findings["key_store"]["detail"]  # swtpm reports IBM's TPM
+    assert findings["tls_provider"]["detail"].startswith("tpm2 OpenSSL provider 1.")
+
+
+def test_doctor_reports_unreachable_tpm(tmp_path: Path) -> None:
+    tcti = f"swtpm:host=127.0.0.1,port={free_port()}"
+    result = doctor(write_config(tmp_path, tcti, provider_path()))
+    assert result.returncode == 1
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("ok    config:")
+    assert lines[2].startswith(f"FAIL  key_store: cannot open the TPM at '{tcti}'")
+
+
+def test_doctor_warns_about_software_keys(tmp_path: Path) -> None:
+    result = doctor(write_config(tmp_path, "device:/dev/null", provider_path(), store="software"))
+    assert result.returncode == 0
+    assert (
+        "warn  key_store: software keys: the private key is a file root can copy" in result.stdout
+    )
+
+
+def test_doctor_reports_config_error(tmp_path: Path) -> None:
+    path = tmp_path / "config.toml"
+    path.write_text("[device]\n")
+    result = doctor(path)
+    assert result.returncode == 1
+    assert result.stdout == f"FAIL  config: {path}: device.id: missing required key (a string)\n"
