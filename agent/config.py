@@ -134,6 +134,81 @@ class TlsConfig:
     min_version: str = checked("1.2", check=_tls_version)
 
 
+class ProofOfPossession(enum.Enum):
+    """EST proof-of-possession: the CSR's challengePassword carries TLS 1.2 tls-unique."""
+
+    AUTO = "auto"  # when the enroll connection is TLS 1.2 (TLS 1.3 has no tls-unique)
+    ALWAYS = "always"  # cap the enroll connection at TLS 1.2 so tls-unique exists
+    NEVER = "never"
+
+
+def _est_url(value: str) -> str | None:
+    if not value:
+        return None
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - raises on a bad port
+    except ValueError:
+        return "an https:// URL"
+    if parts.scheme != "https" or not parts.hostname or parts.query or parts.fragment:
+        return 'an https://host[:port][/prefix] URL (or "" when EST is not used)'
+    return None
+
+
+def _est_label(value: str) -> str | None:
+    ok = all(ch.isalnum() or ch in "-_." for ch in value)
+    return None if ok else "a CA label of letters, digits, '-', '_' or '.'"
+
+
+def _sha256_fingerprint(value: str) -> str | None:
+    digits = value.replace(":", "").strip().lower()
+    if not value or (len(digits) == 64 and all(ch in "0123456789abcdef" for ch in digits)):
+        return None
+    return "a SHA-256 fingerprint (64 hex digits, colons allowed)"
+
+
+def _at_least_two(value: int) -> str | None:
+    return None if value >= 2 else "an integer of 2 or more (the current and previous generation)"
+
+
+@dataclass(frozen=True)
+class EstConfig:
+    #: the EST server, "https://host[:port]"; "" = EST enrollment not configured
+    url: str = checked("", check=_est_url)
+    #: optional CA label: /.well-known/est/<label>/...
+    label: str = checked("", check=_est_label)
+    #: PEM file of the CA(s) that authenticate the EST server's TLS certificate
+    trust_anchor: Path | None = checked(None, check=_optional_absolute_path)
+    #: first-contact bootstrap (RFC 7030 4.1.1): SHA-256 of the EST CA certificate
+    bootstrap_fingerprint_sha256: str = checked("", check=_sha256_fingerprint)
+    #: HTTP Basic user name ("" = no Basic authentication)
+    username: str = ""
+    #: file holding the Basic password; must not be group- or world-readable
+    password_file: Path | None = checked(None, check=_optional_absolute_path)
+    #: send Basic credentials with the first request instead of after a 401 challenge
+    send_credentials_upfront: bool = False
+    #: manufacturer IDevID certificate presented as TLS client certificate at first enrollment
+    idevid_cert: Path | None = checked(None, check=_optional_absolute_path)
+    #: the IDevID's key: a TSS2 PRIVATE KEY (TPM) or PEM key file
+    idevid_key: Path | None = checked(None, check=_optional_absolute_path)
+    proof_of_possession: ProofOfPossession = ProofOfPossession.AUTO
+    #: fetch /csrattrs and honour key type, hash and subject attributes it asks for
+    use_csrattrs: bool = True
+    connect_timeout_seconds: float = checked(10.0, check=_positive)
+    read_timeout_seconds: float = checked(30.0, check=_positive)
+    max_response_bytes: int = checked(1024 * 1024, check=_positive)
+    #: bounds on a server's 202 Retry-After, and the wait when it gives none
+    retry_after_min_seconds: float = checked(10.0, check=_non_negative)
+    retry_after_max_seconds: float = checked(86400.0, check=_positive)
+    retry_after_default_seconds: float = checked(300.0, check=_non_negative)
+    #: tolerance for the device clock when checking the issued certificate's validity
+    clock_skew_seconds: float = checked(300.0, check=_non_negative)
+    #: identity generations kept on disk (current included)
+    generations_kept: int = checked(3, check=_at_least_two)
+
+
 @dataclass(frozen=True)
 class LoggingConfig:
     level: str = checked("info", check=_log_level)
@@ -148,6 +223,7 @@ class Config:
     subject: SubjectConfig = field(default_factory=SubjectConfig)
     tls: TlsConfig = field(default_factory=TlsConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    est: EstConfig = field(default_factory=EstConfig)
     #: where this config was read from (not a TOML key)
     source: Path = field(default=Path("<defaults>"), metadata={"internal": True})
 

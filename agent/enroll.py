@@ -1,0 +1,394 @@
+"""Enrollment and renewal: the EST client, the key store and the identity store put together.
+
+The order is what makes failures harmless: everything that can fail (network, server, response
+checks) happens before the first byte is written, so a refused or garbled answer leaves the
+identity store as it was. The only writes before success are the bootstrap anchor (after it was
+verified) and the pending request of a 202.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import NoReturn
+from urllib.parse import urlsplit
+
+from agent.clock import Clock
+from agent.config import Config, ProofOfPossession
+from agent.errors import (
+    AgentError,
+    ConfigError,
+    EnrollmentError,
+    EnrollmentPending,
+    TransportError,
+)
+from agent.est import trust
+from agent.est.auth import BasicCredentials, load_basic_credentials
+from agent.est.client import CsrFactory, EstClient
+from agent.est.csr import make_csr, rebind, subject_of
+from agent.est.csrattrs import CsrAttrsHints, CsrPlan, parse_csrattrs, plan_csr
+from agent.est.pending import PendingRequest, PendingStore
+from agent.est.response import validate_ca_certs, validate_issued
+from agent.est.transport import ClientIdentity, HttpsTransport, Transport
+from agent.est.wire import clamp_retry_after, parse_retry_after
+from agent.identity import Identity, IdentityStore
+from agent.pki import SubjectSpec
+from hal.interfaces import KeyStore
+
+log = logging.getLogger(__name__)
+
+PENDING_FILE_NAME = "est-pending.json"
+
+#: a transport that trusts the given anchor file (None: only provisional connections)
+TransportFactory = Callable[[Path | None], Transport]
+
+
+@dataclass(frozen=True)
+class EnrollTimings:
+    """Seconds spent in each step of the last attempt (for `bench/bench_enroll.py`)."""
+
+    keygen: float = 0.0
+    csr: float = 0.0  # building and signing the CSR (inside the TPM for TPM keys)
+    handshake: float = 0.0  # TLS handshake of the enrollment connection
+    server: float = 0.0  # enrollment request sent -> response read
+    total: float = 0.0
+
+
+@dataclass(frozen=True)
+class EnrollResult:
+    identity: Identity
+    #: False when `enroll` found a valid identity and left it alone
+    changed: bool
+    key_store: str
+    new_key: bool = False
+    proof_of_possession: bool = False
+    tls_version: str = ""
+    timings: EnrollTimings = EnrollTimings()
+
+
+def https_transport_factory(config: Config) -> TransportFactory:
+    est = config.est
+
+    def factory(anchor: Path | None) -> Transport:
+        return HttpsTransport(
+            url=est.url,
+            ca_file=anchor,
+            min_tls_version=config.tls.min_version,
+            connect_timeout_seconds=est.connect_timeout_seconds,
+            read_timeout_seconds=est.read_timeout_seconds,
+            max_response_bytes=est.max_response_bytes,
+        )
+
+    return factory
+
+
+def provider_tls_setup(config: Config) -> Callable[[Path], None]:
+    """Before TLS with a TPM client key, load the tpm2 OpenSSL provider into this process."""
+
+    def setup(key_file: Path) -> None:
+        from agent.tls import is_tpm_key_file
+        from hal.openssl_provider import load_tpm2_provider
+
+        if is_tpm_key_file(key_file):
+            provider = config.tpm.openssl_provider
+            load_tpm2_provider(str(provider) if provider else None, tcti=config.tpm.tcti)
+
+    return setup
+
+
+def check_est_config(config: Config) -> None:
+    """Cross-key rules the per-key checks cannot express."""
+    est = config.est
+    where = config.source
+    if not est.url:
+        raise ConfigError(f"{where}: est.url: not set, so EST enrollment is not configured")
+    if est.retry_after_min_seconds > est.retry_after_max_seconds:
+        raise ConfigError(f"{where}: est.retry_after_min_seconds exceeds retry_after_max_seconds")
+    if (est.idevid_cert is None) != (est.idevid_key is None):
+        raise ConfigError(f"{where}: est.idevid_cert and est.idevid_key must be set together")
+    if est.proof_of_possession is ProofOfPossession.ALWAYS and config.tls.min_version == "1.3":
+        raise ConfigError(
+            f"{where}: est.proof_of_possession = 'always' needs TLS 1.2 (tls-unique), but "
+            "tls.min_version is '1.3'"
+        )
+
+
+class Enroller:
+    def __init__(
+        self,
+        *,
+        config: Config,
+        key_store: KeyStore,
+        clock: Clock,
+        transport_factory: TransportFactory | None = None,
+        tls_setup: Callable[[Path], None] | None = None,
+        credentials: BasicCredentials | None = None,
+    ) -> None:
+        check_est_config(config)
+        self._config = config
+        self._est = config.est
+        self._keys = key_store
+        self._clock = clock
+        self._transport_factory = transport_factory or https_transport_factory(config)
+        self._tls_setup = tls_setup or provider_tls_setup(config)
+        self._credentials = credentials or load_basic_credentials(
+            self._est.username, self._est.password_file
+        )
+        self._prefix = urlsplit(self._est.url).path.rstrip("/")
+        state_dir = config.paths.state_dir
+        self.store = IdentityStore(state_dir=state_dir, generations_kept=self._est.generations_kept)
+        self.pending = PendingStore(path=state_dir / PENDING_FILE_NAME)
+
+    # -- commands ------------------------------------------------------------------------------
+
+    def enroll(self, *, force: bool = False) -> EnrollResult:
+        """First enrollment. With a valid identity in place and no `force`, does nothing."""
+        current = self.store.current()
+        if current is not None and not force and self._valid_now(current):
+            return EnrollResult(identity=current, changed=False, key_store=self._kind(current))
+        identity = None
+        if self._est.idevid_cert is not None and self._est.idevid_key is not None:
+            identity = ClientIdentity(self._est.idevid_cert, self._est.idevid_key)
+        return self._run(reenroll=False, client_identity=identity, current=None, reuse_key=False)
+
+    def renew(self, *, reuse_key: bool = False) -> EnrollResult:
+        """One re-enrollment now, authenticated with the current identity (mutual TLS)."""
+        current = self.store.current()
+        if current is None:
+            raise AgentError(
+                f"no identity to renew under {self.store.root}; run `devid-agent enroll` first"
+            )
+        identity = ClientIdentity(current.cert_file, current.key_file)
+        return self._run(
+            reenroll=True, client_identity=identity, current=current, reuse_key=reuse_key
+        )
+
+    # -- the flow ------------------------------------------------------------------------------
+
+    def _run(
+        self,
+        *,
+        reenroll: bool,
+        client_identity: ClientIdentity | None,
+        current: Identity | None,
+        reuse_key: bool,
+    ) -> EnrollResult:
+        started = time.monotonic()
+        operation = "simplereenroll" if reenroll else "simpleenroll"
+        pending = self.pending.load()
+        if pending is not None:
+            self._check_pending(pending, operation)
+        if client_identity is not None:
+            self._tls_setup(client_identity.key_file)
+        client = self._client(self._anchor(), client_identity)
+        skew = timedelta(seconds=self._est.clock_skew_seconds)
+        ca_certs = validate_ca_certs(client.cacerts(), now=self._clock.now(), clock_skew=skew)
+        keygen = 0.0
+        pop = self._est.proof_of_possession
+        if pending is not None:
+            key_blob = pending.key_blob
+            new_key = not pending.reused_key
+            csr_factory = self._resubmission(pending)
+            if not pending.proof_of_possession:
+                pop = ProofOfPossession.NEVER  # resubmit exactly the CSR that was sent
+        else:
+            plan = self._plan(client, current)
+            new_key = not reuse_key
+            if current is not None and reuse_key:
+                key_blob = current.key_blob()
+            else:
+                t = time.monotonic()
+                key_blob = self._keys.generate(plan.algorithm)
+                keygen = time.monotonic() - t
+            csr_factory = self._fresh(key_blob, plan)
+        try:
+            outcome = client.enroll(csr_factory, reenroll=reenroll, proof_of_possession=pop)
+        except EnrollmentError as e:
+            if pending is not None and e.status is not None and 400 <= e.status < 500:
+                log.warning("the EST server refused the pending request; it is dropped")
+                self.pending.clear()
+            raise
+        if outcome.pending:
+            self._park(pending, operation, key_blob, outcome.csr_der, outcome.proof_of_possession,
+                       reused_key=not new_key, retry_after=outcome.retry_after)  # fmt: skip
+        issued = validate_issued(
+            outcome.certificates,
+            requested_key=self._keys.public_key(key_blob),
+            ca_certs=ca_certs,
+            now=self._clock.now(),
+            clock_skew=skew,
+        )
+        installed = self.store.install(
+            key_blob=key_blob,
+            key_file_name=self._keys.key_file_name,
+            certificate=issued.certificate,
+            chain=issued.chain,
+            ca_certs=ca_certs,
+        )
+        self.pending.clear()
+        return EnrollResult(
+            identity=installed,
+            changed=True,
+            key_store=self._keys.kind,
+            new_key=new_key,
+            proof_of_possession=outcome.proof_of_possession,
+            tls_version=outcome.tls_version,
+            timings=EnrollTimings(
+                keygen=keygen,
+                csr=outcome.csr_seconds,
+                handshake=outcome.handshake_seconds,
+                server=outcome.server_seconds,
+                total=time.monotonic() - started,
+            ),
+        )
+
+    # -- pieces --------------------------------------------------------------------------------
+
+    def _valid_now(self, identity: Identity) -> bool:
+        now = self._clock.now()
+        cert = identity.certificate
+        return (
+            cert.not_valid_before_utc <= now + timedelta(seconds=self._est.clock_skew_seconds)
+            and now < cert.not_valid_after_utc
+        )
+
+    def _kind(self, identity: Identity) -> str:
+        return "tpm" if identity.key_in_tpm else "software"
+
+    def _anchor(self) -> Path:
+        state_dir = self._config.paths.state_dir
+        anchor = trust.configured_anchor(
+            trust_anchor=self._est.trust_anchor,
+            state_dir=state_dir,
+            fingerprint=self._est.bootstrap_fingerprint_sha256,
+        )
+        if anchor is not None:
+            return anchor
+        return trust.bootstrap(
+            make_client=lambda a: self._client(a, None),
+            fingerprint=self._est.bootstrap_fingerprint_sha256,
+            state_dir=state_dir,
+        )
+
+    def _client(self, anchor: Path | None, identity: ClientIdentity | None) -> EstClient:
+        return EstClient(
+            transport=self._transport_factory(anchor),
+            prefix=self._prefix,
+            label=self._est.label,
+            credentials=self._credentials,
+            send_credentials_upfront=self._est.send_credentials_upfront,
+            client_identity=identity,
+        )
+
+    def _plan(self, client: EstClient, current: Identity | None) -> CsrPlan:
+        subject: SubjectSpec = (
+            subject_of(current.certificate)
+            if current is not None
+            else SubjectSpec.from_config(self._config.device.id, self._config.subject)
+        )
+        hints = CsrAttrsHints()
+        if self._est.use_csrattrs:
+            try:
+                der = client.csrattrs()
+                hints = parse_csrattrs(der) if der else hints
+            except EnrollmentError as e:
+                if e.status is not None:
+                    raise  # the server refused us: enrolling would be refused too
+                log.warning("ignoring unusable /csrattrs: %s", e)
+            except TransportError as e:
+                if e.status is None:
+                    raise  # the network is down: so is enrollment
+                log.warning("ignoring /csrattrs: %s", e)  # optional (RFC 7030 4.5)
+        plan = plan_csr(hints, self._config.keys.algorithm, subject)
+        if current is not None:
+            plan = CsrPlan(algorithm=plan.algorithm, subject=subject, hash_name=plan.hash_name,
+                           ignored=plan.ignored)  # fmt: skip
+        if plan.algorithm is not self._config.keys.algorithm:
+            log.info("/csrattrs asks for %s keys; using that", plan.algorithm.value)
+        if plan.ignored:
+            log.warning("/csrattrs: ignoring what the agent cannot honour: %s",
+                        "; ".join(plan.ignored))  # fmt: skip
+        return plan
+
+    def _fresh(self, key_blob: bytes, plan: CsrPlan) -> CsrFactory:
+        def factory(challenge: str | None) -> bytes:
+            with self._keys.signer(key_blob) as key:
+                return make_csr(
+                    key, plan.subject, challenge_password=challenge, hash_name=plan.hash_name
+                )
+
+        return factory
+
+    def _resubmission(self, pending: PendingRequest) -> CsrFactory:
+        def factory(challenge: str | None) -> bytes:
+            if challenge is None:
+                return pending.csr_der
+            with self._keys.signer(pending.key_blob) as key:
+                return rebind(pending.csr_der, key, challenge)
+
+        return factory
+
+    def _check_pending(self, pending: PendingRequest, operation: str) -> None:
+        if pending.key_store != self._keys.kind:
+            raise ConfigError(
+                f"{self.pending.path}: the pending request's key is in the {pending.key_store} "
+                f"key store, but keys.store is {self._keys.kind!r}; delete the file to start over"
+            )
+        now = self._clock.now()
+        if now < pending.retry_at:
+            wait = (pending.retry_at - now).total_seconds()
+            raise EnrollmentPending(
+                f"/{pending.operation} request pending at the EST server; next attempt after "
+                f"{pending.retry_at.isoformat(timespec='seconds')} (in {wait:.0f} s), not "
+                "contacting the server before then",
+                retry_after=wait,
+            )
+        if pending.operation != operation:
+            command = "enroll" if pending.operation == "simpleenroll" else "renew"
+            raise AgentError(
+                f"a /{pending.operation} request is pending; finish it with `devid-agent "
+                f"{command}` or delete {self.pending.path} to start over"
+            )
+
+    def _park(
+        self,
+        previous: PendingRequest | None,
+        operation: str,
+        key_blob: bytes,
+        csr_der: bytes,
+        proof_of_possession: bool,
+        *,
+        reused_key: bool,
+        retry_after: str | None,
+    ) -> NoReturn:
+        now = self._clock.now()
+        wait = clamp_retry_after(
+            parse_retry_after(retry_after, now),
+            minimum=self._est.retry_after_min_seconds,
+            maximum=self._est.retry_after_max_seconds,
+            default=self._est.retry_after_default_seconds,
+        )
+        retry_at = now + timedelta(seconds=wait)
+        request = PendingRequest(
+            operation=operation,
+            key_store=self._keys.kind,
+            key_blob=key_blob,
+            reused_key=reused_key,
+            # the original CSR: a proof-of-possession rebind is redone for each connection
+            csr_der=previous.csr_der if previous is not None else csr_der,
+            proof_of_possession=proof_of_possession,
+            created=previous.created if previous is not None else now,
+            retry_at=retry_at,
+            attempts=(previous.attempts if previous is not None else 0) + 1,
+        )
+        self.pending.save(request)
+        raise EnrollmentPending(
+            f"the EST server accepted the /{operation} request for approval (HTTP 202); run "
+            f"again after {retry_at.isoformat(timespec='seconds')} (in {wait:.0f} s), "
+            f"the request is kept in {self.pending.path}",
+            retry_after=wait,
+        )

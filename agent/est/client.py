@@ -1,0 +1,247 @@
+"""The EST operations (RFC 7030 4.1-4.5) over an injected `Transport`.
+
+The client speaks HTTP and returns parsed answers; it decides nothing about keys or disk. The
+enrollment body is built by a callback *inside* the connection, after the handshake, so the CSR
+can carry that connection's tls-unique (proof-of-possession, RFC 7030 3.5) and be signed by the
+key store only then.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from cryptography import x509
+
+from agent.config import ProofOfPossession
+from agent.errors import EnrollmentError, TransportError
+from agent.est import wire
+from agent.est.auth import BasicCredentials
+from agent.est.response import parse_certs_only
+from agent.est.transport import ClientIdentity, Connection, HttpResponse, Transport
+
+log = logging.getLogger(__name__)
+
+#: builds the DER CSR for this connection; the argument is the challengePassword (tls-unique,
+#: base64) or None when proof-of-possession is not used
+CsrFactory = Callable[[str | None], bytes]
+
+
+@dataclass(frozen=True)
+class EnrollOutcome:
+    """What /simpleenroll or /simplereenroll answered."""
+
+    certificates: tuple[x509.Certificate, ...]  # empty when pending
+    pending: bool
+    retry_after: str | None  # the raw Retry-After header of a 202
+    csr_der: bytes  # the CSR that was sent (to resubmit the same one after a 202)
+    proof_of_possession: bool
+    tls_version: str
+    handshake_seconds: float
+    csr_seconds: float
+    server_seconds: float
+
+
+class EstClient:
+    def __init__(
+        self,
+        *,
+        transport: Transport,
+        prefix: str = "",
+        label: str = "",
+        credentials: BasicCredentials | None = None,
+        send_credentials_upfront: bool = False,
+        client_identity: ClientIdentity | None = None,
+    ) -> None:
+        self._transport = transport
+        self._base = f"{prefix}/.well-known/est" + (f"/{label}" if label else "")
+        self._credentials = credentials
+        self._upfront = send_credentials_upfront
+        self._identity = client_identity
+
+    def path(self, operation: str) -> str:
+        return f"{self._base}/{operation}"
+
+    # -- the operations ------------------------------------------------------------------------
+
+    def cacerts(self, *, provisional: bool = False) -> list[x509.Certificate]:
+        """GET /cacerts: the EST CA certificates. `provisional`: bootstrap, server unverified."""
+        what = "/cacerts"
+        with self._transport.connect(provisional=provisional) as conn:
+            response = conn.request("GET", self.path("cacerts"), headers=_accept(wire.PKCS7_MIME))
+        self._raise_for_status(response, what, credentials_sent=False)
+        wire.check_media_type(response.headers, wire.PKCS7_TYPES, what)
+        return parse_certs_only(wire.decode_body(response.body, response.headers, what), what)
+
+    def csrattrs(self) -> bytes | None:
+        """GET /csrattrs: DER CsrAttrs, or None when the server has none (204/404/501)."""
+        what = "/csrattrs"
+        response, _conn_info, _ = self._exchange(
+            "GET", "csrattrs", what, body=None, max_tls_version=None, accept=wire.CSRATTRS
+        )
+        if response.status in (204, 404, 501) or (response.status == 200 and not response.body):
+            return None
+        wire.check_media_type(response.headers, frozenset({wire.CSRATTRS}), what)
+        return wire.decode_body(response.body, response.headers, what)
+
+    def enroll(
+        self,
+        make_csr: CsrFactory,
+        *,
+        reenroll: bool,
+        proof_of_possession: ProofOfPossession,
+        client_identity: ClientIdentity | None = None,
+    ) -> EnrollOutcome:
+        """POST /simpleenroll (or /simplereenroll). Returns the certificates or `pending`."""
+        operation = "simplereenroll" if reenroll else "simpleenroll"
+        what = f"/{operation}"
+        max_tls = "1.2" if proof_of_possession is ProofOfPossession.ALWAYS else None
+        response, conn_info, sent = self._exchange(
+            "POST",
+            operation,
+            what,
+            body=lambda conn: self._csr_body(conn, make_csr, proof_of_possession),
+            max_tls_version=max_tls,
+            accept=wire.PKCS7_MIME,
+            client_identity=client_identity,
+        )
+        csr_der, pop_used, csr_seconds = sent
+        certificates: tuple[x509.Certificate, ...] = ()
+        if response.status == 200:
+            wire.check_media_type(response.headers, wire.PKCS7_TYPES, what)
+            der = wire.decode_body(response.body, response.headers, what)
+            certificates = tuple(parse_certs_only(der, what))
+        elif response.status != 202:
+            raise EnrollmentError(
+                f"{what}: unexpected HTTP {response.status} {response.reason}",
+                status=response.status,
+            )
+        return EnrollOutcome(
+            certificates=certificates,
+            pending=response.status == 202,
+            retry_after=response.header("retry-after") if response.status == 202 else None,
+            csr_der=csr_der,
+            proof_of_possession=pop_used,
+            tls_version=conn_info[0],
+            handshake_seconds=conn_info[1],
+            csr_seconds=csr_seconds,
+            server_seconds=response.elapsed_seconds,
+        )
+
+    # -- plumbing ------------------------------------------------------------------------------
+
+    def _csr_body(
+        self, conn: Connection, make_csr: CsrFactory, mode: ProofOfPossession
+    ) -> tuple[bytes, tuple[bytes, bool, float]]:
+        challenge: str | None = None
+        if mode is not ProofOfPossession.NEVER:
+            if conn.tls_unique is not None:
+                challenge = base64.b64encode(conn.tls_unique).decode("ascii")
+            elif mode is ProofOfPossession.ALWAYS:
+                raise EnrollmentError(
+                    f"proof_of_possession = always, but the connection is {conn.tls_version}, "
+                    "which has no tls-unique"
+                )
+            else:
+                log.info("%s has no tls-unique: enrolling without proof-of-possession",
+                         conn.tls_version)  # fmt: skip
+        started = time.monotonic()
+        der = make_csr(challenge)
+        return wire.encode_body(der), (der, challenge is not None, time.monotonic() - started)
+
+    def _exchange(
+        self,
+        method: str,
+        operation: str,
+        what: str,
+        *,
+        body: Callable[[Connection], tuple[bytes, tuple[bytes, bool, float]]] | None,
+        max_tls_version: str | None,
+        accept: str,
+        client_identity: ClientIdentity | None = None,
+    ) -> tuple[HttpResponse, tuple[str, float], tuple[bytes, bool, float]]:
+        """One request, plus one retry with Basic credentials after a 401 Basic challenge.
+
+        Credentials go only over a connection whose server certificate was verified, and only
+        after a challenge unless `send_credentials_upfront`. Each attempt is a new connection
+        (a server may close after a 401), so a proof-of-possession CSR is rebuilt for it.
+        """
+        identity = client_identity or self._identity
+        send_credentials = self._credentials is not None and self._upfront
+        while True:
+            with self._transport.connect(
+                client_identity=identity, max_tls_version=max_tls_version
+            ) as conn:
+                headers = _accept(accept)
+                payload: bytes | None = None
+                sent: tuple[bytes, bool, float] = (b"", False, 0.0)
+                if body is not None:
+                    payload, sent = body(conn)
+                    headers["Content-Type"] = wire.PKCS10
+                    headers["Content-Transfer-Encoding"] = "base64"
+                if send_credentials and self._credentials is not None:
+                    headers["Authorization"] = self._credentials.header()
+                response = conn.request(method, self.path(operation), headers=headers, body=payload)
+                conn_info = (conn.tls_version, conn.handshake_seconds)
+            if (
+                response.status == 401
+                and self._credentials is not None
+                and not send_credentials
+                and _basic_challenge(response)
+            ):
+                log.info("%s: server asked for HTTP Basic; retrying with credentials", what)
+                send_credentials = True
+                continue
+            self._raise_for_status(response, what, credentials_sent=send_credentials)
+            return response, conn_info, sent
+
+    def _raise_for_status(
+        self, response: HttpResponse, what: str, *, credentials_sent: bool
+    ) -> None:
+        status = response.status
+        if status < 300 or (status in (404, 501) and what == "/csrattrs"):
+            return
+        detail = _snippet(response.body)
+        if status == 401:
+            challenge = response.header("www-authenticate") or "no WWW-Authenticate"
+            if credentials_sent:
+                message = f"{what}: HTTP 401: the server rejected our Basic credentials"
+            elif self._credentials is None and "basic" in challenge.lower():
+                message = (
+                    f"{what}: HTTP 401: the server demands HTTP Basic ({challenge}), but "
+                    "est.username/est.password_file are not set"
+                )
+            else:
+                message = f"{what}: HTTP 401: authentication required ({challenge})"
+            raise EnrollmentError(message + detail, status=status)
+        if 400 <= status < 500:
+            raise EnrollmentError(
+                f"{what}: the server refused the request: HTTP {status} {response.reason}" + detail,
+                status=status,
+            )
+        if status >= 500:
+            retry = response.header("retry-after")
+            raise TransportError(
+                f"{what}: server error HTTP {status} {response.reason}" + detail,
+                status=status,
+                retry_after=float(retry) if retry and retry.strip().isdigit() else None,
+            )
+        raise EnrollmentError(f"{what}: unexpected HTTP {status} {response.reason}", status=status)
+
+
+def _accept(media_type: str) -> dict[str, str]:
+    return {"Accept": media_type}
+
+
+def _basic_challenge(response: HttpResponse) -> bool:
+    challenge = response.header("www-authenticate") or ""
+    return "basic" in challenge.lower()
+
+
+def _snippet(body: bytes) -> str:
+    text = body[:200].decode("utf-8", "replace")
+    text = "".join(ch if ch.isprintable() else " " for ch in text).strip()
+    return f" ({text})" if text else ""

@@ -1,0 +1,95 @@
+"""A request the EST server answered with 202 Accepted, kept across restarts (0600 JSON file).
+
+It holds the key blob (a TPM-wrapped key, or the software key the identity would hold anyway)
+and the exact CSR, so a later attempt resubmits the same request instead of starting over, and
+`retry_at`, so a restarted agent does not contact the server before the server said to.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from agent.errors import StorageError
+from hal.storage import atomic_write, ensure_private_dir, fsync_dir, read_bytes
+
+FORMAT = 1
+
+
+@dataclass(frozen=True)
+class PendingRequest:
+    operation: str  # "simpleenroll" | "simplereenroll"
+    key_store: str  # KeyStore.kind that made key_blob
+    key_blob: bytes
+    reused_key: bool  # renew --reuse-key: key_blob is the current identity's key
+    csr_der: bytes
+    proof_of_possession: bool
+    created: datetime
+    retry_at: datetime
+    attempts: int
+
+    def to_json(self) -> bytes:
+        return json.dumps(
+            {
+                "format": FORMAT,
+                "operation": self.operation,
+                "key_store": self.key_store,
+                "key_blob": base64.b64encode(self.key_blob).decode(),
+                "reused_key": self.reused_key,
+                "csr": base64.b64encode(self.csr_der).decode(),
+                "proof_of_possession": self.proof_of_possession,
+                "created": self.created.isoformat(),
+                "retry_at": self.retry_at.isoformat(),
+                "attempts": self.attempts,
+            },
+            indent=1,
+        ).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes, *, source: Path) -> PendingRequest:
+        try:
+            raw: dict[str, Any] = json.loads(data)
+            if raw.get("format") != FORMAT:
+                raise ValueError(f"unknown format {raw.get('format')!r}")
+            request = cls(
+                operation=str(raw["operation"]),
+                key_store=str(raw["key_store"]),
+                key_blob=base64.b64decode(raw["key_blob"], validate=True),
+                reused_key=bool(raw["reused_key"]),
+                csr_der=base64.b64decode(raw["csr"], validate=True),
+                proof_of_possession=bool(raw["proof_of_possession"]),
+                created=datetime.fromisoformat(raw["created"]),
+                retry_at=datetime.fromisoformat(raw["retry_at"]),
+                attempts=int(raw["attempts"]),
+            )
+        except (ValueError, KeyError, TypeError) as e:
+            raise StorageError(
+                f"{source}: unreadable pending EST request ({e}); delete it to start over"
+            ) from e
+        if request.retry_at.tzinfo is None or request.created.tzinfo is None:
+            raise StorageError(f"{source}: pending EST request has times without a zone")
+        return request
+
+
+class PendingStore:
+    def __init__(self, *, path: Path) -> None:
+        self.path = path
+
+    def load(self) -> PendingRequest | None:
+        if not self.path.exists():
+            return None
+        return PendingRequest.from_json(read_bytes(self.path, limit=1024 * 1024), source=self.path)
+
+    def save(self, request: PendingRequest) -> None:
+        ensure_private_dir(self.path.parent)
+        atomic_write(self.path, request.to_json())
+
+    def clear(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+            fsync_dir(self.path.parent)

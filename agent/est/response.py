@@ -1,0 +1,165 @@
+"""Certs-only PKCS#7 and the checks an issued certificate must pass before it is stored (pure).
+
+Everything here takes bytes, certificates and `now`; nothing touches the disk or the network, so
+a refusal leaves the identity store as it was.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
+from cryptography.hazmat.primitives.serialization import pkcs7
+from cryptography.x509 import verification
+from cryptography.x509.oid import ExtendedKeyUsageOID
+
+from agent.errors import ChainValidationError, EnrollmentError
+from agent.pki import public_key_der
+
+
+def parse_certs_only(der: bytes, what: str) -> list[x509.Certificate]:
+    """The certificates of a DER PKCS#7 certs-only (degenerate SignedData) message."""
+    try:
+        certs = pkcs7.load_der_pkcs7_certificates(der)
+    except (ValueError, TypeError) as e:
+        raise EnrollmentError(f"{what}: not a PKCS#7 certs-only message: {e}") from e
+    if not certs:
+        raise EnrollmentError(f"{what}: the PKCS#7 message holds no certificates")
+    return certs
+
+
+def fingerprint(cert: x509.Certificate) -> str:
+    """SHA-256 of the DER certificate, lower-case hex."""
+    return hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
+
+
+def normalize_fingerprint(text: str) -> str:
+    return text.replace(":", "").strip().lower()
+
+
+def select_bootstrap_anchor(certs: Sequence[x509.Certificate], expected: str) -> x509.Certificate:
+    """RFC 7030 4.1.1: the /cacerts certificate whose SHA-256 fingerprint was configured."""
+    want = normalize_fingerprint(expected)
+    for cert in certs:
+        if fingerprint(cert) == want:
+            return cert
+    seen = ", ".join(fingerprint(c)[:16] + "..." for c in certs)
+    raise ChainValidationError(
+        f"bootstrap: no certificate from /cacerts has the configured SHA-256 fingerprint "
+        f"{want[:16]}... (got {seen}); refusing to trust the EST server"
+    )
+
+
+def ca_roots(certs: Sequence[x509.Certificate]) -> list[x509.Certificate]:
+    """The self-signed certificates among the EST CA certificates: the trust anchors."""
+    return [c for c in certs if c.subject == c.issuer] or list(certs)
+
+
+@dataclass(frozen=True)
+class IssuedCertificate:
+    certificate: x509.Certificate
+    #: the issuing chain above the certificate, nearest first (root last)
+    chain: tuple[x509.Certificate, ...]
+
+
+def validate_issued(
+    certs: Sequence[x509.Certificate],
+    *,
+    requested_key: PublicKeyTypes,
+    ca_certs: Sequence[x509.Certificate],
+    now: datetime,
+    clock_skew: timedelta,
+) -> IssuedCertificate:
+    """Pick the certificate for `requested_key` out of an enrollment response and check it.
+
+    It must carry the CSR's public key, chain to the EST CA certificates (cryptography's
+    verifier, at `now`), be valid now give or take `clock_skew`, allow digitalSignature, not be a
+    CA, and (if it has an extendedKeyUsage) allow clientAuth.
+    """
+    wanted = public_key_der(requested_key)
+    mine = [c for c in certs if public_key_der(c.public_key()) == wanted]
+    if not mine:
+        raise EnrollmentError(
+            "the issued certificate is for another key than the one in our CSR "
+            f"(subject {certs[0].subject.rfc4514_string()!r})"
+        )
+    leaf = mine[0]
+    others = [c for c in certs if c is not leaf]
+    _check_validity(leaf, now, clock_skew)
+    _check_usage(leaf)
+    when = min(max(now, leaf.not_valid_before_utc), leaf.not_valid_after_utc)
+    roots = ca_roots(ca_certs)
+    intermediates = [c for c in [*others, *ca_certs] if c not in roots]
+    try:
+        verifier = (
+            verification.PolicyBuilder()
+            .store(verification.Store(roots))
+            .time(when)
+            .extension_policies(
+                ca_policy=verification.ExtensionPolicy.webpki_defaults_ca(),
+                # the leaf profile is the CA's business; we check what we rely on ourselves
+                ee_policy=verification.ExtensionPolicy.permit_all(),
+            )
+            .build_client_verifier()
+        )
+        verified = verifier.verify(leaf, intermediates)
+    except verification.VerificationError as e:
+        raise ChainValidationError(
+            f"the issued certificate {leaf.subject.rfc4514_string()!r} (issuer "
+            f"{leaf.issuer.rfc4514_string()!r}) does not chain to the EST CA certificates: {e}"
+        ) from e
+    chain = tuple(verified.chain[1:])
+    return IssuedCertificate(certificate=leaf, chain=chain)
+
+
+def _check_validity(cert: x509.Certificate, now: datetime, skew: timedelta) -> None:
+    if now + skew < cert.not_valid_before_utc:
+        raise ChainValidationError(
+            f"the issued certificate is not valid before {cert.not_valid_before_utc.isoformat()} "
+            f"(now {now.isoformat()}, clock skew allowed {skew.total_seconds():.0f} s)"
+        )
+    if now - skew > cert.not_valid_after_utc:
+        raise ChainValidationError(
+            f"the issued certificate expired at {cert.not_valid_after_utc.isoformat()}"
+        )
+
+
+def _check_usage(cert: x509.Certificate) -> None:
+    try:
+        constraints = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
+    except x509.ExtensionNotFound:
+        constraints = None
+    if constraints is not None and constraints.ca:
+        raise EnrollmentError("the issued certificate is a CA certificate (basicConstraints CA)")
+    try:
+        usage = cert.extensions.get_extension_for_class(x509.KeyUsage).value
+    except x509.ExtensionNotFound:
+        usage = None
+    if usage is not None and not usage.digital_signature:
+        raise EnrollmentError("the issued certificate's keyUsage does not allow digitalSignature")
+    try:
+        eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound:
+        return
+    allowed = {ExtendedKeyUsageOID.CLIENT_AUTH, ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE}
+    if not allowed.intersection(eku):
+        raise EnrollmentError("the issued certificate's extendedKeyUsage does not allow clientAuth")
+
+
+def validate_ca_certs(
+    certs: Sequence[x509.Certificate], *, now: datetime, clock_skew: timedelta
+) -> list[x509.Certificate]:
+    """The /cacerts certificates that are CA certificates and valid now (others dropped)."""
+    valid = [
+        c
+        for c in certs
+        if c.not_valid_before_utc <= now + clock_skew and now - clock_skew <= c.not_valid_after_utc
+    ]
+    if not valid:
+        raise EnrollmentError("/cacerts: none of the CA certificates is valid now")
+    return valid

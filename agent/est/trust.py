@@ -1,0 +1,78 @@
+"""Which CA authenticates the EST server: explicit, or bootstrapped by fingerprint. Never implicit.
+
+1. `est.trust_anchor` (a PEM file) when configured;
+2. else the anchor an earlier bootstrap stored (state_dir/est-anchor.pem);
+3. else RFC 7030 4.1.1 bootstrap: fetch /cacerts over provisional TLS (nothing secret sent),
+   accept the CA certificate whose SHA-256 equals `est.bootstrap_fingerprint_sha256`, verify the
+   server's TLS certificate against it over a new connection, and only then store it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from cryptography.hazmat.primitives import serialization
+
+from agent.errors import ChainValidationError, ConfigError
+from agent.est.client import EstClient
+from agent.est.response import select_bootstrap_anchor
+from hal.storage import atomic_write, ensure_private_dir, fsync_dir
+
+log = logging.getLogger(__name__)
+
+ANCHOR_FILE_NAME = "est-anchor.pem"
+
+#: makes an EstClient whose transport trusts the given anchor file (None: provisional only)
+ClientFactory = Callable[[Path | None], EstClient]
+
+
+def configured_anchor(
+    *, trust_anchor: Path | None, state_dir: Path, fingerprint: str
+) -> Path | None:
+    """The anchor file to use, or None when a fingerprint bootstrap is needed."""
+    if trust_anchor is not None:
+        if not trust_anchor.is_file():
+            raise ConfigError(f"est.trust_anchor: {trust_anchor} does not exist")
+        return trust_anchor
+    stored = state_dir / ANCHOR_FILE_NAME
+    if stored.is_file():
+        return stored
+    if fingerprint:
+        return None
+    raise ConfigError(
+        "est: no trust anchor for the EST server: set est.trust_anchor (a CA file) or "
+        "est.bootstrap_fingerprint_sha256 (the EST CA's SHA-256 fingerprint)"
+    )
+
+
+def bootstrap(*, make_client: ClientFactory, fingerprint: str, state_dir: Path) -> Path:
+    """RFC 7030 4.1.1 bootstrap: the stored anchor file. On any failure nothing is stored."""
+    certs = make_client(None).cacerts(provisional=True)
+    anchor = select_bootstrap_anchor(certs, fingerprint)
+    ensure_private_dir(state_dir)
+    stored = state_dir / ANCHOR_FILE_NAME
+    candidate = state_dir / f".{ANCHOR_FILE_NAME}.candidate"
+    atomic_write(candidate, anchor.public_bytes(serialization.Encoding.PEM))
+    try:
+        make_client(candidate).cacerts()  # a verified handshake: the server holds a cert under it
+    except ChainValidationError as e:
+        candidate.unlink(missing_ok=True)
+        raise ChainValidationError(
+            "bootstrap: the CA certificate matches the fingerprint, but the EST server's TLS "
+            f"certificate does not verify against it: {e}"
+        ) from e
+    except BaseException:
+        candidate.unlink(missing_ok=True)
+        raise
+    os.replace(candidate, stored)
+    fsync_dir(state_dir)
+    log.warning(
+        "bootstrap: trusting EST CA %r (SHA-256 %s) from now on, stored in %s",
+        anchor.subject.rfc4514_string(),
+        fingerprint,
+        stored,
+    )
+    return stored

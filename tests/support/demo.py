@@ -1,0 +1,167 @@
+"""`make demo`: a device enrolls and renews its identity with a TPM key, end to end.
+
+Starts a software TPM and our EST server (HTTP Basic after a 401 challenge, TLS 1.2 only,
+proof-of-possession required) on loopback, writes a config into a temporary directory, runs the
+real `devid-agent` CLI as a subprocess: `enroll`, `renew`, `enroll` again (already enrolled),
+shows the identity on disk, and stops everything it started, by PID.
+
+Further steps (firmware) plug in through `tests/support/demo_firmware.py`: if that module
+exists, its `run(workdir: Path)` is called after the identity steps.
+
+Run: .venv/bin/python -m tests.support.demo [--keep]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tests.support import procs
+from tests.support.enroll_env import password_file, write_config
+from tests.support.swtpm import Swtpm
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def banner(text: str) -> None:
+    print(f"\n=== {text}", flush=True)
+
+
+@dataclass
+class DemoContext:
+    """What a demo step gets: the work directory, the device config, the TPM, a CLI runner."""
+
+    workdir: Path
+    config: Path
+    state_dir: Path
+    tpm: Swtpm
+    provider: Path
+    est_info: dict[str, object] = field(default_factory=dict)
+    #: processes a step started; stopped (by PID) with the rest at the end
+    started: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    def cli(self, *args: str, expect: Sequence[int] = (0,)) -> subprocess.CompletedProcess[str]:
+        """Run `devid-agent --config CONFIG ARGS...`, echo it, check the exit code."""
+        command = [sys.executable, "-m", "agent.cli", "--config", str(self.config), *args]
+        print(f"$ devid-agent {' '.join(args)}", flush=True)
+        proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+        for stream in (proc.stdout, proc.stderr):
+            if stream.strip():
+                print("  " + stream.strip().replace("\n", "\n  "), flush=True)
+        print(f"  (exit {proc.returncode})", flush=True)
+        if proc.returncode not in expect:
+            raise SystemExit(f"demo: `devid-agent {' '.join(args)}` exited {proc.returncode}")
+        return proc
+
+
+def provider_path() -> Path:
+    marker = ROOT / ".deps" / "tpm2-provider.path"
+    if not marker.is_file():
+        raise SystemExit("demo: no .deps/tpm2-provider.path: run `make setup` first")
+    return Path(marker.read_text().strip()).resolve()
+
+
+def start_est_server(directory: Path, started: list[subprocess.Popen[bytes]]) -> dict[str, object]:
+    proc = procs.start(
+        [
+            sys.executable, "-m", "tests.support.est_server", "--dir", str(directory),
+            "--auth", "basic", "--tls12-only", "--pop-required", "--lifetime", "3600",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+    )  # fmt: skip
+    started.append(proc)
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if not line:
+        raise SystemExit(f"demo: the EST server exited ({proc.wait()}) before it was ready")
+    info: dict[str, object] = json.loads(line)
+    procs.wait_for_port(int(str(info["port"])), proc=proc)
+    return info
+
+
+def identity_steps(ctx: DemoContext) -> None:
+    banner("enroll: first identity, key generated in the TPM, Basic after a 401, PoP over TLS 1.2")
+    ctx.cli("enroll")
+    banner("renew: re-enroll over mutual TLS with the current TPM key, new key")
+    ctx.cli("renew")
+    banner("enroll again: idempotent")
+    ctx.cli("enroll")
+    banner("the identity on disk")
+    for path in sorted((ctx.state_dir / "identity").rglob("*")):
+        info = path.lstat()
+        kind = f"-> {os.readlink(path)}" if path.is_symlink() else f"{info.st_size} bytes"
+        print(f"  {info.st_mode & 0o7777:04o}  {path.relative_to(ctx.state_dir)}  {kind}")
+
+
+def extra_steps(ctx: DemoContext) -> None:
+    """Hook for other capabilities' demo steps (firmware): tests/support/demo_firmware.py."""
+    try:
+        module = importlib.import_module("tests.support.demo_firmware")
+    except ModuleNotFoundError as e:
+        if e.name != "tests.support.demo_firmware":
+            raise  # it exists but is broken: say so
+        return
+    module.run(ctx.workdir)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="devid-agent demo")
+    parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    args = parser.parse_args(argv)
+    workdir = Path(tempfile.mkdtemp(prefix="devid-demo-"))
+    started: list[subprocess.Popen[bytes]] = []
+    tpm = Swtpm(workdir / "tpm-state")
+    try:
+        banner(f"starting swtpm and the EST server (work directory {workdir})")
+        tpm.start()
+        print(f"  swtpm pid {tpm.proc.pid if tpm.proc else '?'} on {tpm.tcti}")
+        est_info = start_est_server(workdir / "est", started)
+        print(f"  EST server pid {est_info['pid']} at {est_info['url']}")
+        provider = provider_path()
+        state_dir = workdir / "state"
+        config = write_config(
+            workdir / "config.toml",
+            state_dir=state_dir,
+            tcti=tpm.tcti,
+            provider=provider,
+            url=est_info["url"],
+            trust_anchor=est_info["ca_file"],
+            username="device",
+            password_file=str(password_file(workdir)),
+            proof_of_possession="always",
+        )
+        ctx = DemoContext(
+            workdir=workdir,
+            config=config,
+            state_dir=state_dir,
+            tpm=tpm,
+            provider=provider,
+            est_info=est_info,
+            started=started,
+        )
+        identity_steps(ctx)
+        extra_steps(ctx)
+        banner("done")
+        return 0
+    finally:
+        for proc in reversed(started):
+            procs.stop(proc)
+        tpm.stop()
+        if args.keep:
+            print(f"kept {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,548 @@
+"""An RFC 7030 EST server for tests, benchmarks and the demo: real HTTPS on 127.0.0.1.
+
+It speaks /cacerts, /csrattrs, /simpleenroll and /simplereenroll (with or without a CA label) the
+way deployed servers do, variations included: /cacerts without `smime-type`, /csrattrs with
+trailing garbage, base64 bodies in 76-character lines, 202 without Content-Length. Modes select
+the authentication (Basic with a 401 challenge, client certificate, or both), TLS 1.2 only,
+proof-of-possession, 202 Retry-After, short-lived certificates; `fault` makes it misbehave.
+
+In-process: `with EstServer(tmp_path, EstOptions(auth="basic")) as est: est.url ...` (options
+may be changed between requests). Standalone:
+`python -m tests.support.est_server --dir DIR --auth basic --pop-required` prints one JSON line
+(url, CA file, fingerprint) when it is ready and serves until SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import binascii
+import contextlib
+import hashlib
+import json
+import os
+import signal
+import socket
+import ssl
+import sys
+import threading
+from dataclasses import dataclass, field
+from datetime import timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import pkcs7
+from cryptography.x509.oid import AttributeOID, ExtendedKeyUsageOID
+from pyasn1.codec.der import encoder as der_encoder
+from pyasn1.type import univ
+from pyasn1_modules import rfc7030
+
+from tests.support.ca import TestCA, key_pem, pem, utcnow
+
+FAULTS = (
+    "5xx",  # HTTP 500
+    "garbage",  # 200 with a body that is not base64 PKCS#7
+    "other-key",  # a certificate for a key that is not the CSR's
+    "wrong-issuer",  # a certificate from a CA that is not in /cacerts
+    "truncated",  # Content-Length larger than the body, then the connection closes
+    "hang",  # reads the request, never answers
+    "oversized",  # a 4 MiB body with Content-Length
+    "oversized-stream",  # a 4 MiB body without Content-Length
+    "ca-cert",  # the issued certificate is a CA certificate
+    "expired",  # the issued certificate expired yesterday
+    "html",  # 200 text/html (a proxy's login page)
+)
+AUTH_MODES = ("none", "basic", "cert", "both")
+ENROLL_OPS = ("simpleenroll", "simplereenroll")
+OIDS = {
+    "ecPublicKey": "1.2.840.10045.2.1",
+    "secp256r1": "1.2.840.10045.3.1.7",
+    "secp384r1": "1.3.132.0.34",
+    "ecdsaWithSHA256": "1.2.840.10045.4.3.2",
+    "ecdsaWithSHA384": "1.2.840.10045.4.3.3",
+    "challengePassword": "1.2.840.113549.1.9.7",
+    "serialNumber": "2.5.4.5",
+    "macAddress": "1.3.6.1.1.1.1.22",
+}
+
+
+def csrattrs_der(
+    *, curve: str | None = "secp256r1", oids: tuple[str, ...] = ("challengePassword",)
+) -> bytes:
+    """A DER CsrAttrs: an ecPublicKey attribute naming `curve`, plus bare OIDs (names in OIDS)."""
+    attrs = rfc7030.CsrAttrs()
+    for name in oids:
+        item = rfc7030.AttrOrOID()
+        item["oid"] = univ.ObjectIdentifier(OIDS.get(name, name))
+        attrs.append(item)
+    if curve is not None:
+        item = rfc7030.AttrOrOID()
+        attribute = item["attribute"]
+        attribute["attrType"] = univ.ObjectIdentifier(OIDS["ecPublicKey"])
+        attribute["attrValues"].append(der_encoder.encode(univ.ObjectIdentifier(OIDS[curve])))
+        attrs.append(item)
+    return bytes(der_encoder.encode(attrs))
+
+
+def b64_lines(der: bytes) -> bytes:
+    """base64 in 76-character lines, as RFC 2045 writes it."""
+    return base64.encodebytes(der).replace(b"\n", b"\r\n")
+
+
+@dataclass
+class EstOptions:
+    auth: str = "none"  # AUTH_MODES: what /simpleenroll demands
+    username: str = "device"
+    password: str = "enroll-secret"
+    tls12_only: bool = False
+    pop_required: bool = False
+    pending: int = 0  # answer 202 this many times per key before issuing
+    retry_after: str | None = "1"  # the 202's Retry-After (None: no header)
+    cert_lifetime_seconds: int = 30 * 86400
+    fault: str | None = None  # FAULTS, on the enroll operations
+    hang_seconds: float = 20.0
+    csrattrs: bytes | None = field(default_factory=csrattrs_der)  # None: 404
+    csrattrs_trailing_garbage: bool = True
+    csrattrs_status: int = 200  # answer /csrattrs with this status instead (500, 403, ...)
+    copy_san: bool = True  # copy subjectAltName from the CSR (False: drop CSR extensions)
+    label: str | None = None  # when set, only /.well-known/est/<label>/ is served
+
+
+@dataclass
+class Record:
+    method: str
+    path: str
+    operation: str
+    status: int
+    authorization: bool
+    client_cert: str | None  # subject of the verified client certificate
+    tls_version: str
+    challenge_password: str | None = None
+    csr: bytes | None = None  # DER of the CSR received
+
+
+class EstServer:
+    """The EST CA (`ca`), the IDevID manufacturer CA (`idevid_ca`), and an HTTPS server."""
+
+    def __init__(
+        self, directory: Path, options: EstOptions | None = None, *, port: int = 0
+    ) -> None:
+        self.directory = directory
+        self.options = options or EstOptions()
+        self.ca = TestCA(name="devid test EST CA")
+        self.idevid_ca = TestCA(name="devid test manufacturer CA")
+        self.rogue_ca = TestCA(name="devid rogue CA")
+        directory.mkdir(parents=True, exist_ok=True)
+        self.ca_file = self.ca.write_cert(directory / "est-ca.pem")
+        self.idevid_ca_file = self.idevid_ca.write_cert(directory / "idevid-ca.pem")
+        self.server_cert, self.server_key = self.ca.server_identity(directory)
+        self.records: list[Record] = []
+        self.issued: list[x509.Certificate] = []
+        self._pending_counts: dict[bytes, int] = {}
+        self._lock = threading.Lock()
+        self.stopping = threading.Event()
+        self._httpd = _HttpServer(("127.0.0.1", port), self)
+        self.port = self._httpd.server_address[1]
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True
+        )
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        return f"https://localhost:{self.port}"
+
+    @property
+    def ca_fingerprint(self) -> str:
+        return hashlib.sha256(self.ca.cert.public_bytes(serialization.Encoding.DER)).hexdigest()
+
+    def start(self) -> EstServer:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        self._thread.join(5)
+
+    def __enter__(self) -> EstServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def ssl_context(self) -> ssl.SSLContext:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(self.server_cert, self.server_key)
+        ctx.load_verify_locations(cadata=(pem(self.ca.cert) + pem(self.idevid_ca.cert)).decode())
+        ctx.verify_mode = ssl.CERT_OPTIONAL
+        if self.options.tls12_only:
+            ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+        return ctx
+
+    # -- helpers for tests ---------------------------------------------------------------------
+
+    def issue_idevid(self, public_key: Any, serial: str = "SN-0001") -> x509.Certificate:
+        """A manufacturer IDevID certificate for `public_key` (TLS client auth)."""
+        return self.idevid_ca.issue(
+            public_key,
+            subject=f"idevid {serial}",
+            eku=[ExtendedKeyUsageOID.CLIENT_AUTH],
+            lifetime=timedelta(days=3650),
+        )
+
+    def operations(self) -> list[str]:
+        return [r.operation for r in self.records]
+
+    # -- issuing -------------------------------------------------------------------------------
+
+    def issue_for(self, csr: x509.CertificateSigningRequest) -> x509.Certificate:
+        options = self.options
+        key = csr.public_key()
+        ca = self.ca
+        if options.fault == "other-key":
+            key = ec.generate_private_key(ec.SECP256R1()).public_key()
+        elif options.fault == "wrong-issuer":
+            ca = self.rogue_ca
+        sans = None
+        if options.copy_san:
+            try:
+                ext = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+                sans = list(ext.value)
+            except x509.ExtensionNotFound:
+                pass
+        now = utcnow()
+        lifetime = timedelta(seconds=options.cert_lifetime_seconds)
+        not_before = now - timedelta(minutes=1)
+        if options.fault == "expired":
+            not_before = now - timedelta(days=2)
+            lifetime = timedelta(days=1)
+        cert = ca.issue(
+            key,  # type: ignore[arg-type]
+            subject=csr.subject,
+            eku=[ExtendedKeyUsageOID.CLIENT_AUTH],
+            sans=sans,
+            ca=options.fault == "ca-cert",
+            not_before=not_before,
+            lifetime=lifetime,
+        )
+        with self._lock:
+            self.issued.append(cert)
+        return cert
+
+    def pending_check(self, csr: x509.CertificateSigningRequest) -> bool:
+        """True when this request should get (another) 202."""
+        key = csr.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        with self._lock:
+            count = self._pending_counts.get(key, 0)
+            if count < self.options.pending:
+                self._pending_counts[key] = count + 1
+                return True
+        return False
+
+
+class _HttpServer(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, address: tuple[str, int], est: EstServer) -> None:
+        self.est = est
+        super().__init__(address, _Handler)
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        # The TLS handshake runs in the request's thread, so a stuck client blocks no one else.
+        request.settimeout(10)
+        request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # no 40 ms delayed-ACK stalls
+        try:
+            tls = self.est.ssl_context().wrap_socket(request, server_side=True)
+        except (ssl.SSLError, OSError):
+            return
+        try:
+            _Handler(tls, client_address, self)
+        finally:
+            tls.close()
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: _HttpServer
+    _record: Record
+
+    def log_message(self, format: str, *args: Any) -> None:  # quiet
+        pass
+
+    # -- dispatch ------------------------------------------------------------------------------
+
+    @property
+    def est(self) -> EstServer:
+        return self.server.est
+
+    def _operation(self) -> str | None:
+        parts = self.path.split("?")[0].strip("/").split("/")
+        if parts[:2] != [".well-known", "est"]:
+            return None
+        rest = parts[2:]
+        label = self.est.options.label
+        if label is not None:
+            if len(rest) != 2 or rest[0] != label:
+                return None
+            return rest[1]
+        return rest[0] if len(rest) == 1 else (rest[1] if len(rest) == 2 else None)
+
+    def do_GET(self) -> None:
+        self._dispatch()
+
+    def do_POST(self) -> None:
+        self._dispatch()
+
+    def _dispatch(self) -> None:
+        self.close_connection = True
+        operation = self._operation() or "?"
+        tls: ssl.SSLSocket = self.connection  # type: ignore[assignment]
+        peer = tls.getpeercert()
+        subject = None
+        if peer:
+            subject = ", ".join(f"{k}={v}" for rdn in peer.get("subject", ()) for k, v in rdn)
+        record = Record(
+            method=self.command,
+            path=self.path,
+            operation=operation,
+            status=0,
+            authorization="Authorization" in self.headers,
+            client_cert=subject,
+            tls_version=tls.version() or "?",
+        )
+        self._record = record
+        with self.est._lock:
+            self.est.records.append(record)
+        body = b""
+        length = self.headers.get("Content-Length")
+        if length:
+            body = self.rfile.read(int(length))
+        handler = {
+            ("GET", "cacerts"): self._cacerts,
+            ("GET", "csrattrs"): self._csrattrs,
+            ("POST", "simpleenroll"): self._enroll,
+            ("POST", "simplereenroll"): self._enroll,
+        }.get((self.command, operation))
+        if handler is None:
+            self._send(404, b"not found\n", "text/plain")
+            return
+        handler(operation, body, record)
+
+    # -- responses -----------------------------------------------------------------------------
+
+    def _send(
+        self,
+        status: int,
+        body: bytes,
+        content_type: str | None,
+        headers: dict[str, str] | None = None,
+        *,
+        length: int | None = None,
+    ) -> int:
+        self._record.status = status  # before the client can see the answer
+        self.send_response(status)
+        if content_type:
+            self.send_header("Content-Type", content_type)
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        if length is not None or body:
+            self.send_header("Content-Length", str(len(body) if length is None else length))
+        self.send_header("Connection", "close")
+        self.end_headers()
+        with contextlib.suppress(OSError):
+            self.wfile.write(body)
+        return status
+
+    def _certs(self, certs: list[x509.Certificate], smime: bool) -> int:
+        der = pkcs7.serialize_certificates(certs, serialization.Encoding.DER)
+        content_type = "application/pkcs7-mime" + ("; smime-type=certs-only" if smime else "")
+        return self._send(
+            200, b64_lines(der), content_type, {"Content-Transfer-Encoding": "base64"}
+        )
+
+    def _cacerts(self, operation: str, body: bytes, record: Record) -> int:
+        # A real-server variation: no smime-type parameter on /cacerts.
+        return self._certs([self.est.ca.cert], smime=False)
+
+    def _csrattrs(self, operation: str, body: bytes, record: Record) -> int:
+        der = self.est.options.csrattrs
+        if self.est.options.csrattrs_status != 200:
+            return self._send(self.est.options.csrattrs_status, b"no\n", "text/plain")
+        if der is None:
+            return self._send(404, b"no csrattrs\n", "text/plain")
+        payload = b64_lines(der)
+        if self.est.options.csrattrs_trailing_garbage:
+            payload = b64_lines(der + b"\x00\x00garbage")
+        return self._send(
+            200, payload, "application/csrattrs", {"Content-Transfer-Encoding": "base64"}
+        )
+
+    def _authenticate(self, operation: str, record: Record) -> int | None:
+        """None when the client may enroll, else the status already sent."""
+        options = self.est.options
+        cert = record.client_cert
+        if operation == "simplereenroll":
+            tls: ssl.SSLSocket = self.connection  # type: ignore[assignment]
+            der = tls.getpeercert(binary_form=True)
+            issued_by_est = (
+                der is not None
+                and x509.load_der_x509_certificate(der).issuer == self.est.ca.cert.subject
+            )
+            if not issued_by_est:
+                return self._send(403, b"re-enroll needs the current identity\n", "text/plain")
+        elif options.auth in ("cert", "both") and cert is None:
+            return self._send(403, b"client certificate required\n", "text/plain")
+        if options.auth in ("basic", "both"):
+            expected = base64.b64encode(f"{options.username}:{options.password}".encode()).decode()
+            given = self.headers.get("Authorization", "")
+            if given != f"Basic {expected}":
+                return self._send(
+                    401,
+                    b"authentication required\n",
+                    "text/plain",
+                    {"WWW-Authenticate": 'Basic realm="estrealm"'},
+                )
+        return None
+
+    def _enroll(self, operation: str, body: bytes, record: Record) -> int:
+        options = self.est.options
+        refused = self._authenticate(operation, record)
+        if refused is not None:
+            return refused
+        try:
+            der = base64.b64decode(b"".join(body.split()), validate=True)
+            csr = x509.load_der_x509_csr(der)
+        except (binascii.Error, ValueError):
+            return self._send(400, b"bad CSR encoding\n", "text/plain")
+        if not csr.is_signature_valid:
+            return self._send(400, b"CSR signature invalid\n", "text/plain")
+        try:
+            challenge = csr.attributes.get_attribute_for_oid(
+                AttributeOID.CHALLENGE_PASSWORD
+            ).value.decode()
+        except x509.AttributeNotFound:
+            challenge = None
+        record.challenge_password = challenge
+        record.csr = der
+        if options.pop_required:
+            tls: ssl.SSLSocket = self.connection  # type: ignore[assignment]
+            unique = tls.get_channel_binding("tls-unique")
+            if unique is None or challenge != base64.b64encode(unique).decode():
+                return self._send(400, b"proof-of-possession failed\n", "text/plain")
+        if operation == "simplereenroll":
+            tls = self.connection  # type: ignore[assignment]
+            current = x509.load_der_x509_certificate(tls.getpeercert(binary_form=True) or b"")
+            if current.subject != csr.subject:
+                return self._send(400, b"re-enroll subject differs\n", "text/plain")
+        if self.est.pending_check(csr):
+            headers = {"Retry-After": options.retry_after} if options.retry_after else {}
+            return self._send(202, b"", None, headers)  # no Content-Length, like some servers
+        return self._fault_or_issue(csr)
+
+    def _fault_or_issue(self, csr: x509.CertificateSigningRequest) -> int:
+        fault = self.est.options.fault
+        if fault == "5xx":
+            return self._send(500, b"internal error\n", "text/plain")
+        if fault == "garbage":
+            return self._send(200, b"\x00\xffnot base64 at all!!", "application/pkcs7-mime")
+        if fault == "html":
+            return self._send(200, b"<html>login</html>", "text/html")
+        if fault == "hang":
+            self.est.stopping.wait(self.est.options.hang_seconds)
+            return 0
+        if fault in ("oversized", "oversized-stream"):
+            chunk = b"A" * 65536
+            self._record.status = 200
+            self.send_response(200)
+            self.send_header("Content-Type", "application/pkcs7-mime")
+            if fault == "oversized":
+                self.send_header("Content-Length", str(64 * len(chunk)))
+            self.send_header("Connection", "close")
+            self.end_headers()
+            try:
+                for _ in range(64):
+                    self.wfile.write(chunk)
+            except OSError:
+                pass
+            return 200
+        cert = self.est.issue_for(csr)
+        if fault == "truncated":
+            der = pkcs7.serialize_certificates([cert], serialization.Encoding.DER)
+            body = b64_lines(der)
+            return self._send(
+                200,
+                body[: len(body) // 2],
+                "application/pkcs7-mime; smime-type=certs-only",
+                length=len(body),
+            )
+        return self._certs([cert], smime=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Standalone
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--dir", type=Path, required=True, help="where CA and server files go")
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--auth", choices=AUTH_MODES, default="none")
+    parser.add_argument("--username", default="device")
+    parser.add_argument("--password", default="enroll-secret")
+    parser.add_argument("--tls12-only", action="store_true")
+    parser.add_argument("--pop-required", action="store_true")
+    parser.add_argument("--pending", type=int, default=0, help="202 answers per key first")
+    parser.add_argument("--retry-after", default="1")
+    parser.add_argument("--lifetime", type=int, default=30 * 86400, help="seconds")
+    parser.add_argument("--fault", choices=FAULTS)
+    parser.add_argument("--label")
+    args = parser.parse_args(argv)
+    options = EstOptions(
+        auth=args.auth,
+        username=args.username,
+        password=args.password,
+        tls12_only=args.tls12_only,
+        pop_required=args.pop_required,
+        pending=args.pending,
+        retry_after=args.retry_after or None,
+        cert_lifetime_seconds=args.lifetime,
+        fault=args.fault,
+        label=args.label,
+    )
+    server = EstServer(args.dir, options, port=args.port)
+    idevid_key = args.dir / "idevid-ca.key"
+    idevid_key.write_bytes(key_pem(server.idevid_ca.key))
+    os.chmod(idevid_key, 0o600)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    server.start()
+    info = {
+        "url": server.url,
+        "port": server.port,
+        "ca_file": str(server.ca_file),
+        "fingerprint": server.ca_fingerprint,
+        "idevid_ca_file": str(server.idevid_ca_file),
+        "idevid_ca_key": str(idevid_key),
+        "pid": os.getpid(),
+    }
+    (args.dir / "server.json").write_text(json.dumps(info))
+    print(json.dumps(info), flush=True)
+    while not stop.wait(0.5):
+        pass
+    server.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

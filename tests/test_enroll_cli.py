@@ -1,0 +1,242 @@
+"""`devid-agent enroll` / `renew` end to end: the real CLI as a subprocess (which loads its own
+tpm2 provider), a fresh swtpm, our EST server over HTTPS. Exit codes as the README lists them."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from hal.interfaces import KeyAlgorithm
+from hal.tpm import TpmKeyStore
+from tests.conftest import ROOT, provider_path
+from tests.support import procs
+from tests.support.ca import pem
+from tests.support.enroll_env import password_file, snapshot, write_config
+from tests.support.est_server import EstOptions, EstServer
+from tests.support.swtpm import Swtpm
+
+
+@dataclass
+class Run:
+    code: int
+    out: str
+    err: str
+
+
+class Device:
+    """A device: its swtpm, state dir and config, pointed at `est`."""
+
+    def __init__(self, tmp_path: Path, tpm: Swtpm, est: EstServer) -> None:
+        self.tmp_path = tmp_path
+        self.tpm = tpm
+        self.est = est
+        self.state_dir = tmp_path / "state"
+        self.config = tmp_path / "config.toml"
+        self.est_keys: dict[str, Any] = {}
+        self.configure()
+
+    def configure(self, **est_keys: Any) -> None:
+        self.est_keys.update(est_keys)
+        write_config(
+            self.config,
+            state_dir=self.state_dir,
+            est=self.est,
+            tcti=self.tpm.tcti,
+            provider=provider_path(),
+            **self.est_keys,
+        )
+
+    def run(self, *args: str) -> Run:
+        proc = subprocess.run(
+            [sys.executable, "-m", "agent.cli", "--config", str(self.config), *args],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        return Run(proc.returncode, proc.stdout, proc.stderr)
+
+    def basic(self) -> None:
+        self.configure(username="device", password_file=str(password_file(self.tmp_path)))
+
+    def idevid(self) -> None:
+        """A manufacturer IDevID: a key in this TPM with a certificate from the maker's CA."""
+        keys = TpmKeyStore(tcti=self.tpm.tcti)
+        blob = keys.generate(KeyAlgorithm.EC_P256)
+        cert = self.est.issue_idevid(keys.public_key(blob))
+        key_file = self.tmp_path / "idevid.tss2.pem"
+        cert_file = self.tmp_path / "idevid.pem"
+        key_file.write_bytes(blob)
+        cert_file.write_bytes(pem(cert))
+        self.configure(idevid_cert=str(cert_file), idevid_key=str(key_file))
+
+
+@pytest.fixture
+def est(tmp_path: Path) -> Iterator[EstServer]:
+    with EstServer(tmp_path / "est", EstOptions()) as server:
+        yield server
+
+
+@pytest.fixture
+def device(tmp_path: Path, swtpm: Swtpm, est: EstServer) -> Device:
+    return Device(tmp_path, swtpm, est)
+
+
+def enroll_records(est: EstServer) -> list[Any]:
+    return [r for r in est.records if r.operation in ("simpleenroll", "simplereenroll")]
+
+
+@pytest.mark.parametrize("auth", ["basic", "cert", "both"])
+def test_enroll_and_renew_with_tpm_keys(device: Device, auth: str) -> None:
+    device.est.options.auth = auth
+    if auth in ("basic", "both"):
+        device.basic()
+    if auth in ("cert", "both"):
+        device.idevid()
+    first = device.run("enroll")
+    assert first.code == 0, first.err
+    assert "enrolled: generation 1" in first.out
+    assert "subject:  CN=gw-0001" in first.out
+    assert "issuer:   CN=devid test EST CA" in first.out
+    assert "key:      TPM:" in first.out
+    enroll = enroll_records(device.est)[-1]
+    assert enroll.status == 200
+    assert enroll.authorization == (auth != "cert")
+    assert (enroll.client_cert == "commonName=idevid SN-0001") == (auth != "basic")
+    second = device.run("renew")
+    assert second.code == 0, second.err
+    assert "renewed: generation 2" in second.out and "new key" in second.out
+    renew = enroll_records(device.est)[-1]
+    assert renew.operation == "simplereenroll" and renew.client_cert == "commonName=gw-0001"
+    current = device.state_dir / "identity" / "current"
+    assert os.readlink(current) == "gen-2"
+    assert (current / "key.tss2.pem").read_bytes().startswith(b"-----BEGIN TSS2 PRIVATE KEY")
+    assert (device.state_dir / "identity" / "gen-1").is_dir()  # previous generation kept
+
+
+def test_proof_of_possession_over_tls12(device: Device) -> None:
+    device.est.options.tls12_only = True
+    device.est.options.pop_required = True
+    assert device.run("enroll").code == 0
+    result = device.run("renew", "--reuse-key")
+    assert result.code == 0, result.err
+    assert "TLSv1.2, same key, proof-of-possession" in result.out
+    assert all(r.challenge_password for r in enroll_records(device.est))
+
+
+def test_enroll_is_idempotent(device: Device) -> None:
+    assert device.run("enroll").code == 0
+    contacted = len(device.est.records)
+    again = device.run("enroll")
+    assert again.code == 0 and "already enrolled (use --force)" in again.out
+    assert len(device.est.records) == contacted
+    forced = device.run("enroll", "--force")
+    assert forced.code == 0 and "generation 2" in forced.out
+
+
+def test_retry_after_across_a_restart(device: Device) -> None:
+    device.est.options.pending = 1
+    device.est.options.retry_after = "1"
+    first = device.run("enroll")
+    assert first.code == 75, first.err
+    assert "HTTP 202" in first.err
+    pending = device.state_dir / "est-pending.json"
+    assert pending.stat().st_mode & 0o777 == 0o600
+    retry_at = json.loads(pending.read_text())["retry_at"]
+    # Power cycle: the TPM comes back (on a new port), the agent runs again too early.
+    device.tpm.restart()
+    device.configure()
+    contacted = len(device.est.records)
+    early = device.run("enroll")
+    assert early.code == 75 and "not contacting the server" in early.err
+    assert len(device.est.records) == contacted
+    wait = (datetime.fromisoformat(retry_at) - datetime.now(timezone.utc)).total_seconds()
+    time.sleep(max(0.0, wait) + 0.05)
+    done = device.run("enroll")
+    assert done.code == 0, done.err
+    first_csr, second_csr = (r.csr for r in enroll_records(device.est))
+    assert first_csr == second_csr  # the same request, resubmitted
+    assert not pending.exists()
+
+
+def test_fingerprint_bootstrap(device: Device) -> None:
+    device.configure(trust_anchor="", bootstrap_fingerprint_sha256=device.est.ca_fingerprint)
+    result = device.run("enroll")
+    assert result.code == 0, result.err
+    assert (device.state_dir / "est-anchor.pem").read_bytes() == device.est.ca_file.read_bytes()
+
+
+def test_wrong_fingerprint_exit_65_and_nothing_stored(device: Device) -> None:
+    device.basic()
+    device.configure(trust_anchor="", bootstrap_fingerprint_sha256="00" * 32)
+    device.state_dir.mkdir()
+    before = snapshot(device.state_dir)
+    result = device.run("enroll")
+    assert result.code == 65
+    assert "no certificate from /cacerts has the configured SHA-256 fingerprint" in result.err
+    assert snapshot(device.state_dir) == before
+    assert not any(r.authorization for r in device.est.records)
+
+
+def test_exit_codes(device: Device, tmp_path: Path) -> None:
+    # 78: a password file others can read
+    device.configure(username="device", password_file=str(password_file(tmp_path, mode=0o644)))
+    result = device.run("enroll")
+    assert result.code == 78 and "lets group or others access it" in result.err
+    # 77: refused (wrong password)
+    device.est.options.auth = "basic"
+    device.configure(password_file=str(password_file(tmp_path, password="wrong")))
+    result = device.run("enroll")
+    assert result.code == 77 and "rejected our Basic credentials" in result.err
+    # 76: garbage in a 200
+    device.configure(username="", password_file="")
+    device.est.options.auth = "none"
+    device.est.options.fault = "garbage"
+    result = device.run("enroll")
+    assert result.code == 76 and "neither base64 nor DER" in result.err
+    # 69: nobody listening
+    device.configure(url=f"https://localhost:{procs.free_port()}")
+    result = device.run("enroll")
+    assert result.code == 69 and "cannot connect" in result.err
+    # 78: EST not configured at all
+    device.configure(url="")
+    result = device.run("enroll")
+    assert result.code == 78 and "est.url: not set" in result.err
+    assert result.err.count("\n") == 1  # one line
+
+
+def test_public_key_of_issued_cert_is_the_tpm_key(device: Device) -> None:
+    assert device.run("enroll").code == 0
+    current = device.state_dir / "identity" / "current"
+    keys = TpmKeyStore(tcti=device.tpm.tcti)
+    cert = x509.load_pem_x509_certificate((current / "cert.pem").read_bytes())
+    spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    assert cert.public_key().public_bytes(*spki) == keys.public_key(
+        (current / "key.tss2.pem").read_bytes()
+    ).public_bytes(*spki)
+
+
+def test_demo_runs_end_to_end() -> None:
+    """`make demo`: swtpm + the standalone EST server + the CLI, everything stopped after."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.support.demo"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "renewed: generation 2" in proc.stdout
+    assert "already enrolled (use --force): generation 2" in proc.stdout
