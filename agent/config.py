@@ -209,6 +209,66 @@ class EstConfig:
     generations_kept: int = checked(3, check=_at_least_two)
 
 
+class BootloaderKind(enum.Enum):
+    UBOOT = "uboot"
+    GRUB = "grub"
+    FILE = "file"
+
+
+class CounterKind(enum.Enum):
+    TPM = "tpm"
+    FILE = "file"
+
+
+def _nv_index(value: int) -> str | None:
+    ok = 0x01000000 <= value <= 0x01BFFFFF
+    return None if ok else "an owner NV index from 0x01000000 to 0x01BFFFFF"
+
+
+def _boot_tries(value: int) -> str | None:
+    return None if 1 <= value <= 99 else "an integer from 1 to 99"
+
+
+def _buffer_kib(value: int) -> str | None:
+    return None if 4 <= value <= 65536 else "an integer from 4 to 65536"
+
+
+@dataclass(frozen=True)
+class FirmwareConfig:
+    #: this hardware's compatible string; a bundle must name exactly this ("" = firmware off)
+    compatible: str = ""
+    #: PEM file with the firmware signing trust anchor(s) (root CA certificates)
+    trust_anchors: Path = checked(Path("/etc/devid-agent/firmware-ca.pem"), check=_absolute_path)
+    #: CRL files (PEM or DER) checked against every certificate of the signer chain
+    crl_files: tuple[Path, ...] = checked(())
+    #: per-slot records, the lock, the TPM counter baseline, the file counter
+    state_dir: Path = checked(Path("/var/lib/devid-agent/firmware"), check=_absolute_path)
+    #: "uboot" (fw_setenv), "grub" (grub-editenv) or "file" (development)
+    bootloader: BootloaderKind = BootloaderKind.UBOOT
+    #: libubootenv's config naming the environment copies
+    uboot_env_config: Path = checked(Path("/etc/fw_env.config"), check=_absolute_path)
+    #: GRUB environment block
+    grub_env: Path = checked(Path("/boot/grub/grubenv"), check=_absolute_path)
+    #: environment file of the "file" bootloader
+    file_env: Path = checked(Path("/var/lib/devid-agent/firmware/bootenv"), check=_absolute_path)
+    #: slot A and slot B: block devices (or files)
+    slot_a: Path = checked(Path("/dev/disk/by-partlabel/rootfs_a"), check=_absolute_path)
+    slot_b: Path = checked(Path("/dev/disk/by-partlabel/rootfs_b"), check=_absolute_path)
+    #: where the booted slot is read from, and the key naming it (RAUC: rauc.slot=A)
+    cmdline: Path = checked(Path("/proc/cmdline"), check=_absolute_path)
+    cmdline_key: str = checked("rauc.slot", check=_non_empty)
+    #: boots a newly installed slot gets before the bootloader falls back (U-Boot; GRUB has 1)
+    boot_tries: int = checked(3, check=_boot_tries)
+    #: anti-rollback counter: "tpm" (NV counter index) or "file" (weaker)
+    counter: CounterKind = CounterKind.TPM
+    #: TPM NV index of the counter (TPM2_NT_COUNTER, defined on first commit)
+    counter_nv_index: int = checked(0x01500100, check=_nv_index)
+    #: file holding the TPM owner hierarchy's auth value ("" = empty auth)
+    counter_owner_auth_file: Path | None = checked(None, check=_optional_absolute_path)
+    #: I/O buffer for streaming payloads, in KiB
+    buffer_kib: int = checked(1024, check=_buffer_kib)
+
+
 @dataclass(frozen=True)
 class LoggingConfig:
     level: str = checked("info", check=_log_level)
@@ -224,6 +284,7 @@ class Config:
     tls: TlsConfig = field(default_factory=TlsConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     est: EstConfig = field(default_factory=EstConfig)
+    firmware: FirmwareConfig = field(default_factory=FirmwareConfig)
     #: where this config was read from (not a TOML key)
     source: Path = field(default=Path("<defaults>"), metadata={"internal": True})
 

@@ -6,8 +6,10 @@ agent/ sees hardware only through these Protocols; implementations are picked in
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
 from contextlib import AbstractContextManager
-from typing import Protocol, runtime_checkable
+from dataclasses import dataclass
+from typing import BinaryIO, Protocol, runtime_checkable
 
 from cryptography.hazmat.primitives.asymmetric.types import (
     CertificateIssuerPrivateKeyTypes,
@@ -67,4 +69,68 @@ class MonotonicCounter(Protocol):
 
     def raise_to(self, value: int) -> int:
         """Raise the counter to at least `value`; never lowers it. Returns the new value."""
+        ...
+
+
+@dataclass(frozen=True)
+class BootState:
+    """What the bootloader will do next, as read from its environment.
+
+    `order` lists slot names in the order the bootloader tries them; `tries_left` is how many more
+    boots each slot may be tried before the bootloader skips it (0: it will be skipped).
+    """
+
+    order: tuple[str, ...]
+    tries_left: Mapping[str, int]
+
+    def next_boot(self) -> str | None:
+        """The slot the bootloader will choose at the next boot, or None if none is bootable."""
+        for slot in self.order:
+            if self.tries_left.get(slot, 0) > 0:
+                return slot
+        return None
+
+
+@runtime_checkable
+class BootControl(Protocol):
+    """The bootloader's A/B state (RAUC's variable conventions). Every method raises
+    `BootControlError` on a corrupt or unreadable environment, and changes nothing then."""
+
+    #: "uboot", "grub" or "file"
+    kind: str
+
+    def state(self) -> BootState: ...
+
+    def set_primary(self, slot: str, *, tries: int) -> None:
+        """Boot `slot` first from the next boot on, for at most `tries` boots until marked good."""
+        ...
+
+    def mark_good(self, slot: str) -> None:
+        """`slot` booted and works: keep booting it (refills its tries)."""
+        ...
+
+    def mark_bad(self, slot: str) -> None:
+        """Never boot `slot` (it is about to be overwritten, or it failed)."""
+        ...
+
+
+@runtime_checkable
+class Slot(Protocol):
+    """One A/B slot: a block device or a file that receives an image."""
+
+    name: str
+    path: str
+
+    def capacity(self) -> int:
+        """Bytes the slot can hold."""
+        ...
+
+    def open_write(self) -> AbstractContextManager[BinaryIO]:
+        """A writer positioned at offset 0; flushed and fsynced when the block ends cleanly."""
+        ...
+
+    def open_read(self) -> AbstractContextManager[BinaryIO]: ...
+
+    def mounted_at(self) -> str | None:
+        """Where the slot is mounted, or None: a mounted slot is never written."""
         ...

@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 
 packages=(swtpm swtpm-tools libtss2-dev tpm2-tools pkg-config gcc libc6-dev libffi-dev
           python3-venv python3-dev openssl mosquitto u-boot-tools grub-common ca-certificates
-          systemd)
+          systemd libubootenv-tool)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

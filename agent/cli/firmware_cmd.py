@@ -1,0 +1,169 @@
+"""`devid-agent firmware sign|verify|install|status|commit|rollback`.
+
+Run by OTA hooks as root. Exit status: 0 done; 65 the bundle was refused (signature, chain,
+compatible, downgrade, truncated or altered payload); 74 bootloader env, slot, counter or state
+failed (a corrupt env, writing the booted slot); 78 configuration. One line on stderr says why.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+from agent.cli.config_cmd import add_config_option
+from agent.clock import SystemClock
+from agent.config import Config, config_path, load_config
+from agent.errors import StorageError
+from hal.storage import read_bytes
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    fw = subparsers.add_parser("firmware", help="signed A/B firmware: sign, verify, install, ...")
+    actions = fw.add_subparsers(dest="firmware_command", metavar="ACTION", required=True)
+
+    sign = actions.add_parser("sign", help="(vendor) sign IMAGE into a bundle")
+    sign.add_argument("--key", required=True, type=Path, help="signer private key (PEM)")
+    sign.add_argument("--cert", required=True, type=Path, help="signer certificate (PEM)")
+    sign.add_argument("--chain", type=Path, help="intermediate certificates (PEM)")
+    sign.add_argument(
+        "--key-password-file", type=Path, help="file holding the key's passphrase (encrypted PEM)"
+    )
+    sign.add_argument("--compatible", required=True, help="hardware compatible string")
+    sign.add_argument("--version", required=True, dest="fw_version", help="firmware version")
+    sign.add_argument("--security-version", required=True, type=int, help="anti-rollback version")
+    sign.add_argument("--hash", default="sha256", choices=("sha256", "sha384"))
+    sign.add_argument("-o", "--output", required=True, type=Path, help="bundle to write")
+    sign.add_argument("image", type=Path, metavar="IMAGE")
+    sign.set_defaults(func=run_sign)
+
+    verify = actions.add_parser("verify", help="verify BUNDLE ('-' = stdin); change nothing")
+    verify.add_argument("bundle", metavar="BUNDLE")
+    install = actions.add_parser("install", help="verify BUNDLE and write it to the inactive slot")
+    install.add_argument("bundle", metavar="BUNDLE")
+    install.add_argument("--slot", help="target slot (default: the one not booted)")
+    status = actions.add_parser("status", help="slots, versions, tries, committed version")
+    status.add_argument("--json", action="store_true", help="print JSON")
+    commit = actions.add_parser("commit", help="mark the booted slot good; raise the counter")
+    rollback = actions.add_parser("rollback", help="boot the other good slot next")
+    for parser, func in (
+        (verify, run_verify),
+        (install, run_install),
+        (status, run_status),
+        (commit, run_commit),
+        (rollback, run_rollback),
+    ):
+        add_config_option(parser)
+        parser.set_defaults(func=func)
+
+
+def _config(args: argparse.Namespace) -> Config:
+    return load_config(config_path(args.config))
+
+
+@contextlib.contextmanager
+def _open_bundle(name: str) -> Iterator[BinaryIO]:
+    if name == "-":
+        yield sys.stdin.buffer
+        return
+    try:
+        f = open(name, "rb")  # noqa: SIM115 - closed below
+    except OSError as e:
+        raise StorageError(f"cannot open bundle {name}: {e.strerror}") from e
+    with f:
+        yield f
+
+
+def run_sign(args: argparse.Namespace) -> int:
+    from agent.firmware.sign import Signer, make_manifest, write_bundle
+
+    password = None
+    if args.key_password_file is not None:
+        password = read_bytes(args.key_password_file, limit=4096).rstrip(b"\n")
+    signer = Signer.from_files(args.key, args.cert, args.chain, password=password)
+    manifest = make_manifest(
+        args.image,
+        compatible=args.compatible,
+        version=args.fw_version,
+        security_version=args.security_version,
+        created=SystemClock().now(),
+        hash_algorithm=args.hash,
+    )
+    # Validate what we are about to sign exactly as a device will parse it.
+    from agent.firmware.manifest import parse_manifest
+
+    parse_manifest(manifest.to_bytes(), max_payload_bytes=1 << 62)
+    out: Path = args.output
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            write_bundle(args.image, f, manifest, [signer])
+        os.replace(tmp, out)
+    except OSError as e:
+        raise StorageError(f"cannot write {out}: {e.strerror}") from e
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+    print(f"signed {args.image} as {out}: {manifest.compatible} {manifest.version} "
+          f"security_version {manifest.security_version}")  # fmt: skip
+    return 0
+
+
+def run_verify(args: argparse.Namespace) -> int:
+    from agent.firmware.wiring import firmware_device
+
+    device = firmware_device(_config(args))
+    with _open_bundle(args.bundle) as stream:
+        manifest = device.verify(stream)
+    print(
+        f"OK: {manifest.compatible} {manifest.version} security_version "
+        f"{manifest.security_version}, {manifest.payload_size} bytes"
+    )
+    return 0
+
+
+def run_install(args: argparse.Namespace) -> int:
+    from agent.firmware.wiring import firmware_device
+
+    device = firmware_device(_config(args))
+    with _open_bundle(args.bundle) as stream:
+        slot, manifest = device.install(stream, slot=args.slot)
+    print(f"installed {manifest.version} into slot {slot}; it boots next")
+    return 0
+
+
+def run_status(args: argparse.Namespace) -> int:
+    from agent.firmware.wiring import firmware_device
+
+    status = firmware_device(_config(args)).status()
+    if args.json:
+        print(json.dumps(status.to_dict(), indent=2, sort_keys=True))
+    else:
+        print(status.to_text())
+    return 0
+
+
+def run_commit(args: argparse.Namespace) -> int:
+    from agent.firmware.wiring import firmware_device
+
+    result = firmware_device(_config(args)).commit()
+    note = (
+        f"; the bootloader had fallen back from slot {result.fell_back_from}"
+        if (result.fell_back_from)
+        else ""
+    )
+    print(f"committed slot {result.slot}; security version {result.security_version}{note}")
+    return 0
+
+
+def run_rollback(args: argparse.Namespace) -> int:
+    from agent.firmware.wiring import firmware_device
+
+    slot = firmware_device(_config(args)).rollback()
+    print(f"slot {slot} boots next")
+    return 0

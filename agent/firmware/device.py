@@ -1,0 +1,333 @@
+"""The device side: verify, install, commit, roll back, report. The edges (bootloader, slots,
+counter, state file) come in by injection; the decisions are in verify.py.
+
+Order of install, so that a rejection or a power cut loses nothing:
+  1. read the booted slot, the bootloader env (a corrupt env stops us here), the committed
+     security version; parse and verify header, signatures, chains, compatibility, anti-rollback;
+  2. for a seekable bundle, hash the whole payload once before touching anything;
+  3. mark the target slot bad in the bootloader (never fall back into a half-written slot) and
+     "writing" in the state file;
+  4. stream the payload into the slot with a bounded buffer while hashing; read it back and
+     hash again;
+  5. record it "installed", make it the next boot with `boot_tries` tries, record it pending.
+The anti-rollback counter is raised only by `commit`, after the new slot booted and was marked
+good.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hmac
+import logging
+import os
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import BinaryIO
+
+from agent.clock import Clock
+from agent.errors import BootControlError, FirmwareVerificationError, RollbackError, StorageError
+from agent.firmware.bundle import DEFAULT_LIMITS, BundleLimits, read_header
+from agent.firmware.chain import TrustPolicy
+from agent.firmware.manifest import Manifest
+from agent.firmware.state import FirmwareState, SlotRecord, load_state, save_state
+from agent.firmware.status import FirmwareStatus, SlotStatus
+from agent.firmware.verify import DEFAULT_BUFFER_BYTES, DeviceFacts, stream_payload, verify_header
+from hal.interfaces import BootControl, MonotonicCounter, Slot
+from hal.storage import ensure_private_dir
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "state.json"
+LOCK_FILE = "lock"
+
+
+@dataclass(frozen=True)
+class CommitResult:
+    slot: str
+    security_version: int
+    fell_back_from: str | None
+
+
+def _same_storage(a: str, b: str) -> bool:
+    try:
+        sa, sb = os.stat(a), os.stat(b)
+    except OSError:
+        return False
+    if sa.st_rdev and sa.st_rdev == sb.st_rdev:
+        return True
+    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
+
+
+class FirmwareDevice:
+    def __init__(
+        self,
+        *,
+        boot: BootControl,
+        slots: Mapping[str, Slot],
+        counter: MonotonicCounter,
+        state_dir: Path,
+        booted_slot: Callable[[], str],
+        clock: Clock,
+        compatible: str,
+        trust: Callable[[], TrustPolicy],
+        boot_tries: int = 3,
+        limits: BundleLimits = DEFAULT_LIMITS,
+        buffer_bytes: int = DEFAULT_BUFFER_BYTES,
+    ) -> None:
+        self.boot = boot
+        self.slots = dict(slots)
+        self.counter = counter
+        self.state_dir = state_dir
+        self.booted_slot = booted_slot
+        self.clock = clock
+        self.compatible = compatible
+        self.trust = trust
+        self.boot_tries = boot_tries
+        self.limits = limits
+        self.buffer_bytes = buffer_bytes
+
+    # -- helpers ------------------------------------------------------------------------------
+
+    @property
+    def state_path(self) -> Path:
+        return self.state_dir / STATE_FILE
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """One firmware operation at a time (hooks may overlap with the mark-good service)."""
+        ensure_private_dir(self.state_dir)
+        try:
+            fd = os.open(self.state_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as e:
+            raise StorageError(f"cannot open {self.state_dir / LOCK_FILE}: {e.strerror}") from e
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def _booted(self) -> str:
+        booted = self.booted_slot()
+        if booted not in self.slots:
+            raise BootControlError(
+                f"booted slot {booted!r} is not a configured slot ({', '.join(self.slots)})"
+            )
+        return booted
+
+    def _other(self, booted: str) -> str:
+        others = [name for name in self.slots if name != booted]
+        if len(others) != 1:
+            raise BootControlError(f"expected exactly two slots, have {sorted(self.slots)}")
+        return others[0]
+
+    def _now_text(self) -> str:
+        return self.clock.now().strftime("%Y-%m-%dT%H:%M:%SZ")
+
+    def _record(self, manifest: Manifest, state: str) -> SlotRecord:
+        return SlotRecord(
+            state=state,
+            version=manifest.version,
+            security_version=manifest.security_version,
+            hash_algorithm=manifest.hash_algorithm,
+            digest=manifest.digest.hex(),
+            size=manifest.payload_size,
+            updated=self._now_text(),
+        )
+
+    def _verify_header(self, stream: BinaryIO) -> Manifest:
+        header = read_header(stream, self.limits)
+        facts = DeviceFacts(
+            compatible=self.compatible, committed_security_version=self.counter.read()
+        )
+        return verify_header(header, policy=self.trust(), device=facts, now=self.clock.now())
+
+    # -- commands -----------------------------------------------------------------------------
+
+    def verify(self, stream: BinaryIO) -> Manifest:
+        """Verify a whole bundle without touching anything."""
+        manifest = self._verify_header(stream)
+        stream_payload(stream, manifest, buffer_bytes=self.buffer_bytes)
+        return manifest
+
+    def install(self, stream: BinaryIO, *, slot: str | None = None) -> tuple[str, Manifest]:
+        with self._locked():
+            return self._install(stream, slot)
+
+    def _install(self, stream: BinaryIO, slot_name: str | None) -> tuple[str, Manifest]:
+        booted = self._booted()
+        target = slot_name or self._other(booted)
+        if target not in self.slots:
+            raise BootControlError(f"unknown slot {target!r} ({', '.join(self.slots)})")
+        if target == booted or _same_storage(self.slots[target].path, self.slots[booted].path):
+            raise BootControlError(
+                f"refusing to write slot {target} ({self.slots[target].path}): it is the booted "
+                f"slot {booted}"
+            )
+        mounted = self.slots[target].mounted_at()
+        if mounted is not None:
+            raise BootControlError(
+                f"refusing to write slot {target} ({self.slots[target].path}): mounted at {mounted}"
+            )
+        self.boot.state()  # a corrupt bootloader env stops us before anything is written
+        state = load_state(self.state_path)
+        manifest = self._verify_header(stream)
+        slot = self.slots[target]
+        capacity = slot.capacity()
+        if manifest.payload_size > capacity:
+            raise FirmwareVerificationError(
+                f"payload of {manifest.payload_size} bytes does not fit slot {target} "
+                f"({capacity} bytes)"
+            )
+        if stream.seekable():
+            start = stream.tell()
+            stream_payload(stream, manifest, buffer_bytes=self.buffer_bytes)
+            stream.seek(start)
+
+        if state.pending is not None:  # superseded; cleared first so no cut looks like a fallback
+            state = replace(state, pending=None)
+            save_state(self.state_path, state)
+        self.boot.mark_bad(target)
+        state = state.with_slot(target, self._record(manifest, "writing"))
+        save_state(self.state_path, state)
+        log.info("writing %s (%s) into slot %s", manifest.version, slot.path, target)
+        try:
+            with slot.open_write() as out:
+
+                def write_all(chunk: memoryview) -> None:
+                    while chunk:
+                        chunk = chunk[out.write(chunk) or 0 :]
+
+                stream_payload(stream, manifest, sink=write_all, buffer_bytes=self.buffer_bytes)
+            self._read_back(target, manifest)
+        except Exception:
+            with contextlib.suppress(Exception):
+                save_state(
+                    self.state_path, state.with_slot(target, self._record(manifest, "failed"))
+                )
+            raise
+        # "installed" before the bootloader may boot it; "pending" only once it will: a cut
+        # between the two must not look like a fallback.
+        state = state.with_slot(target, self._record(manifest, "installed"), fell_back_from=None)
+        save_state(self.state_path, state)
+        self.boot.set_primary(target, tries=self.boot_tries)
+        save_state(self.state_path, replace(state, pending=target))
+        log.info("slot %s holds %s and boots next", target, manifest.version)
+        return target, manifest
+
+    def _read_back(self, target: str, manifest: Manifest) -> None:
+        digest = manifest.new_hash()
+        remaining = manifest.payload_size
+        with self.slots[target].open_read() as f:
+            while remaining:
+                chunk = f.read(min(remaining, self.buffer_bytes))
+                if not chunk:
+                    break
+                digest.update(chunk)
+                remaining -= len(chunk)
+        if remaining or not hmac.compare_digest(digest.digest(), manifest.digest):
+            raise StorageError(
+                f"slot {target} ({self.slots[target].path}) reads back different bytes than "
+                "were written"
+            )
+
+    def commit(self) -> CommitResult:
+        """Mark the booted slot good, then raise the counter to its security version. Run on
+        every good boot. If the bootloader fell back from a pending install, that slot is
+        marked bad and failed."""
+        with self._locked():
+            booted = self._booted()
+            boot_state = self.boot.state()
+            state = load_state(self.state_path)
+            pending = state.pending
+            fell_back_from = None
+            if pending is not None and pending != booted:
+                if boot_state.tries_left.get(pending, 0) > 0:
+                    log.info("slot %s is installed, not booted yet; committing %s", pending, booted)
+                else:
+                    fell_back_from = pending
+                    log.warning("the bootloader fell back from slot %s to %s", pending, booted)
+            record = state.slots.get(booted) or SlotRecord(state="good", updated=self._now_text())
+            self.boot.mark_good(booted)
+            state = state.with_slot(booted, replace(record, state="good"))
+            if pending == booted:
+                state = replace(state, pending=None)
+            if fell_back_from is not None:
+                self.boot.mark_bad(fell_back_from)
+                failed = replace(state.slots[fell_back_from], state="failed")
+                state = state.with_slot(
+                    fell_back_from, failed, pending=None, fell_back_from=fell_back_from
+                )
+            save_state(self.state_path, state)
+            committed = self.counter.raise_to(record.security_version)
+            return CommitResult(
+                slot=booted, security_version=committed, fell_back_from=fell_back_from
+            )
+
+    def rollback(self) -> str:
+        """Make the other slot the next boot if it holds a committed image; if the other slot
+        holds a pending install instead, cancel it (the booted slot stays the next boot)."""
+        with self._locked():
+            booted = self._booted()
+            other = self._other(booted)
+            self.boot.state()
+            state = load_state(self.state_path)
+            if state.pending == other:
+                # Not booted yet (or the bootloader already fell back): cancel the install.
+                self.boot.mark_bad(other)
+                self.boot.mark_good(booted)
+                cancelled = replace(state.slots[other], state="failed", updated=self._now_text())
+                save_state(self.state_path, state.with_slot(other, cancelled, pending=None))
+                log.info("cancelled the pending install in slot %s", other)
+                return booted
+            record = state.slots.get(other)
+            if record is None or record.state != "good":
+                what = "no record" if record is None else f"state {record.state!r}"
+                raise BootControlError(
+                    f"slot {other} holds no committed image ({what}); nothing to roll back to"
+                )
+            committed = self.counter.read()
+            if record.security_version < committed:
+                raise RollbackError(
+                    f"slot {other} has security_version {record.security_version}, below the "
+                    f"committed {committed}: rollback refused"
+                )
+            self.boot.set_primary(other, tries=self.boot_tries)
+            save_state(self.state_path, FirmwareState(slots=state.slots, pending=None))
+            return other
+
+    def status(self) -> FirmwareStatus:
+        booted = self._booted()
+        boot_state = self.boot.state()
+        state = load_state(self.state_path)
+        pending = state.pending
+        fell_back = state.fell_back_from is not None or (
+            pending is not None and pending != booted and boot_state.tries_left.get(pending, 0) == 0
+        )
+        slots = []
+        for name, slot in self.slots.items():
+            record = state.slots.get(name)
+            slots.append(
+                SlotStatus(
+                    name=name,
+                    path=slot.path,
+                    booted=name == booted,
+                    state=record.state if record else "unknown",
+                    version=record.version if record else "unknown",
+                    security_version=record.security_version if record else None,
+                    tries_left=boot_state.tries_left.get(name, 0),
+                    digest=record.digest if record else "",
+                )
+            )
+        return FirmwareStatus(
+            booted=booted,
+            next_boot=boot_state.next_boot(),
+            bootloader=self.boot.kind,
+            slots=tuple(slots),
+            committed_security_version=self.counter.read(),
+            counter=self.counter.kind,
+            counter_hardware_backed=self.counter.hardware_backed,
+            pending=pending,
+            fell_back=fell_back,
+        )

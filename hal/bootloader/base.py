@@ -1,0 +1,123 @@
+"""A `BootControl` over a key=value bootloader environment and a RAUC variable scheme.
+
+A backend supplies I/O (`_read_env`, `_write_env`); a scheme turns the environment into a
+`BootState` and computes the variables an operation changes. Every operation reads and
+validates the whole environment before it writes anything, so a corrupt environment is
+rejected and left exactly as it was.
+"""
+
+from __future__ import annotations
+
+import abc
+import logging
+import re
+from collections.abc import Mapping, Sequence
+
+from agent.errors import BootControlError
+from hal.interfaces import BootState
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SLOTS = ("A", "B")
+Env = Mapping[str, str]
+_DECIMAL = re.compile(r"[0-9]{1,3}\Z")
+
+
+class Scheme(abc.ABC):
+    """RAUC's variables for one bootloader. Pure: environment in, changes out."""
+
+    def __init__(self, *, slots: Sequence[str] = DEFAULT_SLOTS, max_tries: int = 3) -> None:
+        self.slots = tuple(slots)
+        self.max_tries = max_tries
+
+    @abc.abstractmethod
+    def state(self, env: Env, where: str) -> BootState:
+        """Raise BootControlError naming `where` if a variable holds something invalid."""
+
+    @abc.abstractmethod
+    def set_primary(self, env: Env, slot: str, tries: int) -> dict[str, str]: ...
+
+    @abc.abstractmethod
+    def mark_good(self, env: Env, slot: str) -> dict[str, str]: ...
+
+    @abc.abstractmethod
+    def mark_bad(self, env: Env, slot: str) -> dict[str, str]: ...
+
+    def order(self, env: Env, key: str, where: str) -> tuple[str, ...]:
+        order = tuple(env.get(key, " ".join(self.slots)).split())
+        if len(set(order)) != len(order) or not set(order) <= set(self.slots):
+            raise corrupt(where, f"{key}={env[key]!r} is not an order of slots {self.slots}")
+        return order
+
+    def number(self, env: Env, key: str, default: int, where: str) -> int:
+        text = env.get(key, str(default))
+        if not _DECIMAL.match(text):
+            raise corrupt(where, f"{key}={text!r} is not a small decimal number")
+        return int(text)
+
+
+def corrupt(where: str, what: str) -> BootControlError:
+    return BootControlError(f"bootloader environment {where} is corrupt: {what}")
+
+
+class EnvBootControl(abc.ABC):
+    kind: str
+
+    def __init__(self, *, scheme: Scheme) -> None:
+        self.scheme = scheme
+
+    @property
+    @abc.abstractmethod
+    def where(self) -> str:
+        """The environment's location, for messages."""
+
+    @abc.abstractmethod
+    def _read_env(self) -> dict[str, str]: ...
+
+    @abc.abstractmethod
+    def _write_env(self, changes: Mapping[str, str]) -> None: ...
+
+    def _known_slot(self, slot: str) -> None:
+        if slot not in self.scheme.slots:
+            raise BootControlError(f"unknown slot {slot!r} (slots are {self.scheme.slots})")
+
+    def state(self) -> BootState:
+        return self.scheme.state(self._read_env(), self.where)
+
+    def _apply(self, changes: Mapping[str, str]) -> None:
+        self._write_env(changes)
+        env = self._read_env()
+        self.scheme.state(env, self.where)
+        missed = {k: v for k, v in changes.items() if env.get(k) != v}
+        if missed:
+            raise BootControlError(f"bootloader environment {self.where} did not take {missed}")
+        log.info("bootloader environment %s: set %s", self.where, dict(changes))
+
+    def set_primary(self, slot: str, *, tries: int) -> None:
+        self._known_slot(slot)
+        env = self._read_env()
+        self.scheme.state(env, self.where)
+        self._apply(self.scheme.set_primary(env, slot, tries))
+
+    def mark_good(self, slot: str) -> None:
+        self._known_slot(slot)
+        env = self._read_env()
+        self.scheme.state(env, self.where)
+        self._apply(self.scheme.mark_good(env, slot))
+
+    def mark_bad(self, slot: str) -> None:
+        self._known_slot(slot)
+        env = self._read_env()
+        self.scheme.state(env, self.where)
+        self._apply(self.scheme.mark_bad(env, slot))
+
+
+def parse_lines(text: str) -> dict[str, str]:
+    env: dict[str, str] = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        name, sep, value = line.partition("=")
+        if sep:
+            env[name] = value
+    return env
