@@ -62,9 +62,15 @@ Register = Callable[["argparse._SubParsersAction[argparse.ArgumentParser]"], Non
 
 def _modules() -> list[Register]:
     """Each command module's register(); imported here so `--help` lists every command."""
-    from agent.cli import config_cmd, doctor_cmd, enroll_cmd, firmware_cmd
+    from agent.cli import config_cmd, doctor_cmd, enroll_cmd, firmware_cmd, status_cmd
 
-    return [config_cmd.register, doctor_cmd.register, firmware_cmd.register, enroll_cmd.register]
+    return [
+        config_cmd.register,
+        doctor_cmd.register,
+        enroll_cmd.register,
+        status_cmd.register,
+        firmware_cmd.register,
+    ]
 
 
 def build_parser() -> argparse.ArgumentParser:

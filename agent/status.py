@@ -1,0 +1,148 @@
+"""One status model for the whole agent, shared by the CLI (and later the control socket and MQTT).
+
+Pure: built from what the stores return and `now`; rendered as text for people, JSON for tools.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from typing import Any
+
+from cryptography import x509
+
+from agent import __version__
+from agent.est.pending import PendingRequest
+from agent.identity import Identity
+
+
+@dataclass(frozen=True)
+class IdentityStatus:
+    #: "none" (not enrolled), "valid", "expired" or "not_yet_valid"
+    state: str
+    generation: int | None = None
+    subject: str = ""
+    serial: str = ""
+    issuer: str = ""
+    not_before: str = ""
+    not_after: str = ""
+    seconds_left: int | None = None
+    #: share of the certificate's lifetime still ahead, 0.0 .. 1.0
+    lifetime_left: float | None = None
+    key_store: str = ""
+    hardware_backed: bool | None = None
+    key_file: str = ""
+    cert_file: str = ""
+
+
+@dataclass(frozen=True)
+class PendingStatus:
+    operation: str
+    retry_at: str
+    attempts: int
+
+
+@dataclass(frozen=True)
+class AgentStatus:
+    device_id: str
+    config: str
+    identity: IdentityStatus
+    est_pending: PendingStatus | None
+    #: the firmware status as a dict, None when firmware is not configured
+    firmware: dict[str, Any] | None
+    #: the one-line error for a part that could not be read (e.g. a corrupt boot env)
+    errors: tuple[str, ...] = ()
+    version: str = __version__
+
+    @property
+    def healthy(self) -> bool:
+        """A valid identity and every part readable (the exit status of `status`)."""
+        return self.identity.state == "valid" and not self.errors
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_text(self) -> str:
+        i = self.identity
+        lines = [f"devid-agent {self.version}, device {self.device_id} ({self.config})"]
+        if i.state == "none":
+            lines.append("identity:  none (run `devid-agent enroll`)")
+        else:
+            backing = "TPM, non-exportable" if i.hardware_backed else "software key, WEAKER"
+            left = _duration(i.seconds_left or 0)
+            lines += [
+                f"identity:  {i.state}, generation {i.generation}",
+                f"  subject: {i.subject}",
+                f"  serial:  {i.serial}",
+                f"  issuer:  {i.issuer}",
+                f"  valid:   {i.not_before} .. {i.not_after}"
+                + (
+                    f" ({left} left, {i.lifetime_left:.0%} of its lifetime)"
+                    if i.state == "valid"
+                    else ""
+                ),
+                f"  key:     {i.key_file} ({backing})",
+            ]
+        if self.est_pending is not None:
+            p = self.est_pending
+            lines.append(
+                f"EST:       /{p.operation} pending, next attempt after {p.retry_at} "
+                f"(attempt {p.attempts})"
+            )
+        if self.firmware is not None:
+            fw = self.firmware
+            lines.append(
+                f"firmware:  booted {fw['booted']}, next boot {fw['next_boot'] or 'none'}, "
+                f"committed security version {fw['committed_security_version']}"
+                + (", LAST BOOT FELL BACK" if fw["fell_back"] else "")
+            )
+        lines += [f"error:     {e}" for e in self.errors]
+        return "\n".join(lines)
+
+
+def _duration(seconds: int) -> str:
+    days, rest = divmod(max(seconds, 0), 86400)
+    hours, rest = divmod(rest, 3600)
+    return f"{days}d {hours}h" if days else f"{hours}h {rest // 60}m"
+
+
+def _iso(moment: datetime) -> str:
+    return moment.isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def identity_status(identity: Identity | None, *, now: datetime) -> IdentityStatus:
+    if identity is None:
+        return IdentityStatus(state="none")
+    cert: x509.Certificate = identity.certificate
+    start, end = cert.not_valid_before_utc, cert.not_valid_after_utc
+    if now < start:
+        state = "not_yet_valid"
+    elif now >= end:
+        state = "expired"
+    else:
+        state = "valid"
+    lifetime = (end - start).total_seconds()
+    left = (end - now).total_seconds()
+    return IdentityStatus(
+        state=state,
+        generation=identity.generation,
+        subject=cert.subject.rfc4514_string(),
+        serial=f"{cert.serial_number:x}",
+        issuer=cert.issuer.rfc4514_string(),
+        not_before=_iso(start),
+        not_after=_iso(end),
+        seconds_left=int(left),
+        lifetime_left=max(0.0, min(1.0, left / lifetime)) if lifetime > 0 else 0.0,
+        key_store="tpm" if identity.key_in_tpm else "software",
+        hardware_backed=identity.key_in_tpm,
+        key_file=str(identity.key_file),
+        cert_file=str(identity.cert_file),
+    )
+
+
+def pending_status(pending: PendingRequest | None) -> PendingStatus | None:
+    if pending is None:
+        return None
+    return PendingStatus(
+        operation=pending.operation, retry_at=_iso(pending.retry_at), attempts=pending.attempts
+    )

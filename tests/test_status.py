@@ -1,0 +1,122 @@
+"""`devid-agent status`: one model for the identity, a pending EST request and the firmware."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import io
+import json
+from pathlib import Path
+
+from cryptography.x509.oid import ExtendedKeyUsageOID
+
+from agent.cli import main
+from agent.est.pending import PendingRequest, PendingStore
+from agent.identity import IdentityStore
+from hal.interfaces import KeyAlgorithm
+from hal.softkeys import SoftwareKeyStore
+from tests.support.ca import TestCA, utcnow
+from tests.support.firmware import Rig
+
+
+def device(tmp_path: Path) -> tuple[Rig, Path]:
+    """A firmware rig (file boot env) whose config also names an agent state_dir."""
+    rig = Rig(tmp_path / "device", bootloader="file")
+    state = tmp_path / "state"
+    rig.config.write_text(
+        rig.config.read_text().replace("[tpm]", f'[paths]\nstate_dir = "{state}"\n[tpm]')
+    )
+    return rig, state
+
+
+def enroll_software_identity(state: Path, ca: TestCA, **validity: dt.datetime) -> None:
+    keys = SoftwareKeyStore()
+    blob = keys.generate(KeyAlgorithm.EC_P256)
+    cert = ca.issue(
+        keys.public_key(blob),  # type: ignore[arg-type]
+        subject="gw-test",
+        eku=[ExtendedKeyUsageOID.CLIENT_AUTH],
+        **validity,  # type: ignore[arg-type]
+    )
+    IdentityStore(state_dir=state).install(
+        key_blob=blob, key_file_name=keys.key_file_name, certificate=cert, chain=[ca.cert],
+        ca_certs=[ca.cert],
+    )  # fmt: skip
+
+
+def status(config: Path, *extra: str) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(["--config", str(config), "status", *extra])
+    return code, out.getvalue(), err.getvalue()
+
+
+def test_not_enrolled_is_reported_and_unhealthy(tmp_path: Path) -> None:
+    rig, _ = device(tmp_path)
+    code, out, err = status(rig.config, "--json")
+    report = json.loads(out)
+    assert (code, err) == (1, "")
+    assert report["identity"]["state"] == "none"
+    assert report["device_id"] == "gw-test"
+    assert report["firmware"]["booted"] == "A"
+    assert report["errors"] == []
+
+
+def test_valid_identity_is_healthy(tmp_path: Path, test_ca: TestCA) -> None:
+    rig, state = device(tmp_path)
+    enroll_software_identity(state, test_ca)
+    code, out, _ = status(rig.config, "--json")
+    identity = json.loads(out)["identity"]
+    assert code == 0
+    assert identity["state"] == "valid"
+    assert identity["generation"] == 1
+    assert identity["subject"] == "CN=gw-test"
+    assert identity["key_store"] == "software" and identity["hardware_backed"] is False
+    assert 0.9 < identity["lifetime_left"] <= 1.0
+    code, text, _ = status(rig.config)
+    assert code == 0
+    assert "identity:  valid, generation 1" in text
+    assert "(software key, WEAKER)" in text
+    assert "firmware:  booted A, next boot A, committed security version 0" in text
+
+
+def test_expired_identity_is_unhealthy(tmp_path: Path, test_ca: TestCA) -> None:
+    rig, state = device(tmp_path)
+    enroll_software_identity(
+        state,
+        test_ca,
+        not_before=utcnow() - dt.timedelta(days=2),
+        not_after=utcnow() - dt.timedelta(days=1),
+    )
+    code, out, _ = status(rig.config, "--json")
+    assert code == 1
+    assert json.loads(out)["identity"]["state"] == "expired"
+
+
+def test_pending_request_is_shown(tmp_path: Path) -> None:
+    rig, state = device(tmp_path)
+    retry_at = dt.datetime(2030, 1, 2, 3, 4, 5, tzinfo=dt.timezone.utc)
+    PendingStore(path=state / "est-pending.json").save(
+        PendingRequest(
+            operation="simpleenroll", key_store="software", key_blob=b"k", reused_key=False,
+            csr_der=b"c", proof_of_possession=False, created=utcnow(), retry_at=retry_at,
+            attempts=2,
+        )
+    )  # fmt: skip
+    _, text, _ = status(rig.config)
+    assert (
+        "EST:       /simpleenroll pending, next attempt after 2030-01-02T03:04:05Z (attempt 2)"
+        in text
+    )
+
+
+def test_a_broken_part_is_reported_not_fatal(tmp_path: Path, test_ca: TestCA) -> None:
+    rig, state = device(tmp_path)
+    enroll_software_identity(state, test_ca)
+    rig.file_env.write_bytes(b"garbage\n")
+    code, out, _ = status(rig.config, "--json")
+    report = json.loads(out)
+    assert code == 1
+    assert report["identity"]["state"] == "valid"  # still shown
+    assert report["firmware"] is None
+    assert len(report["errors"]) == 1 and str(rig.file_env) in report["errors"][0]
