@@ -147,25 +147,29 @@ class Enroller:
 
     def enroll(self, *, force: bool = False) -> EnrollResult:
         """First enrollment. With a valid identity in place and no `force`, does nothing."""
-        current = self.store.current()
-        if current is not None and not force and self._valid_now(current):
-            return EnrollResult(identity=current, changed=False, key_store=self._kind(current))
-        identity = None
-        if self._est.idevid_cert is not None and self._est.idevid_key is not None:
-            identity = ClientIdentity(self._est.idevid_cert, self._est.idevid_key)
-        return self._run(reenroll=False, client_identity=identity, current=None, reuse_key=False)
+        with self.store.exclusive():
+            current = self.store.current()
+            if current is not None and not force and self._valid_now(current):
+                return EnrollResult(identity=current, changed=False, key_store=self._kind(current))
+            identity = None
+            if self._est.idevid_cert is not None and self._est.idevid_key is not None:
+                identity = ClientIdentity(self._est.idevid_cert, self._est.idevid_key)
+            return self._run(
+                reenroll=False, client_identity=identity, current=None, reuse_key=False
+            )
 
     def renew(self, *, reuse_key: bool = False) -> EnrollResult:
         """One re-enrollment now, authenticated with the current identity (mutual TLS)."""
-        current = self.store.current()
-        if current is None:
-            raise AgentError(
-                f"no identity to renew under {self.store.root}; run `devid-agent enroll` first"
+        with self.store.exclusive():
+            current = self.store.current()
+            if current is None:
+                raise AgentError(
+                    f"no identity to renew under {self.store.root}; run `devid-agent enroll` first"
+                )
+            identity = ClientIdentity(current.cert_file, current.key_file)
+            return self._run(
+                reenroll=True, client_identity=identity, current=current, reuse_key=reuse_key
             )
-        identity = ClientIdentity(current.cert_file, current.key_file)
-        return self._run(
-            reenroll=True, client_identity=identity, current=current, reuse_key=reuse_key
-        )
 
     # -- the flow ------------------------------------------------------------------------------
 
@@ -193,8 +197,12 @@ class Enroller:
             key_blob = pending.key_blob
             new_key = not pending.reused_key
             csr_factory = self._resubmission(pending)
-            if not pending.proof_of_possession:
-                pop = ProofOfPossession.NEVER  # resubmit exactly the CSR that was sent
+            # as it was sent: with proof-of-possession (so on TLS 1.2, whose tls-unique the CSR
+            # is rebound to; on TLS 1.3 the stale challengePassword would go out), or exactly
+            # the CSR that was sent
+            pop = (
+                ProofOfPossession.ALWAYS if pending.proof_of_possession else ProofOfPossession.NEVER
+            )
         else:
             plan = self._plan(client, current)
             new_key = not reuse_key
@@ -296,7 +304,7 @@ class Enroller:
                 der = client.csrattrs()
                 hints = parse_csrattrs(der) if der else hints
             except EnrollmentError as e:
-                if e.status is not None:
+                if e.status is not None and 400 <= e.status < 500:
                     raise  # the server refused us: enrolling would be refused too
                 log.warning("ignoring unusable /csrattrs: %s", e)
             except TransportError as e:

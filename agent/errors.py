@@ -26,6 +26,10 @@ class TransportError(AgentError):
         self.retry_after = retry_after  # seconds, when the server said so
 
 
+class Busy(TransportError):
+    """Another process holds the lock this operation needs. Retry when it is done."""
+
+
 class EnrollmentError(AgentError):
     """The EST server refused us or answered with something we cannot use."""
 

@@ -3,10 +3,16 @@
     state_dir/identity/gen-N/{key.tss2.pem|key.pem, cert.pem, chain.pem}
     state_dir/identity/current -> gen-N        (a symlink, swapped atomically by rename)
     state_dir/cacerts.pem                      (the EST CA certificates)
+    state_dir/enroll.lock                      (held while enrolling or renewing)
 
-A new generation is completely written and fsynced before `current` moves, so a reader (or a
-power cut) sees the old identity or the new one, never a mix. The previous generation is kept
-for rollback and inspection; older ones are pruned. Files are 0600, directories 0700.
+A new generation is completely written and fsynced (files and directory entries) before
+`current` moves, so a reader (or a power cut) sees the old identity or the new one, never a mix.
+A generation a crash left half-written is never pointed at: numbers only grow, past every
+directory and past `current`, and it is pruned later. The previous generation is kept for
+rollback and inspection; older ones are pruned. Files are 0600, directories 0700.
+
+Enrolling and renewing hold an exclusive advisory lock (flock on enroll.lock), so the daemon and
+a CLI run cannot both write a generation or the pending request at once.
 
 cert.pem holds the device certificate alone; chain.pem the issuing chain above it (intermediates
 first, the root last).
@@ -14,6 +20,7 @@ first, the root last).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -26,12 +33,20 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from agent.errors import StorageError
-from hal.storage import atomic_symlink, atomic_write, ensure_private_dir, read_bytes
+from hal.lock import exclusive_lock
+from hal.storage import (
+    atomic_symlink,
+    atomic_write,
+    ensure_private_dir,
+    fsync_dir,
+    read_bytes,
+)
 
 log = logging.getLogger(__name__)
 
 _GEN = re.compile(r"^gen-(\d+)$")
 KEY_FILE_NAMES = ("key.tss2.pem", "key.pem")
+LOCK_FILE_NAME = "enroll.lock"
 
 
 @dataclass(frozen=True)
@@ -61,7 +76,17 @@ class IdentityStore:
         self.root = state_dir / "identity"
         self.current_link = self.root / "current"
         self.cacerts_file = state_dir / "cacerts.pem"
+        self.lock_file = state_dir / LOCK_FILE_NAME
         self.generations_kept = max(2, generations_kept)
+
+    def exclusive(self) -> contextlib.AbstractContextManager[None]:
+        """Hold the enrollment lock, or fail at once (Busy, retryable) if another process does."""
+        ensure_private_dir(self.state_dir)
+        return exclusive_lock(
+            self.lock_file,
+            wait=False,
+            holder="another devid-agent process is enrolling or renewing",
+        )
 
     def generations(self) -> list[int]:
         """Generation numbers present on disk, ascending."""
@@ -119,13 +144,15 @@ class IdentityStore:
         chain: Sequence[x509.Certificate],
         ca_certs: Sequence[x509.Certificate],
     ) -> Identity:
-        """Write a new generation, then the CA certificates, then move `current` to it."""
+        """Write a new generation, move `current` to it, then write the CA certificates."""
         if key_file_name not in KEY_FILE_NAMES:
             raise StorageError(f"unexpected key file name {key_file_name!r}")
+        ensure_private_dir(self.state_dir)  # mkdir(parents=True) gives parents the umask's mode
         ensure_private_dir(self.root)
         previous = self.current_generation()
-        existing = self.generations()
-        generation = (existing[-1] if existing else 0) + 1
+        # past `current` too: should it point at a missing directory, that number must never be
+        # reused for a directory that is still being written
+        generation = max([0, previous or 0, *self.generations()]) + 1
         directory = self.root / f"gen-{generation}"
         try:
             os.mkdir(directory, 0o700)
@@ -134,20 +161,35 @@ class IdentityStore:
         atomic_write(directory / key_file_name, key_blob)
         atomic_write(directory / "cert.pem", _pem([certificate]))
         atomic_write(directory / "chain.pem", _pem(chain))
-        atomic_write(self.cacerts_file, _pem(ca_certs))
+        try:
+            fsync_dir(self.root)  # gen-N's own entry is durable before `current` names it
+        except OSError as e:
+            raise StorageError(f"cannot sync {self.root}: {e.strerror}") from e
         atomic_symlink(directory.name, self.current_link)
         log.info("identity generation %d is now current", generation)
+        # after the swap: a failure before it leaves every file as it was
+        atomic_write(self.cacerts_file, _pem(ca_certs))
         self._prune(keep={generation, previous or generation})
         return self._load(generation)
 
     def _prune(self, *, keep: set[int]) -> None:
         """Delete generations beyond `generations_kept`: the new and the previous current one
-        always stay, then the newest of the rest (a crash may have left a partial one)."""
+        always stay, then the newest complete ones of the rest. Incomplete ones (a crash
+        before `current` moved) go first: they could never be rolled back to."""
         others = [g for g in self.generations() if g not in keep]
+        complete = [g for g in others if self._complete(g)]
         spare = max(0, self.generations_kept - len(keep))
-        for generation in others[: max(0, len(others) - spare)]:
+        kept = set(complete[-spare:]) if spare else set()
+        for generation in others:
+            if generation in kept:
+                continue
             directory = self.root / f"gen-{generation}"
             try:
                 shutil.rmtree(directory)
             except OSError as e:  # not fatal: the new identity is in place
                 log.warning("could not prune %s: %s", directory, e)
+
+    def _complete(self, generation: int) -> bool:
+        directory = self.root / f"gen-{generation}"
+        has_key = any((directory / name).is_file() for name in KEY_FILE_NAMES)
+        return has_key and all((directory / n).is_file() for n in ("cert.pem", "chain.pem"))

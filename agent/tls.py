@@ -7,11 +7,14 @@ agent.wiring). Each live context with a TPM key holds one TPM object slot: keep 
 
 from __future__ import annotations
 
+import logging
 import ssl
 from pathlib import Path
 
 from agent.errors import ConfigError, ProviderError
 from hal.openssl_provider import loaded_provider
+
+log = logging.getLogger(__name__)
 
 TSS2_PEM_MARKER = b"-----BEGIN TSS2 PRIVATE KEY-----"
 
@@ -50,6 +53,21 @@ def client_context(
         raise ConfigError(f"cannot load trust anchor file {ca_file}: {e}") from e
     if cert_file is not None and key_file is not None:
         load_client_identity(ctx, cert_file, key_file)
+    return ctx
+
+
+def insecure_unverified_context(
+    *, peer: str, min_version: str = "1.2", max_version: str | None = None
+) -> ssl.SSLContext:
+    """A context that does NOT authenticate the server. Only for RFC 7030 4.1.1 bootstrap, whose
+    caller accepts what it fetches only if it matches a configured fingerprint. Warns each time."""
+    log.warning("TLS to %s without verifying the server (bootstrap; never send secrets)", peer)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    ctx.minimum_version = _VERSIONS.get(min_version, ssl.TLSVersion.TLSv1_2)
+    if max_version is not None:
+        ctx.maximum_version = _VERSIONS[max_version]
     return ctx
 
 

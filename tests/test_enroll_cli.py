@@ -18,6 +18,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from agent.identity import LOCK_FILE_NAME
 from hal.interfaces import KeyAlgorithm
 from hal.tpm import TpmKeyStore
 from tests.conftest import ROOT, provider_path
@@ -240,3 +241,46 @@ def test_demo_runs_end_to_end() -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "renewed: generation 2" in proc.stdout
     assert "already enrolled (use --force): generation 2" in proc.stdout
+
+
+HOLD_LOCK = """
+import fcntl, os, sys
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o600)
+fcntl.flock(fd, fcntl.LOCK_EX)
+print("locked", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_concurrent_runs_exit_69_while_another_process_holds_the_lock(device: Device) -> None:
+    assert device.run("enroll").code == 0
+    before = snapshot(device.state_dir)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(device.state_dir / LOCK_FILE_NAME)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "locked\n"
+        contacted = len(device.est.records)
+        busy = device.run("renew")
+        assert busy.code == 69, busy.err
+        assert busy.err.count("\n") == 1 and "another devid-agent process" in busy.err
+        assert len(device.est.records) == contacted
+        assert snapshot(device.state_dir) == before
+    finally:
+        holder.communicate("", timeout=10)  # closing stdin ends it, and its lock
+    assert device.run("renew").code == 0
+
+
+@pytest.mark.parametrize("retry_after", ["²", "9" * 5000])
+def test_unparseable_retry_after_is_exit_75_not_a_traceback(
+    device: Device, retry_after: str
+) -> None:
+    device.est.options.pending = 1
+    device.est.options.retry_after = retry_after
+    result = device.run("enroll")
+    assert result.code == 75, result.err
+    assert "Traceback" not in result.err
+    assert result.err.splitlines()[-1].startswith("devid-agent: the EST server accepted")

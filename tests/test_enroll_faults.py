@@ -4,11 +4,12 @@ TPM key through the tpm2 OpenSSL provider (loaded once for the session TPM)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from agent.cli import exit_code_for
 from agent.clock import SystemClock
 from agent.config import parse_config
 from agent.enroll import Enroller
@@ -19,18 +20,27 @@ from tests.support.enroll_env import config_text, snapshot
 from tests.support.est_server import FAULTS, EstOptions, EstServer
 from tests.support.swtpm import Swtpm
 
-EXPECTED: dict[str, tuple[type[AgentError], str]] = {
-    "5xx": (TransportError, "server error HTTP 500"),
-    "garbage": (EnrollmentError, "neither base64 nor DER"),
-    "other-key": (EnrollmentError, "for another key"),
-    "wrong-issuer": (ChainValidationError, "does not chain to the EST CA"),
-    "truncated": (TransportError, "connection closed after"),
-    "hang": (TransportError, "no response within 0.5 s"),
-    "oversized": (EnrollmentError, "exceeds est.max_response_bytes=65536"),
-    "oversized-stream": (EnrollmentError, "exceeds est.max_response_bytes=65536"),
-    "ca-cert": (EnrollmentError, "is a CA certificate"),
-    "expired": (ChainValidationError, "expired at"),
-    "html": (EnrollmentError, "unexpected Content-Type 'text/html'"),
+#: fault -> the error, its message, and the CLI exit code the README documents for it
+EXPECTED: dict[str, tuple[type[AgentError], str, int]] = {
+    "5xx": (TransportError, "server error HTTP 500", 69),
+    "garbage": (EnrollmentError, "neither base64 nor DER", 76),
+    "other-key": (EnrollmentError, "for another key", 76),
+    "wrong-issuer": (ChainValidationError, "does not chain to the EST CA", 65),
+    "truncated": (TransportError, "connection closed after", 69),
+    "hang": (TransportError, "no complete response within 0.5 s", 69),
+    "oversized": (EnrollmentError, "exceeds est.max_response_bytes=65536", 76),
+    "oversized-stream": (EnrollmentError, "exceeds est.max_response_bytes=65536", 76),
+    "ca-cert": (EnrollmentError, "is a CA certificate", 76),
+    "expired": (ChainValidationError, "expired at", 65),
+    "html": (EnrollmentError, "unexpected Content-Type 'text/html'", 76),
+    "redirect": (EnrollmentError, r"HTTP 302 .*redirect to https://elsewhere\.example/", 76),
+    "empty": (EnrollmentError, "PKCS7 has no certificate data", 76),
+    "not-pkcs7": (EnrollmentError, "not a PKCS#7 certs-only message", 76),
+    "not-yet-valid": (ChainValidationError, "not valid before", 65),
+    "no-digital-signature": (EnrollmentError, "does not allow digitalSignature", 76),
+    "bad-extensions": (EnrollmentError, "malformed extensions", 76),
+    "drip": (TransportError, "no complete response within 0.5 s", 69),
+    "drip-headers": (TransportError, "no complete response within 0.5 s", 69),
 }
 
 
@@ -57,18 +67,24 @@ def enroller(tmp_path: Path, est: EstServer, tpm: Swtpm) -> Enroller:
     return Enroller(config=config, key_store=TpmKeyStore(tcti=tpm.tcti), clock=SystemClock())
 
 
+def expect_fault(fault: str, attempt: Callable[[], object], state_dir: Path) -> None:
+    """`attempt` fails as EXPECTED says, in one line, and leaves `state_dir` as it was."""
+    before = snapshot(state_dir)
+    kind, message, code = EXPECTED[fault]
+    with pytest.raises(kind, match=message) as info:
+        attempt()
+    assert "\n" not in str(info.value)
+    assert exit_code_for(info.value) == code
+    assert snapshot(state_dir) == before
+
+
 @pytest.mark.parametrize("fault", FAULTS)
 def test_enroll_fault_leaves_nothing(
     tmp_path: Path, est: EstServer, tpm2_provider: Swtpm, fault: str
 ) -> None:
     (tmp_path / "state").mkdir()
-    before = snapshot(tmp_path / "state")
     est.options.fault = fault
-    kind, message = EXPECTED[fault]
-    with pytest.raises(kind, match=message) as info:
-        enroller(tmp_path, est, tpm2_provider).enroll()
-    assert "\n" not in str(info.value)
-    assert snapshot(tmp_path / "state") == before
+    expect_fault(fault, enroller(tmp_path, est, tpm2_provider).enroll, tmp_path / "state")
 
 
 @pytest.mark.parametrize("fault", FAULTS)
@@ -77,12 +93,8 @@ def test_renew_fault_leaves_identity_unchanged(
 ) -> None:
     first = enroller(tmp_path, est, tpm2_provider).enroll()
     assert first.key_store == "tpm" and first.identity.key_in_tpm
-    before = snapshot(tmp_path / "state")
     est.options.fault = fault
-    kind, message = EXPECTED[fault]
-    with pytest.raises(kind, match=message):
-        enroller(tmp_path, est, tpm2_provider).renew()
-    assert snapshot(tmp_path / "state") == before
+    expect_fault(fault, enroller(tmp_path, est, tpm2_provider).renew, tmp_path / "state")
     assert est.records[-1].client_cert == "commonName=gw-0001"  # mTLS with the TPM key
 
 
@@ -96,3 +108,20 @@ def test_renew_with_tpm_key_over_mutual_tls(
     assert result.proof_of_possession and result.identity.generation == 2
     assert result.identity.key_file.read_bytes() != first.key_file.read_bytes()
     assert result.identity.key_file.read_bytes().startswith(b"-----BEGIN TSS2 PRIVATE KEY")
+
+
+@pytest.mark.parametrize("fault", ["5xx", "wrong-issuer"])
+def test_failed_renewals_do_not_pin_tpm_object_slots(
+    tmp_path: Path, est: EstServer, tpm2_provider: Swtpm, fault: str
+) -> None:
+    """Each SSLContext with the TPM key holds a TPM object slot (swtpm has 3) until freed; an
+    error must not keep it alive through its traceback."""
+    enroller(tmp_path, est, tpm2_provider).enroll()
+    est.options.fault = fault
+    kept: list[BaseException] = []  # as a daemon keeps its last errors, for `status`
+    for _ in range(4):
+        with pytest.raises((TransportError, ChainValidationError)) as info:
+            enroller(tmp_path, est, tpm2_provider).renew()
+        kept.append(info.value)
+    est.options.fault = None
+    assert enroller(tmp_path, est, tpm2_provider).renew().changed

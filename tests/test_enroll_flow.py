@@ -6,6 +6,9 @@ TPM keys, the CLI and faults are covered in test_enroll_cli.py and test_enroll_f
 from __future__ import annotations
 
 import base64
+import contextlib
+import fcntl
+import logging
 import os
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
@@ -14,12 +17,23 @@ from typing import Any
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from agent.cli import exit_code_for
 from agent.config import parse_config
 from agent.enroll import Enroller
-from agent.errors import ChainValidationError, EnrollmentError, EnrollmentPending
+from agent.errors import (
+    AgentError,
+    ChainValidationError,
+    ConfigError,
+    EnrollmentError,
+    EnrollmentPending,
+    TransportError,
+)
+from agent.est.transport import HttpsTransport
 from agent.est.trust import ANCHOR_FILE_NAME
+from agent.identity import LOCK_FILE_NAME
 from agent.pki import public_key_der
 from hal.softkeys import SoftwareKeyStore
 from tests.support.enroll_env import config_text, password_file, snapshot
@@ -117,7 +131,7 @@ def test_untrusted_server_gets_nothing(env: Env, tmp_path: Path) -> None:
     with pytest.raises(ChainValidationError, match="not trusted"):
         env.basic(trust_anchor=str(other), send_credentials_upfront=True).enroll()
     assert env.est.records == []  # not even a request line, let alone a password
-    assert not env.state_dir.exists()
+    assert snapshot(env.state_dir) == {}
 
 
 def test_label_goes_into_every_path(env: Env) -> None:
@@ -216,8 +230,10 @@ def test_renew_new_key_then_reuse_key(env: Env) -> None:
 
 
 def test_renew_without_identity(env: Env) -> None:
-    with pytest.raises(Exception, match="run `devid-agent enroll` first"):
+    with pytest.raises(AgentError, match="run `devid-agent enroll` first") as info:
         env.enroller().renew()
+    assert type(info.value) is AgentError  # exit 1, not a server or disk error
+    assert env.est.records == []
 
 
 # -- 202 Retry-After ---------------------------------------------------------------------------
@@ -245,20 +261,41 @@ def test_pending_request_survives_and_is_resubmitted_unchanged(env: Env) -> None
     assert first == second  # the very same CSR
 
 
-def test_pending_with_pop_keeps_the_key_and_rebinds(env: Env) -> None:
+@pytest.mark.parametrize("tls13_offered_later", [False, True])
+def test_pending_with_pop_keeps_the_key_and_rebinds(env: Env, tls13_offered_later: bool) -> None:
     env.est.options.tls12_only = True
     env.est.options.pop_required = True
     env.est.options.pending = 1
     with pytest.raises(EnrollmentPending):
         env.enroller().enroll()
+    # proof_of_possession = "auto": the resubmission must still use TLS 1.2, or the stale
+    # challengePassword of the first connection would go out
+    env.est.options.tls12_only = not tls13_offered_later
     env.clock.sleep(env.enroller()._est.retry_after_max_seconds)
-    env.enroller().enroll()
+    result = env.enroller().enroll()
+    assert result.proof_of_possession and result.tls_version == "TLSv1.2"
+    first_record, second_record = enroll_records(env.est)
+    assert first_record.challenge_password != second_record.challenge_password  # rebound
     first, second = (x509.load_der_x509_csr(r.csr or b"") for r in enroll_records(env.est))
     assert public_key_der(first.public_key()) == public_key_der(second.public_key())
     assert first.subject == second.subject
+    assert list(first.extensions) == list(second.extensions)
 
 
-@pytest.mark.parametrize(("header", "expected"), [("100000", 3600.0), (None, 42.0), ("0", 5.0)])
+@pytest.mark.parametrize(
+    ("header", "expected"),
+    [
+        ("100000", 3600.0),
+        (None, 42.0),
+        ("0", 5.0),
+        ("Fri, 31 Dec 9999 23:59:59 GMT", 3600.0),  # HTTP-date, far away
+        ("Mon, 01 Jan 2001 00:00:00 GMT", 5.0),  # HTTP-date, past
+        ("-30", 42.0),
+        ("soon", 42.0),
+        ("²", 42.0),
+        ("9" * 5000, 3600.0),
+    ],
+)
 def test_retry_after_is_bounded(env: Env, header: str | None, expected: float) -> None:
     env.est.options.pending = 1
     env.est.options.retry_after = header
@@ -278,11 +315,12 @@ def test_fingerprint_bootstrap_stores_the_anchor(env: Env) -> None:
     anchor = env.state_dir / ANCHOR_FILE_NAME
     assert anchor.read_bytes() == env.est.ca_file.read_bytes()
     assert anchor.stat().st_mode & 0o777 == 0o600
-    env.est.records.clear()  # the next run uses the stored anchor, no provisional TLS
+    assert env.est.operations().count("cacerts") == 3  # provisional, verifying, the real one
+    env.est.records.clear()  # the next run uses the stored anchor: no bootstrap fetches
     env.enroller(trust_anchor="", bootstrap_fingerprint_sha256=env.est.ca_fingerprint).enroll(
         force=True
     )
-    assert env.est.operations()[0] == "cacerts"
+    assert env.est.operations().count("cacerts") == 1
 
 
 def test_wrong_fingerprint_changes_nothing(env: Env) -> None:
@@ -297,8 +335,93 @@ def test_wrong_fingerprint_changes_nothing(env: Env) -> None:
 
 
 def test_no_anchor_at_all_is_a_config_error(env: Env) -> None:
-    from agent.errors import ConfigError
-
     with pytest.raises(ConfigError, match="no trust anchor"):
         env.enroller(trust_anchor="").enroll()
-    assert not os.path.exists(env.state_dir)
+    assert snapshot(env.state_dir) == {}
+
+
+# -- hardening ---------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def held_lock(state_dir: Path) -> Iterator[None]:
+    """The enrollment lock, held through its own open file (as another process would)."""
+    state_dir.mkdir(mode=0o700, exist_ok=True)
+    fd = os.open(state_dir / LOCK_FILE_NAME, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        yield
+    finally:
+        os.close(fd)
+
+
+def test_a_second_enrollment_at_once_is_refused_and_changes_nothing(env: Env) -> None:
+    env.enroller().enroll()
+    before = snapshot(env.state_dir)
+    env.est.records.clear()
+    with held_lock(env.state_dir):
+        for attempt in (lambda: env.enroller().renew(), lambda: env.enroller().enroll(force=True)):
+            with pytest.raises(TransportError, match="another devid-agent process") as info:
+                attempt()
+            assert exit_code_for(info.value) == 69  # retry later
+    assert env.est.records == []
+    assert snapshot(env.state_dir) == before
+    assert env.enroller().renew().identity.generation == 2  # released with its holder
+    assert (env.state_dir / LOCK_FILE_NAME).stat().st_mode & 0o777 == 0o600
+
+
+def test_content_length_that_is_not_ascii_digits_is_read_to_the_close(env: Env) -> None:
+    env.est.options.content_length = "²"  # "²".isdigit() is True; int("²") raises
+    assert env.enroller().enroll().changed
+
+
+def test_503_with_unparseable_retry_after_is_a_clean_transport_error(env: Env) -> None:
+    env.est.options.fault = "5xx"
+    env.est.options.retry_after_503 = "9" * 5000
+    with pytest.raises(TransportError, match="HTTP 503") as info:
+        env.enroller().enroll()
+    assert info.value.retry_after == 1e12  # saturated; the scheduler clamps
+
+
+def test_3xx_on_csrattrs_is_not_fatal(env: Env) -> None:
+    env.est.options.csrattrs_status = 302
+    assert env.enroller().enroll().changed
+
+
+@pytest.mark.parametrize("host", ["a..b", "a" * 64 + ".example"])
+def test_a_host_name_idna_refuses_is_a_config_error_not_a_traceback(
+    tmp_path: Path, host: str
+) -> None:
+    url = f"https://{host}:8443"
+    with pytest.raises(ConfigError, match=r"est\.url.*valid DNS name"):
+        parse_config(f'[device]\nid = "gw"\n[est]\nurl = "{url}"\n', source=tmp_path / "c.toml")
+    transport = HttpsTransport(url=url, ca_file=None)  # built without the config check
+    with (
+        pytest.raises(ConfigError, match=r"est\.url: .* is not a valid host name"),
+        transport.connect(provisional=True),
+    ):
+        pass
+
+
+def test_password_never_reaches_a_log_line(env: Env, caplog: pytest.LogCaptureFixture) -> None:
+    env.est.options.auth = "basic"
+    caplog.set_level(logging.DEBUG)
+    env.basic().enroll()
+    assert env.est.records[-1].authorization
+    secret = env.password.read_text().strip()
+    token = base64.b64encode(f"device:{secret}".encode()).decode()
+    assert caplog.records
+    assert not [r for r in caplog.records if secret in r.getMessage() or token in r.getMessage()]
+
+
+def test_a_changed_bootstrap_fingerprint_does_not_silently_keep_the_stored_anchor(
+    env: Env,
+) -> None:
+    env.enroller(trust_anchor="", bootstrap_fingerprint_sha256=env.est.ca_fingerprint).enroll()
+    before = snapshot(env.state_dir)
+    env.est.records.clear()
+    other = env.est.rogue_ca.cert.fingerprint(hashes.SHA256()).hex()
+    with pytest.raises(ConfigError, match=f"does not match the anchor .*/{ANCHOR_FILE_NAME} "):
+        env.enroller(trust_anchor="", bootstrap_fingerprint_sha256=other).enroll(force=True)
+    assert env.est.records == []
+    assert snapshot(env.state_dir) == before

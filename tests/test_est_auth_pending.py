@@ -73,3 +73,40 @@ def test_corrupt_pending_file_names_itself(tmp_path: Path) -> None:
     path.write_text("{not json")
     with pytest.raises(StorageError, match=f"{path}: unreadable pending EST request"):
         PendingStore(path=path).load()
+
+
+GOOD = (
+    b'{"format": 1, "operation": "simpleenroll", "key_store": "tpm", "key_blob": "", '
+    b'"reused_key": false, "csr": "", "proof_of_possession": false, '
+    b'"created": "2026-11-23T12:00:00+00:00", "retry_at": "2026-11-23T12:05:00+00:00", '
+    b'"attempts": ATTEMPTS}'
+)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"[]",  # JSON, but not an object
+        b'"text"',
+        b"\xff\xfe",  # not UTF-8
+        b"[" * 100_000 + b"]" * 100_000,  # nested past the recursion limit
+        GOOD.replace(b"ATTEMPTS", b"1e999"),  # infinity: int() overflows
+        GOOD.replace(b"ATTEMPTS", b"1").replace(b"simpleenroll", b"simpleenrol"),
+        GOOD.replace(b"ATTEMPTS", b"1").replace(b"+00:00", b""),  # no time zone
+        GOOD.replace(b"ATTEMPTS", b"1").replace(b'"csr": ""', b'"csr": "***"'),
+    ],
+)
+def test_any_corrupt_pending_file_is_a_storage_error_naming_it(tmp_path: Path, data: bytes) -> None:
+    path = tmp_path / "est-pending.json"
+    path.write_bytes(data)
+    with pytest.raises(StorageError, match=f"^{path}: ") as info:
+        PendingStore(path=path).load()
+    assert "\n" not in str(info.value)
+    assert path.read_bytes() == data  # kept for the operator to look at
+
+
+def test_good_pending_file_for_the_corrupt_variants_loads(tmp_path: Path) -> None:
+    path = tmp_path / "est-pending.json"
+    path.write_bytes(GOOD.replace(b"ATTEMPTS", b"1"))
+    request = PendingStore(path=path).load()
+    assert request is not None and request.operation == "simpleenroll"

@@ -141,3 +141,33 @@ def test_202_reports_pending_with_the_csr(test_ca: TestCA) -> None:
     )
     assert outcome.pending and outcome.retry_after == "60" and outcome.csr_der == b"\x30\x00"
     assert transport.sent[0].path == "/.well-known/est/lbl/simplereenroll"
+
+
+@pytest.mark.parametrize(
+    ("header", "expected"),
+    [("²", None), ("9" * 5000, 1e12), ("Fri, 31 Dec 1999 23:59:59 GMT", None)],
+)
+def test_503_retry_after_garbage_is_ignored_not_raised(header: str, expected: float | None) -> None:
+    transport = FakeTransport([answer(503, retry_after=header)])
+    with pytest.raises(TransportError, match="/simpleenroll: server error HTTP 503") as info:
+        enroll(EstClient(transport=transport))
+    assert info.value.retry_after == expected
+
+
+@pytest.mark.parametrize("status", [301, 302, 307, 308])
+def test_redirects_are_not_followed(status: int) -> None:
+    transport = FakeTransport([answer(status, location="https://elsewhere/x")])
+    with pytest.raises(EnrollmentError, match=rf"/simpleenroll: HTTP {status} .*redirect") as info:
+        enroll(EstClient(transport=transport, credentials=CREDS))
+    assert info.value.status == status
+    assert len(transport.sent) == 1  # nothing sent to elsewhere, no credentials either
+    assert "Authorization" not in transport.sent[0].headers
+
+
+def test_server_text_in_errors_stays_on_one_line() -> None:
+    folded = 'Basic realm="a",\r\n charset="UTF-8"'
+    transport = FakeTransport([answer(401, b"line one\nline two\r\n", www_authenticate=folded)])
+    with pytest.raises(EnrollmentError, match="demands HTTP Basic") as info:
+        enroll(EstClient(transport=transport))
+    assert "\n" not in str(info.value) and "\r" not in str(info.value)
+    assert "line one line two" in str(info.value)

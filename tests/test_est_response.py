@@ -7,12 +7,13 @@ import datetime as dt
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import pkcs7
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from hypothesis import given
 from hypothesis import strategies as st
+from pyasn1.codec.der import encoder as der_encoder
 
 from agent.errors import ChainValidationError, EnrollmentError
 from agent.est.response import (
@@ -23,6 +24,7 @@ from agent.est.response import (
     validate_issued,
 )
 from tests.support.ca import TestCA, utcnow
+from tests.support.est_server import rfc5280_decode
 
 SKEW = dt.timedelta(minutes=5)
 
@@ -124,3 +126,44 @@ def test_expired_ca_certs_are_dropped(test_ca: TestCA) -> None:
 def test_any_bytes_are_certs_or_an_enrollment_error(der: bytes) -> None:
     with contextlib.suppress(EnrollmentError):
         parse_certs_only(der, "x")
+
+
+def test_malformed_extensions_are_an_enrollment_error(
+    test_ca: TestCA, key: ec.EllipticCurvePrivateKey
+) -> None:
+    decoded = rfc5280_decode(test_ca.issue(key.public_key(), subject="gw-1"))
+    extensions = decoded["tbsCertificate"]["extensions"]
+    extensions.append(extensions[0])  # cryptography raises DuplicateExtension, not a ValueError
+    cert = x509.load_der_x509_certificate(der_encoder.encode(decoded))
+    with pytest.raises(EnrollmentError, match="malformed extensions: Duplicate"):
+        check(cert, key, test_ca)
+
+
+def test_no_digital_signature_refused(test_ca: TestCA, key: ec.EllipticCurvePrivateKey) -> None:
+    usage = x509.KeyUsage(
+        digital_signature=False, content_commitment=False, key_encipherment=True,
+        data_encipherment=False, key_agreement=False, key_cert_sign=False, crl_sign=False,
+        encipher_only=False, decipher_only=False,
+    )  # fmt: skip
+    now = utcnow()
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([]))
+        .issuer_name(test_ca.cert.subject)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(now - dt.timedelta(minutes=1))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(usage, critical=True)
+        .sign(test_ca.key, hashes.SHA256())
+    )
+    with pytest.raises(EnrollmentError, match="digitalSignature"):
+        check(cert, key, test_ca)
+
+
+def test_bootstrap_fingerprint_of_a_non_ca_certificate_is_refused(
+    test_ca: TestCA, key: ec.EllipticCurvePrivateKey
+) -> None:
+    leaf = test_ca.issue(key.public_key(), subject="est.example")
+    with pytest.raises(ChainValidationError, match="is not a CA certificate"):
+        select_bootstrap_anchor([test_ca.cert, leaf], fingerprint(leaf))

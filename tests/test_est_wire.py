@@ -85,10 +85,24 @@ def test_media_type_html_refused() -> None:
         ("", None),
         (None, None),
         ("-5", None),
+        ("1.5", None),
+        ("007", 7.0),
+        ("²", None),  # str.isdigit() says yes, int() says no
+        ("9" * 400, wire.DELTA_SECONDS_MAX),  # int() fine, float() overflows
+        ("9" * 5000, wire.DELTA_SECONDS_MAX),  # beyond int()'s 4300-digit limit
+        ("Mon, 23 Nov 99999 12:00:00 GMT", None),  # a year datetime cannot hold
     ],
 )
 def test_parse_retry_after(value: str | None, expected: float | None) -> None:
     assert wire.parse_retry_after(value, NOW) == expected
+
+
+@given(st.text(max_size=60))
+def test_parse_retry_after_never_raises(value: str) -> None:
+    seconds = wire.parse_retry_after(value, NOW)
+    assert seconds is None or 0 <= seconds <= wire.DELTA_SECONDS_MAX  # year 9999 is 2.5e11 s
+    bounded = wire.clamp_retry_after(seconds, minimum=10, maximum=86400, default=300)
+    NOW + timedelta(seconds=bounded)  # a clamped wait always makes a datetime
 
 
 def test_clamp_retry_after() -> None:
@@ -97,4 +111,4 @@ def test_clamp_retry_after() -> None:
     assert wire.clamp_retry_after(10**9, **bounds) == 3600.0  # no parking forever
     assert wire.clamp_retry_after(None, **bounds) == 300.0
     assert wire.clamp_retry_after(60, **bounds) == 60.0
-    assert timedelta(seconds=wire.clamp_retry_after(60, **bounds)) == timedelta(minutes=1)
+    assert wire.clamp_retry_after(wire.DELTA_SECONDS_MAX, **bounds) == 3600.0

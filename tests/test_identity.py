@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from agent.errors import StorageError
+from agent import identity
+from agent.errors import StorageError, TransportError
 from agent.identity import IdentityStore
 from tests.support.ca import TestCA
 
@@ -63,3 +65,87 @@ def test_broken_current_link_is_a_storage_error(tmp_path: Path) -> None:
     os.symlink("elsewhere", store.current_link)
     with pytest.raises(StorageError, match="not a gen-N directory"):
         store.current()
+
+
+def test_numbering_never_reuses_the_number_current_names(tmp_path: Path, test_ca: TestCA) -> None:
+    store = IdentityStore(state_dir=tmp_path, generations_kept=2)
+    install(store, test_ca)
+    os.symlink("gen-2", store.root / ".next")  # `current` naming a directory that is gone
+    os.replace(store.root / ".next", store.current_link)
+    # gen-2 must not be created: `current` would name it while it is half-written
+    assert install(store, test_ca) == 3
+
+
+def test_state_dir_and_identity_dirs_are_private_even_when_created_here(
+    tmp_path: Path, test_ca: TestCA
+) -> None:
+    old = os.umask(0o022)
+    try:
+        store = IdentityStore(state_dir=tmp_path / "var" / "lib" / "devid-agent")
+        install(store, test_ca)
+    finally:
+        os.umask(old)
+    for path in (store.state_dir, store.root):
+        assert path.stat().st_mode & 0o777 == 0o700
+
+
+def test_lock_is_exclusive_and_released(tmp_path: Path) -> None:
+    store = IdentityStore(state_dir=tmp_path / "state")
+    other = IdentityStore(state_dir=tmp_path / "state")
+    with store.exclusive():
+        assert store.lock_file.stat().st_mode & 0o777 == 0o600
+        busy = f"another devid-agent process .* {store.lock_file}"
+        with pytest.raises(TransportError, match=busy), other.exclusive():
+            pass
+    with other.exclusive():  # released on exit
+        pass
+
+
+def test_crash_debris_is_pruned_before_complete_generations(
+    tmp_path: Path, test_ca: TestCA
+) -> None:
+    store = IdentityStore(state_dir=tmp_path, generations_kept=3)
+    install(store, test_ca)
+    install(store, test_ca)  # gen-1 complete, gen-2 current
+    partial = store.root / "gen-3"
+    partial.mkdir()
+    (partial / "key.pem").write_bytes(b"KEY")  # a crash before cert.pem was written
+    assert store.current_generation() == 2  # the crash left the old identity in charge
+    assert install(store, test_ca) == 4
+    assert store.generations() == [1, 2, 4]  # gen-1 is a real fallback; gen-3 was never one
+
+
+@pytest.mark.parametrize("crash_at", range(5))
+def test_a_crash_at_any_write_leaves_a_usable_identity(
+    tmp_path: Path, test_ca: TestCA, monkeypatch: pytest.MonkeyPatch, crash_at: int
+) -> None:
+    """Writes of install(): key, cert, chain, the `current` swap, cacerts. A crash (here: the
+    process stops at write number `crash_at`) leaves the old identity or the new one."""
+    store = IdentityStore(state_dir=tmp_path, generations_kept=2)
+    install(store, test_ca)
+    writes = 0
+
+    class Crash(BaseException):
+        pass
+
+    def counting(real: Callable[..., None]) -> Callable[..., None]:
+        def write(*args: object, **kwargs: object) -> None:
+            nonlocal writes
+            if writes == crash_at:
+                raise Crash
+            writes += 1
+            real(*args, **kwargs)
+
+        return write
+
+    with monkeypatch.context() as patch:
+        patch.setattr(identity, "atomic_write", counting(identity.atomic_write))
+        patch.setattr(identity, "atomic_symlink", counting(identity.atomic_symlink))
+        with pytest.raises(Crash):
+            install(store, test_ca)
+    after = IdentityStore(state_dir=tmp_path, generations_kept=2).current()
+    assert after is not None
+    assert after.generation == (1 if crash_at <= 3 else 2)  # write 3 is the `current` swap
+    assert after.key_file.read_bytes() == b"KEY" and after.chain_file.is_file()
+    assert install(store, test_ca) == 3  # the next run carries on
+    assert store.current_generation() == 3

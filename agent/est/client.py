@@ -206,7 +206,7 @@ class EstClient:
             return
         detail = _snippet(response.body)
         if status == 401:
-            challenge = response.header("www-authenticate") or "no WWW-Authenticate"
+            challenge = _printable(response.header("www-authenticate") or "no WWW-Authenticate")
             if credentials_sent:
                 message = f"{what}: HTTP 401: the server rejected our Basic credentials"
             elif self._credentials is None and "basic" in challenge.lower():
@@ -223,11 +223,17 @@ class EstClient:
                 status=status,
             )
         if status >= 500:
-            retry = response.header("retry-after")
             raise TransportError(
                 f"{what}: server error HTTP {status} {response.reason}" + detail,
                 status=status,
-                retry_after=float(retry) if retry and retry.strip().isdigit() else None,
+                retry_after=wire.delta_seconds(response.header("retry-after")),
+            )
+        if 300 <= status < 400:
+            location = _printable(response.header("location") or "no Location")
+            raise EnrollmentError(
+                f"{what}: HTTP {status} {response.reason} redirect to {location}; EST "
+                "redirects are not followed (point est.url at the server itself)",
+                status=status,
             )
         raise EnrollmentError(f"{what}: unexpected HTTP {status} {response.reason}", status=status)
 
@@ -242,6 +248,10 @@ def _basic_challenge(response: HttpResponse) -> bool:
 
 
 def _snippet(body: bytes) -> str:
-    text = body[:200].decode("utf-8", "replace")
-    text = "".join(ch if ch.isprintable() else " " for ch in text).strip()
+    text = _printable(body[:200].decode("utf-8", "replace"))
     return f" ({text})" if text else ""
+
+
+def _printable(text: str) -> str:
+    """Server text fit for our one-line messages (a folded header or a body has line breaks)."""
+    return "".join(ch if ch.isprintable() else " " for ch in text[:200]).strip()

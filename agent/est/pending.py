@@ -19,6 +19,9 @@ from agent.errors import StorageError
 from hal.storage import atomic_write, ensure_private_dir, fsync_dir, read_bytes
 
 FORMAT = 1
+OPERATIONS = ("simpleenroll", "simplereenroll")
+#: a TPM key blob and a CSR in base64 are a few KiB; anything much larger is not ours
+MAX_FILE_BYTES = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -53,9 +56,13 @@ class PendingRequest:
     @classmethod
     def from_json(cls, data: bytes, *, source: Path) -> PendingRequest:
         try:
-            raw: dict[str, Any] = json.loads(data)
+            raw: Any = json.loads(data)
+            if not isinstance(raw, dict):
+                raise ValueError(f"a JSON {type(raw).__name__}, not an object")
             if raw.get("format") != FORMAT:
                 raise ValueError(f"unknown format {raw.get('format')!r}")
+            if raw["operation"] not in OPERATIONS:
+                raise ValueError(f"unknown operation {raw['operation']!r}")
             request = cls(
                 operation=str(raw["operation"]),
                 key_store=str(raw["key_store"]),
@@ -67,7 +74,8 @@ class PendingRequest:
                 retry_at=datetime.fromisoformat(raw["retry_at"]),
                 attempts=int(raw["attempts"]),
             )
-        except (ValueError, KeyError, TypeError) as e:
+        # OverflowError: "attempts": 1e999; RecursionError: [[[[...]]]] nested too deep
+        except (ValueError, KeyError, TypeError, OverflowError, RecursionError) as e:
             raise StorageError(
                 f"{source}: unreadable pending EST request ({e}); delete it to start over"
             ) from e
@@ -81,9 +89,13 @@ class PendingStore:
         self.path = path
 
     def load(self) -> PendingRequest | None:
-        if not self.path.exists():
-            return None
-        return PendingRequest.from_json(read_bytes(self.path, limit=1024 * 1024), source=self.path)
+        try:
+            data = read_bytes(self.path, limit=MAX_FILE_BYTES)
+        except StorageError as e:
+            if isinstance(e.__cause__, FileNotFoundError):
+                return None
+            raise
+        return PendingRequest.from_json(data, source=self.path)
 
     def save(self, request: PendingRequest) -> None:
         ensure_private_dir(self.path.parent)

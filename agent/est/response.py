@@ -10,8 +10,10 @@ import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import TypeVar
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 from cryptography.hazmat.primitives.serialization import pkcs7
@@ -20,6 +22,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from agent.errors import ChainValidationError, EnrollmentError
 from agent.pki import public_key_der
+
+_E = TypeVar("_E", bound=x509.ExtensionType)
 
 
 def parse_certs_only(der: bytes, what: str) -> list[x509.Certificate]:
@@ -47,6 +51,12 @@ def select_bootstrap_anchor(certs: Sequence[x509.Certificate], expected: str) ->
     want = normalize_fingerprint(expected)
     for cert in certs:
         if fingerprint(cert) == want:
+            constraints = _extension(cert, x509.BasicConstraints, "the bootstrap CA certificate")
+            if constraints is None or not constraints.ca:
+                raise ChainValidationError(
+                    "bootstrap: the certificate with the configured SHA-256 fingerprint "
+                    f"({_subject(cert)!r}) is not a CA certificate; configure the EST CA's"
+                )
             return cert
     seen = ", ".join(fingerprint(c)[:16] + "..." for c in certs)
     raise ChainValidationError(
@@ -82,11 +92,11 @@ def validate_issued(
     CA, and (if it has an extendedKeyUsage) allow clientAuth.
     """
     wanted = public_key_der(requested_key)
-    mine = [c for c in certs if public_key_der(c.public_key()) == wanted]
+    mine = [c for c in certs if _spki(c) == wanted]
     if not mine:
         raise EnrollmentError(
             "the issued certificate is for another key than the one in our CSR "
-            f"(subject {certs[0].subject.rfc4514_string()!r})"
+            f"(subject {_subject(certs[0])!r})"
         )
     leaf = mine[0]
     others = [c for c in certs if c is not leaf]
@@ -108,10 +118,10 @@ def validate_issued(
             .build_client_verifier()
         )
         verified = verifier.verify(leaf, intermediates)
-    except verification.VerificationError as e:
+    except (verification.VerificationError, *_MALFORMED) as e:
         raise ChainValidationError(
-            f"the issued certificate {leaf.subject.rfc4514_string()!r} (issuer "
-            f"{leaf.issuer.rfc4514_string()!r}) does not chain to the EST CA certificates: {e}"
+            f"the issued certificate {_subject(leaf)!r} (issuer {_issuer(leaf)!r}) does not "
+            f"chain to the EST CA certificates: {e}"
         ) from e
     chain = tuple(verified.chain[1:])
     return IssuedCertificate(certificate=leaf, chain=chain)
@@ -130,25 +140,54 @@ def _check_validity(cert: x509.Certificate, now: datetime, skew: timedelta) -> N
 
 
 def _check_usage(cert: x509.Certificate) -> None:
-    try:
-        constraints = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
-    except x509.ExtensionNotFound:
-        constraints = None
+    constraints = _extension(cert, x509.BasicConstraints)
     if constraints is not None and constraints.ca:
         raise EnrollmentError("the issued certificate is a CA certificate (basicConstraints CA)")
-    try:
-        usage = cert.extensions.get_extension_for_class(x509.KeyUsage).value
-    except x509.ExtensionNotFound:
-        usage = None
+    usage = _extension(cert, x509.KeyUsage)
     if usage is not None and not usage.digital_signature:
         raise EnrollmentError("the issued certificate's keyUsage does not allow digitalSignature")
-    try:
-        eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
-    except x509.ExtensionNotFound:
-        return
+    eku = _extension(cert, x509.ExtendedKeyUsage)
     allowed = {ExtendedKeyUsageOID.CLIENT_AUTH, ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE}
-    if not allowed.intersection(eku):
+    if eku is not None and not allowed.intersection(eku):
         raise EnrollmentError("the issued certificate's extendedKeyUsage does not allow clientAuth")
+
+
+# cryptography parses a certificate's key, names and extensions lazily: a malformed one raises
+# on first access (ValueError, UnsupportedAlgorithm, and DuplicateExtension, which is not a
+# ValueError); none of them may escape as a traceback.
+_MALFORMED = (ValueError, x509.DuplicateExtension, x509.UnsupportedGeneralNameType)
+
+
+def _extension(
+    cert: x509.Certificate, kind: type[_E], what: str = "the issued certificate"
+) -> _E | None:
+    try:
+        return cert.extensions.get_extension_for_class(kind).value
+    except x509.ExtensionNotFound:
+        return None
+    except _MALFORMED as e:
+        raise EnrollmentError(f"{what} has malformed extensions: {e}") from e
+
+
+def _spki(cert: x509.Certificate) -> bytes | None:
+    try:
+        return public_key_der(cert.public_key())
+    except (ValueError, UnsupportedAlgorithm):
+        return None  # not ours, whatever it is
+
+
+def _subject(cert: x509.Certificate) -> str:
+    try:
+        return cert.subject.rfc4514_string()
+    except ValueError:
+        return "(malformed subject)"
+
+
+def _issuer(cert: x509.Certificate) -> str:
+    try:
+        return cert.issuer.rfc4514_string()
+    except ValueError:
+        return "(malformed issuer)"
 
 
 def validate_ca_certs(

@@ -14,6 +14,7 @@ import http.client
 import logging
 import socket
 import ssl
+import threading
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -22,8 +23,14 @@ from typing import Protocol
 from urllib.parse import urlsplit
 
 from agent import __version__
-from agent.errors import ChainValidationError, ConfigError, EnrollmentError, TransportError
-from agent.tls import client_context
+from agent.errors import (
+    AgentError,
+    ChainValidationError,
+    ConfigError,
+    EnrollmentError,
+    TransportError,
+)
+from agent.tls import client_context, insecure_unverified_context
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +38,6 @@ USER_AGENT = f"devid-agent/{__version__}"
 #: how much of an error response body is read, for the message
 ERROR_BODY_BYTES = 4096
 _CHUNK = 16 * 1024
-_VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
 
 
 @dataclass(frozen=True)
@@ -108,16 +114,9 @@ class HttpsTransport:
         if provisional:
             # RFC 7030 4.1.1 provisional TLS: used only to fetch /cacerts, whose CA certificate
             # is then accepted only if its fingerprint matches the configured one.
-            log.warning(
-                "provisional TLS to %s: server not authenticated yet (bootstrap)", self.host
+            return insecure_unverified_context(
+                peer=self.host, min_version=self.min_tls_version, max_version=max_tls_version
             )
-            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-            ctx.check_hostname = False
-            ctx.verify_mode = ssl.CERT_NONE
-            ctx.minimum_version = _VERSIONS.get(self.min_tls_version, ssl.TLSVersion.TLSv1_2)
-            if max_tls_version is not None:
-                ctx.maximum_version = _VERSIONS[max_tls_version]
-            return ctx
         if self.ca_file is None:
             raise ConfigError("est: no trust anchor for the EST server (set est.trust_anchor)")
         return client_context(
@@ -143,6 +142,8 @@ class HttpsTransport:
             raw = socket.create_connection((self.host, self.port), self.connect_timeout_seconds)
         except OSError as e:
             raise TransportError(f"cannot connect to EST server {where}: {_reason(e)}") from e
+        except UnicodeError as e:  # the IDNA codec refused the host name
+            raise ConfigError(f"est.url: {self.host!r} is not a valid host name ({e})") from e
         try:
             raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             tls = ctx.wrap_socket(raw, server_hostname=self.host)
@@ -150,10 +151,14 @@ class HttpsTransport:
             raw.close()
             raise ChainValidationError(
                 f"EST server {where} is not trusted by {self.ca_file}: {e.verify_message}"
-            ) from e
+            ) from _without_frames(e)
         except (OSError, ssl.SSLError) as e:
             raw.close()
-            raise TransportError(f"TLS handshake with {where} failed: {_reason(e)}") from e
+            raise TransportError(
+                f"TLS handshake with {where} failed: {_reason(e)}"
+            ) from _without_frames(e)
+        finally:
+            del ctx  # see _without_frames
         handshake = time.monotonic() - started
         tls.settimeout(self.read_timeout_seconds)
         connection = _HttpsConnection(
@@ -170,7 +175,26 @@ class HttpsTransport:
             yield connection
         finally:
             connection.close()
-            tls.close()
+            del tls  # see _without_frames
+
+
+def _without_frames(e: BaseException) -> BaseException:
+    """`e` without its traceback, whose frames (ours and ssl's) reference the SSLContext.
+
+    A context with a TPM client key holds one of the TPM's few object slots (swtpm has 3) until
+    it is freed. An error keeps its frames alive, and with them their locals, until the cycle
+    collector runs: a daemon retrying a failing renewal would run the TPM out of slots. So the
+    context is never left in a frame an error can carry: `del` in our frames, no traceback from
+    ssl's, and a closed connection lets go of its socket.
+    """
+    return e.with_traceback(None)
+
+
+def _content_length(value: str | None) -> int | None:
+    """Content-Length as a number, or None when absent or not ASCII digits ("²".isdigit() is
+    True, and int() then raises)."""
+    text = (value or "").strip()
+    return int(text) if text.isascii() and text.isdigit() and len(text) <= 18 else None
 
 
 def _reason(e: BaseException) -> str:
@@ -209,16 +233,49 @@ class _HttpsConnection:
         self._max_bytes = max_response_bytes
 
     def close(self) -> None:
-        self._http.close()
+        self._http.close()  # closes the TLS socket and forgets it
+        del self._tls  # see _without_frames
 
     def request(
         self, method: str, path: str, *, headers: Mapping[str, str], body: bytes | None = None
     ) -> HttpResponse:
+        """One request and its whole response within read_timeout_seconds.
+
+        The socket timeout only bounds each recv: a server (or a man in the middle of a
+        bootstrap) dripping a byte now and then would keep http.client reading headers or body
+        forever, holding the enrollment lock. A watchdog shuts the socket down at the deadline,
+        which ends any blocked read.
+        """
         if self.provisional and any(k.lower() == "authorization" for k in headers):
             raise AssertionError("credentials must not go over a provisional connection")
         what = f"{method} https://{self._where}{path}"
+        expired = threading.Event()
+
+        def expire() -> None:
+            expired.set()
+            with contextlib.suppress(OSError):  # the plain socket's shutdown: no TLS state
+                socket.socket.shutdown(self._tls, socket.SHUT_RDWR)
+
+        watchdog = threading.Timer(self._read_timeout, expire)
+        watchdog.daemon = True
+        watchdog.start()
+        timed_out = f"{what}: no complete response within {self._read_timeout:g} s"
+        try:
+            response = self._round_trip(method, path, headers, body, what)
+        except AgentError as e:
+            if expired.is_set():
+                raise TransportError(timed_out) from e
+            raise
+        finally:
+            watchdog.cancel()
+        if expired.is_set():  # a shutdown can also pass for the end of the headers or the body
+            raise TransportError(timed_out)
+        return response
+
+    def _round_trip(
+        self, method: str, path: str, headers: Mapping[str, str], body: bytes | None, what: str
+    ) -> HttpResponse:
         started = time.monotonic()
-        deadline = started + self._read_timeout
         try:
             self._http.putrequest(method, path, skip_accept_encoding=True)
             for name, value in {"User-Agent": USER_AGENT, **headers}.items():
@@ -230,15 +287,17 @@ class _HttpsConnection:
             try:
                 names = {k.lower(): v for k, v in response.getheaders()}
                 if response.status == 200:
-                    data = self._read_body(response, self._max_bytes, deadline, what, strict=True)
+                    data = self._read_body(response, self._max_bytes, what, strict=True)
                 elif response.status in (202, 204):
                     data = b""  # may come without Content-Length: reading would wait for a close
                 else:
-                    data = self._read_body(response, ERROR_BODY_BYTES, deadline, what, strict=False)
+                    data = self._read_body(response, ERROR_BODY_BYTES, what, strict=False)
             finally:
                 response.close()  # releases its file object's hold on the socket
         except TimeoutError as e:
-            raise TransportError(f"{what}: no response within {self._read_timeout:g} s") from e
+            raise TransportError(
+                f"{what}: no complete response within {self._read_timeout:g} s"
+            ) from e
         except http.client.IncompleteRead as e:
             raise TransportError(
                 f"{what}: connection closed after {len(e.partial)} bytes of the body"
@@ -263,23 +322,21 @@ class _HttpsConnection:
         self,
         response: http.client.HTTPResponse,
         limit: int,
-        deadline: float,
         what: str,
         *,
         strict: bool,
     ) -> bytes:
-        length = response.getheader("Content-Length")
-        if strict and length is not None and length.strip().isdigit() and int(length) > limit:
+        header = response.getheader("Content-Length")
+        expected = _content_length(header)
+        if strict and expected is not None and expected > limit:
             raise EnrollmentError(
-                f"{what}: response of {int(length)} bytes exceeds est.max_response_bytes={limit}"
+                f"{what}: response of {expected} bytes exceeds est.max_response_bytes={limit}"
             )
-        if not strict and length is None and response.getheader("Transfer-Encoding") is None:
+        if not strict and header is None and response.getheader("Transfer-Encoding") is None:
             return b""  # an error page without length: not worth waiting for the close
         chunks: list[bytes] = []
         size = 0
         while True:
-            if time.monotonic() > deadline:
-                raise TransportError(f"{what}: body not received within {self._read_timeout:g} s")
             chunk = response.read(min(_CHUNK, limit + 1 - size))
             if not chunk:
                 break
@@ -291,7 +348,6 @@ class _HttpsConnection:
                         f"{what}: response exceeds est.max_response_bytes={limit} bytes"
                     )
                 break
-        expected = int(length) if length is not None and length.strip().isdigit() else None
         if strict and expected is not None and size < expected:
             # http.client returns short reads silently when the peer closes early
             raise TransportError(f"{what}: connection closed after {size} of {expected} bytes")

@@ -14,12 +14,14 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from agent.errors import ChainValidationError, ConfigError
+from agent.errors import ChainValidationError, ConfigError, StorageError
 from agent.est.client import EstClient
-from agent.est.response import select_bootstrap_anchor
-from hal.storage import atomic_write, ensure_private_dir, fsync_dir
+from agent.est.response import fingerprint as fingerprint_of
+from agent.est.response import normalize_fingerprint, select_bootstrap_anchor
+from hal.storage import atomic_write, ensure_private_dir, fsync_dir, read_bytes
 
 log = logging.getLogger(__name__)
 
@@ -34,11 +36,13 @@ def configured_anchor(
 ) -> Path | None:
     """The anchor file to use, or None when a fingerprint bootstrap is needed."""
     if trust_anchor is not None:
-        if not trust_anchor.is_file():
+        if not _is_file(trust_anchor, "est.trust_anchor"):
             raise ConfigError(f"est.trust_anchor: {trust_anchor} does not exist")
         return trust_anchor
     stored = state_dir / ANCHOR_FILE_NAME
-    if stored.is_file():
+    if _is_file(stored, "the stored EST anchor"):
+        if fingerprint:
+            _check_stored(stored, fingerprint)
         return stored
     if fingerprint:
         return None
@@ -46,6 +50,30 @@ def configured_anchor(
         "est: no trust anchor for the EST server: set est.trust_anchor (a CA file) or "
         "est.bootstrap_fingerprint_sha256 (the EST CA's SHA-256 fingerprint)"
     )
+
+
+def _check_stored(stored: Path, expected: str) -> None:
+    """The stored anchor is the one the configured fingerprint names: a changed fingerprint
+    means the operator no longer trusts what an earlier bootstrap stored."""
+    try:
+        anchor = x509.load_pem_x509_certificate(read_bytes(stored, limit=64 * 1024))
+    except ValueError as e:
+        raise StorageError(
+            f"{stored}: not a PEM certificate ({e}); delete it to bootstrap again"
+        ) from e
+    if fingerprint_of(anchor) != normalize_fingerprint(expected):
+        raise ConfigError(
+            f"est.bootstrap_fingerprint_sha256 does not match the anchor an earlier bootstrap "
+            f"stored in {stored} (SHA-256 {fingerprint_of(anchor)}); delete that file to "
+            "bootstrap again with the new fingerprint"
+        )
+
+
+def _is_file(path: Path, what: str) -> bool:
+    try:
+        return path.is_file()
+    except OSError as e:  # is_file() is False only for ENOENT & co.; EACCES raises
+        raise ConfigError(f"{what}: cannot look at {path}: {e.strerror}") from e
 
 
 def bootstrap(*, make_client: ClientFactory, fingerprint: str, state_dir: Path) -> Path:

@@ -11,6 +11,7 @@ import base64
 import binascii
 import email.utils
 import logging
+import re
 from collections.abc import Mapping
 from datetime import datetime, timezone
 
@@ -30,6 +31,12 @@ PKCS7_TYPES = frozenset(
 TOLERATED_TYPES = frozenset({"application/octet-stream", ""})
 
 _BASE64_LINE = 64
+#: delta-seconds (RFC 9110 10.2.3): ASCII digits only; str.isdigit() also takes "²",
+#: which int() then refuses
+_DELTA_SECONDS = re.compile(r"[0-9]+")
+#: delta-seconds saturate here (about 31700 years): finite, so a caller's timedelta cannot
+#: overflow, and far beyond any clamp bound; no need to convert thousands of digits
+DELTA_SECONDS_MAX = 1e12
 
 
 def encode_body(der: bytes) -> bytes:
@@ -85,16 +92,26 @@ def _looks_base64(body: bytes) -> bool:
     return all(byte in alphabet for byte in body[:256])
 
 
+def delta_seconds(value: str | None) -> float | None:
+    """A header's delta-seconds value, or None when it is not one (at most DELTA_SECONDS_MAX)."""
+    text = (value or "").strip()
+    if not _DELTA_SECONDS.fullmatch(text):
+        return None
+    digits = text.lstrip("0") or "0"
+    return DELTA_SECONDS_MAX if len(digits) > 12 else min(float(digits), DELTA_SECONDS_MAX)
+
+
 def parse_retry_after(value: str | None, now: datetime) -> float | None:
     """Retry-After as seconds from `now`: delta-seconds or an HTTP-date (RFC 9110 10.2.3)."""
     if value is None or not value.strip():
         return None
+    seconds = delta_seconds(value)
+    if seconds is not None:
+        return seconds
     text = value.strip()
-    if text.isdigit():
-        return float(int(text))
     try:
         when = email.utils.parsedate_to_datetime(text)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         log.warning("ignoring unparseable Retry-After %r", text[:40])
         return None
     if when.tzinfo is None:  # HTTP-dates are GMT

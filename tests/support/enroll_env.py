@@ -7,6 +7,7 @@ import stat
 from pathlib import Path
 from typing import Any
 
+from agent.identity import LOCK_FILE_NAME
 from tests.support.est_server import EstServer
 
 
@@ -67,7 +68,8 @@ def write_config(path: Path, **kwargs: Any) -> Path:
 
 
 def snapshot(root: Path) -> dict[str, tuple[int, bytes]]:
-    """Every path under `root` with its mode and bytes (a symlink: its target)."""
+    """Every path under `root` with its mode and bytes (a symlink: its target), except the
+    enrollment lock file, which any run may create: checked here to be empty and 0600."""
     result: dict[str, tuple[int, bytes]] = {}
     if not root.exists():
         return result
@@ -82,4 +84,6 @@ def snapshot(root: Path) -> dict[str, tuple[int, bytes]]:
             else:
                 data = path.read_bytes()
             result[str(path.relative_to(root))] = (info.st_mode, data)
+    lock = result.pop(LOCK_FILE_NAME, None)
+    assert lock in (None, (stat.S_IFREG | 0o600, b"")), f"{LOCK_FILE_NAME}: {lock}"
     return result

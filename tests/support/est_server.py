@@ -33,13 +33,14 @@ from pathlib import Path
 from typing import Any
 
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import pkcs7
 from cryptography.x509.oid import AttributeOID, ExtendedKeyUsageOID
+from pyasn1.codec.der import decoder as der_decoder
 from pyasn1.codec.der import encoder as der_encoder
 from pyasn1.type import univ
-from pyasn1_modules import rfc7030
+from pyasn1_modules import rfc5280, rfc7030
 
 from tests.support.ca import TestCA, key_pem, pem, utcnow
 
@@ -55,8 +56,20 @@ FAULTS = (
     "ca-cert",  # the issued certificate is a CA certificate
     "expired",  # the issued certificate expired yesterday
     "html",  # 200 text/html (a proxy's login page)
+    "redirect",  # 302 to another server (EST redirects are not followed)
+    "empty",  # a PKCS#7 certs-only message holding no certificate
+    "not-pkcs7",  # valid base64 of DER that is not PKCS#7
+    "not-yet-valid",  # the issued certificate starts the day after tomorrow
+    "no-digital-signature",  # keyUsage without digitalSignature
+    "bad-extensions",  # the issued certificate carries an extension twice
+    "drip",  # the body one byte at a time, each well within the read timeout
+    "drip-headers",  # the same with the header lines
 )
 AUTH_MODES = ("none", "basic", "cert", "both")
+#: a degenerate SignedData without certificates (cryptography will not serialize one)
+EMPTY_CERTS_ONLY = bytes.fromhex(
+    "302306092a864886f70d010702a01630140201013100300b06092a864886f70d0107013100"
+)
 ENROLL_OPS = ("simpleenroll", "simplereenroll")
 OIDS = {
     "ecPublicKey": "1.2.840.10045.2.1",
@@ -110,6 +123,8 @@ class EstOptions:
     csrattrs_status: int = 200  # answer /csrattrs with this status instead (500, 403, ...)
     copy_san: bool = True  # copy subjectAltName from the CSR (False: drop CSR extensions)
     label: str | None = None  # when set, only /.well-known/est/<label>/ is served
+    content_length: str | None = None  # sent as the issuing 200's Content-Length (e.g. "²")
+    retry_after_503: str | None = None  # with fault 5xx: answer 503 with this Retry-After
 
 
 @dataclass
@@ -223,6 +238,10 @@ class EstServer:
         if options.fault == "expired":
             not_before = now - timedelta(days=2)
             lifetime = timedelta(days=1)
+        elif options.fault == "not-yet-valid":
+            not_before = now + timedelta(days=2)
+        if options.fault in ("no-digital-signature", "bad-extensions"):
+            return self._issue_odd(csr, options.fault)
         cert = ca.issue(
             key,  # type: ignore[arg-type]
             subject=csr.subject,
@@ -235,6 +254,36 @@ class EstServer:
         with self._lock:
             self.issued.append(cert)
         return cert
+
+    def _issue_odd(self, csr: x509.CertificateSigningRequest, fault: str) -> x509.Certificate:
+        """A certificate for the CSR's key that TestCA.issue cannot make."""
+        now = utcnow()
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(csr.subject)
+            .issuer_name(self.ca.cert.subject)
+            .public_key(csr.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - timedelta(minutes=1))
+            .not_valid_after(now + timedelta(days=1))
+        )
+        if fault == "no-digital-signature":
+            builder = builder.add_extension(
+                x509.KeyUsage(
+                    digital_signature=False, content_commitment=False, key_encipherment=True,
+                    data_encipherment=False, key_agreement=False, key_cert_sign=False,
+                    crl_sign=False, encipher_only=False, decipher_only=False,
+                ),
+                critical=True,
+            )  # fmt: skip
+            return builder.sign(self.ca.key, hashes.SHA256())
+        # cryptography refuses to build a duplicate extension: build it, then copy the
+        # extension in the DER (the signature no longer matches; the agent must not get there)
+        builder = builder.add_extension(x509.BasicConstraints(ca=False, path_length=None), False)
+        good = rfc5280_decode(builder.sign(self.ca.key, hashes.SHA256()))
+        extensions = good["tbsCertificate"]["extensions"]
+        extensions.append(extensions[0])
+        return x509.load_der_x509_certificate(der_encoder.encode(good))
 
     def pending_check(self, csr: x509.CertificateSigningRequest) -> bool:
         """True when this request should get (another) 202."""
@@ -370,6 +419,23 @@ class _Handler(BaseHTTPRequestHandler):
             200, b64_lines(der), content_type, {"Content-Transfer-Encoding": "base64"}
         )
 
+    def _issued(self, certs: list[x509.Certificate]) -> int:
+        """The 200 of an enroll operation, with the Content-Length the options ask for."""
+        override = self.est.options.content_length
+        if override is None:
+            return self._certs(certs, smime=True)
+        body = b64_lines(pkcs7.serialize_certificates(certs, serialization.Encoding.DER))
+        self._record.status = 200
+        self.send_response(200)
+        self.send_header("Content-Type", "application/pkcs7-mime; smime-type=certs-only")
+        self.send_header("Content-Transfer-Encoding", "base64")
+        self.send_header("Content-Length", override)
+        self.send_header("Connection", "close")
+        self.end_headers()
+        with contextlib.suppress(OSError):
+            self.wfile.write(body)
+        return 200
+
     def _cacerts(self, operation: str, body: bytes, record: Record) -> int:
         # A real-server variation: no smime-type parameter on /cacerts.
         return self._certs([self.est.ca.cert], smime=False)
@@ -452,7 +518,19 @@ class _Handler(BaseHTTPRequestHandler):
     def _fault_or_issue(self, csr: x509.CertificateSigningRequest) -> int:
         fault = self.est.options.fault
         if fault == "5xx":
+            retry = self.est.options.retry_after_503
+            if retry is not None:
+                return self._send(503, b"busy\n", "text/plain", {"Retry-After": retry})
             return self._send(500, b"internal error\n", "text/plain")
+        if fault == "redirect":
+            headers = {"Location": "https://elsewhere.example/.well-known/est/simpleenroll"}
+            return self._send(302, b"moved\n", "text/plain", headers)
+        if fault == "empty":
+            return self._send(200, b64_lines(EMPTY_CERTS_ONLY), "application/pkcs7-mime")
+        if fault == "not-pkcs7":
+            return self._send(200, b64_lines(b"\x30\x03\x02\x01\x01"), "application/pkcs7-mime")
+        if fault in ("drip", "drip-headers"):
+            return self._drip(headers=fault == "drip-headers")
         if fault == "garbage":
             return self._send(200, b"\x00\xffnot base64 at all!!", "application/pkcs7-mime")
         if fault == "html":
@@ -485,7 +563,37 @@ class _Handler(BaseHTTPRequestHandler):
                 "application/pkcs7-mime; smime-type=certs-only",
                 length=len(body),
             )
-        return self._certs([cert], smime=True)
+        return self._issued([cert])
+
+    def _drip(self, *, headers: bool) -> int:
+        """200 with a Content-Length, then one byte every 50 ms (of a header line, or of the
+        body): every read returns within any socket timeout, the whole would take a minute."""
+        self._record.status = 200
+        self.send_response(200)
+        self.send_header("Content-Type", "application/pkcs7-mime")
+        if headers:
+            self.flush_headers()
+            trickle = b"X-Padding: " + b"A" * 1200 + b"\r\n"
+        else:
+            self.send_header("Content-Length", "1200")
+            self.send_header("Connection", "close")
+            self.end_headers()
+            trickle = b"A" * 1200
+        for byte in trickle:
+            if self.est.stopping.wait(0.05):
+                break
+            try:
+                self.wfile.write(bytes([byte]))
+                self.wfile.flush()
+            except OSError:
+                break
+        return 200
+
+
+def rfc5280_decode(cert: x509.Certificate) -> Any:
+    der = cert.public_bytes(serialization.Encoding.DER)
+    decoded, _rest = der_decoder.decode(der, asn1Spec=rfc5280.Certificate())
+    return decoded
 
 
 # ---------------------------------------------------------------------------------------------
