@@ -154,6 +154,10 @@ def _est_url(value: str) -> str | None:
         return "an https:// URL"
     if parts.scheme != "https" or not parts.hostname or parts.query or parts.fragment:
         return 'an https://host[:port][/prefix] URL (or "" when EST is not used)'
+    try:
+        parts.hostname.encode("idna")  # what socket.connect and TLS SNI will do with it
+    except UnicodeError:
+        return "an https:// URL whose host is a valid DNS name (labels of 1 to 63 characters)"
     return None
 
 
@@ -257,6 +261,11 @@ class FirmwareConfig:
     #: where the booted slot is read from, and the key naming it (RAUC: rauc.slot=A)
     cmdline: Path = checked(Path("/proc/cmdline"), check=_absolute_path)
     cmdline_key: str = checked("rauc.slot", check=_non_empty)
+    #: at the first commit after an install, hash the booted slot and refuse to commit (and to
+    #: raise the counter) unless it holds the installed image. Needs a root filesystem that
+    #: booting leaves unchanged (squashfs, dm-verity, ext4 mounted ro): with a read-write root
+    #: every commit would be refused and every update would fall back.
+    check_slot_at_commit: bool = False
     #: boots a newly installed slot gets before the bootloader falls back (U-Boot; GRUB has 1)
     boot_tries: int = checked(3, check=_boot_tries)
     #: anti-rollback counter: "tpm" (NV counter index) or "file" (weaker)

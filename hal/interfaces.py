@@ -126,10 +126,13 @@ class Slot(Protocol):
         ...
 
     def open_write(self) -> AbstractContextManager[BinaryIO]:
-        """A writer positioned at offset 0; flushed and fsynced when the block ends cleanly."""
+        """A writer positioned at offset 0; flushed and fsynced when the block ends cleanly.
+        An I/O error inside the block comes out as `StorageError` naming the slot."""
         ...
 
-    def open_read(self) -> AbstractContextManager[BinaryIO]: ...
+    def open_read(self) -> AbstractContextManager[BinaryIO]:
+        """A reader positioned at offset 0; I/O errors come out as `StorageError`."""
+        ...
 
     def mounted_at(self) -> str | None:
         """Where the slot is mounted, or None: a mounted slot is never written."""

@@ -8,10 +8,11 @@ on the kernel command line, as RAUC's boot scripts put it there.
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, suppress
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, cast
 
 from agent.errors import BootControlError, StorageError
 
@@ -30,12 +31,17 @@ def _unescape(field: str) -> str:
 class DeviceSlot:
     """A slot backed by a block device or a file of fixed size."""
 
-    def __init__(self, *, name: str, path: Path, mounts: Path = DEFAULT_MOUNTS) -> None:
+    def __init__(
+        self, *, name: str, path: Path, mounts: Path = DEFAULT_MOUNTS, root: Path = Path("/")
+    ) -> None:
         self.name = name
         self.path = str(path)
         self.mounts = mounts
+        self.root = root
 
     def mounted_at(self) -> str | None:
+        if self._holds_root():
+            return str(self.root)
         try:
             with open(self.mounts, "rb") as f:
                 text = f.read(MAX_MOUNTS_BYTES).decode("utf-8", "replace")
@@ -49,6 +55,15 @@ class DeviceSlot:
                 return _unescape(fields[1])
         return None
 
+    def _holds_root(self) -> bool:
+        """The root filesystem is often listed as /dev/root in /proc/self/mounts, a name that
+        matches no slot path; its device number does not lie."""
+        try:
+            info = os.stat(self.path)
+            return stat.S_ISBLK(info.st_mode) and info.st_rdev == os.stat(self.root).st_dev
+        except OSError:
+            return False
+
     def capacity(self) -> int:
         try:
             fd = os.open(self.path, os.O_RDONLY)
@@ -59,28 +74,34 @@ class DeviceSlot:
         except OSError as e:
             raise StorageError(f"slot {self.name} ({self.path}): {e.strerror}") from e
 
-    @contextmanager
-    def open_write(self) -> Iterator[BinaryIO]:
-        try:
-            fd = os.open(self.path, os.O_WRONLY | os.O_NOFOLLOW)
-            f = os.fdopen(fd, "wb", buffering=0)
-        except OSError as e:
-            raise StorageError(f"slot {self.name} ({self.path}): {e.strerror}") from e
-        with f:
-            yield f
-            try:
-                os.fsync(f.fileno())
-            except OSError as e:
-                raise StorageError(f"slot {self.name} ({self.path}): fsync: {e.strerror}") from e
+    def open_write(self) -> AbstractContextManager[BinaryIO]:
+        """Symlinks are followed: slots are configured by root, typically as
+        /dev/disk/by-partlabel/... links. The data is fsynced when the block ends cleanly."""
+        return self._open("r+b", "write")
+
+    def open_read(self) -> AbstractContextManager[BinaryIO]:
+        """Reads come from the medium, not from pages cached by the write: a read-back that
+        only proves the page cache is worth little."""
+        return self._open("rb", "read")
 
     @contextmanager
-    def open_read(self) -> Iterator[BinaryIO]:
+    def _open(self, mode: str, doing: str) -> Iterator[BinaryIO]:
+        """Errors while using the file (EIO, ENOSPC) become StorageError here too, so callers
+        see one error type, naming the slot, from every step."""
         try:
-            f = open(self.path, "rb", buffering=0)  # noqa: SIM115 - returned to the caller
+            f = open(self.path, mode, buffering=0)  # noqa: SIM115 - closed below
         except OSError as e:
-            raise StorageError(f"slot {self.name} ({self.path}): {e.strerror}") from e
+            raise StorageError(f"slot {self.name} ({self.path}): open: {e.strerror}") from e
         with f:
-            yield f
+            try:
+                if "+" not in mode:  # clean (fsynced) pages are dropped; best effort
+                    with suppress(OSError):
+                        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+                yield cast(BinaryIO, f)  # open() types a run-time mode as IO[Any]
+                if "+" in mode:
+                    os.fsync(f.fileno())
+            except OSError as e:
+                raise StorageError(f"slot {self.name} ({self.path}): {doing}: {e.strerror}") from e
 
 
 def booted_slot(cmdline: Path, key: str = "rauc.slot") -> str:
@@ -90,10 +111,19 @@ def booted_slot(cmdline: Path, key: str = "rauc.slot") -> str:
             text = f.read(MAX_CMDLINE_BYTES).decode("ascii", "replace")
     except OSError as e:
         raise BootControlError(f"cannot read the kernel command line {cmdline}: {e}") from e
+    found = set()
     for word in text.split():
         name, sep, value = word.partition("=")
-        if sep and name == key and value:
-            return value
-    raise BootControlError(
-        f"{cmdline} names no booted slot ({key}=...); is the boot script setting it?"
-    )
+        if sep and name == key:
+            found.add(value)
+    if len(found) > 1 or "" in found:
+        # Which one the kernel or init honours is not ours to guess: guessing wrong would
+        # make the booted slot the install target.
+        raise BootControlError(
+            f"{cmdline} names the booted slot ambiguously: {key}={sorted(found)}"
+        )
+    if not found:
+        raise BootControlError(
+            f"{cmdline} names no booted slot ({key}=...); is the boot script setting it?"
+        )
+    return found.pop()

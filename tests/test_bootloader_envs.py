@@ -119,3 +119,61 @@ def test_file_backend(tmp_path: Path) -> None:
     path.write_text(path.read_text().replace("BOOT_B_LEFT=2", "BOOT_B_LEFT=3"))
     with pytest.raises(BootControlError, match="CRC-32 mismatch"):
         boot.state()
+
+
+def test_uboot_default_environment_is_not_taken_for_the_real_one(tmp_path: Path) -> None:
+    """Found in review: with a default environment installed (/etc/u-boot-initial-env on Yocto
+    and Buildroot images), libubootenv answers a corrupt env with its defaults and exit 0;
+    that must be refused like any corrupt env, and nothing written."""
+    boot, rig = uboot(tmp_path)
+    defaults = tmp_path / "u-boot-initial-env"
+    defaults.write_text("BOOT_ORDER=A B\nBOOT_A_LEFT=3\nBOOT_B_LEFT=3\n")
+    tools = {}
+    for tool in ("fw_printenv", "fw_setenv"):  # the real tools, as if /etc held the defaults
+        tools[tool] = tmp_path / tool
+        tools[tool].write_text(f'#!/bin/sh\nexec {tool} -f "{defaults}" "$@"\n')
+        tools[tool].chmod(0o755)
+    boot = UBootBootControl(
+        config=rig.fw_env_config,
+        printenv=str(tools["fw_printenv"]),
+        setenv=str(tools["fw_setenv"]),
+    )
+    assert boot.state().order == ("A", "B")  # a valid env reads as before
+    for env in rig.env_files:
+        data = bytearray(env.read_bytes())
+        data[10] ^= 0xFF
+        env.write_bytes(bytes(data))
+    before = [p.read_bytes() for p in rig.env_files]
+    with pytest.raises(BootControlError, match=r"is corrupt: .*fell back to its defaults"):
+        boot.state()
+    with pytest.raises(BootControlError, match="is corrupt"):
+        boot.mark_bad("B")
+    assert [p.read_bytes() for p in rig.env_files] == before
+
+
+def test_uboot_env_with_non_utf8_bytes(tmp_path: Path) -> None:
+    """Found in review: a byte that is not UTF-8 anywhere in the env escaped from
+    subprocess as a UnicodeDecodeError. Another variable's bytes are none of our business;
+    in one of ours they are a corrupt value, named."""
+    import subprocess
+
+    boot, rig = uboot(tmp_path)
+    script = b"splash=logo-\xe9t\xe9.bmp\n"
+    subprocess.run(["fw_setenv", "-c", str(rig.fw_env_config), "-s", "-"], input=script, check=True)
+    boot.set_primary("B", tries=2)
+    assert boot.state().order == ("B", "A")
+    script = b"BOOT_A_LEFT=\xff\n"
+    subprocess.run(["fw_setenv", "-c", str(rig.fw_env_config), "-s", "-"], input=script, check=True)
+    with pytest.raises(BootControlError, match="is corrupt: BOOT_A_LEFT="):
+        boot.state()
+
+
+def test_a_variable_twice_is_corrupt(tmp_path: Path) -> None:
+    """Found in review: the last of two BOOT_ORDER lines silently won."""
+    import zlib
+
+    path = tmp_path / "bootenv"
+    body = "BOOT_ORDER=A B\nBOOT_A_LEFT=3\nBOOT_ORDER=B A\n"
+    path.write_text(f"# devid-agent boot env crc32={zlib.crc32(body.encode()):08x}\n{body}")
+    with pytest.raises(BootControlError, match="is corrupt: BOOT_ORDER appears twice"):
+        FileBootControl(path=path).state()

@@ -73,7 +73,8 @@ def test_redefined_index_only_goes_up(swtpm: Swtpm, tmp_path: Path) -> None:
     baseline.unlink()  # re-provision
     fresh = TpmCounter(tcti=swtpm.tcti, baseline_path=baseline)
     assert fresh.raise_to(0) == 0
-    assert json.loads(baseline.read_text())["baseline"] > old_baseline + 4 - 1
+    # the new counter starts at least where the old one ended (old baseline + 4)
+    assert json.loads(baseline.read_text())["baseline"] >= old_baseline + 4
 
 
 def test_an_ordinary_nv_index_is_refused(swtpm: Swtpm, tmp_path: Path) -> None:

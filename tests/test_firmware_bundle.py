@@ -45,8 +45,11 @@ def test_hash_algorithms(algorithm: str) -> None:
     verify_bytes(make_bundle(PAYLOAD, [VENDOR.signer], hash_algorithm=algorithm))
 
 
-def test_empty_payload() -> None:
-    verify_bytes(make_bundle(b"", [VENDOR.signer]))
+def test_empty_payload_is_refused() -> None:
+    # Found in review: an empty payload verified, and install then set an unwritten slot
+    # (whatever it held before) as the next boot.
+    with pytest.raises(FirmwareVerificationError, match=r"payload\.size is 0"):
+        verify_bytes(make_bundle(b"", [VENDOR.signer]))
 
 
 def test_truncated_payload() -> None:

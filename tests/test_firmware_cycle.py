@@ -10,6 +10,7 @@ import pytest
 
 from agent.cli import EXIT_HAL, EXIT_TRUST
 from tests.support.firmware import Rig, cli, image, make_bundle
+from tests.support.swtpm import Swtpm
 
 BOOTLOADERS = ["uboot", "grub", "file"]
 
@@ -152,3 +153,39 @@ def test_demo_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = capsys.readouterr().out
     assert "committed slot B; security version 2" in out
     assert "below the committed security version 2" in out
+    assert "(file counter, NOT hardware-backed)" in out
+
+
+def test_demo_uses_the_tpm_counter_when_given_a_tpm(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], swtpm: Swtpm
+) -> None:
+    from tests.support import demo_firmware
+
+    demo_firmware.run(tmp_path, tcti=swtpm.tcti)
+    out = capsys.readouterr().out
+    assert "committed slot B; security version 2" in out
+    assert "below the committed security version 2" in out
+    assert "security version: 2 (tpm counter)" in out
+
+
+def test_firmware_commands_take_turns(tmp_path: Path) -> None:
+    """An OTA hook and the mark-good service never interleave: a command waits for the lock."""
+    import subprocess
+    import sys
+
+    from hal.lock import exclusive_lock
+
+    rig = Rig(tmp_path / "dev", bootloader="file")
+    rig.state_dir.mkdir(mode=0o700)
+    root = Path(__file__).resolve().parent.parent
+    with exclusive_lock(rig.state_dir / "lock"):
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "agent.cli", "--config", str(rig.config), "firmware", "commit"],
+            cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )  # fmt: skip
+        with pytest.raises(subprocess.TimeoutExpired):
+            proc.wait(1.5)  # importing and reaching the lock takes well under that
+        assert not (rig.state_dir / "state.json").exists()
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert b"committed slot A" in out

@@ -355,3 +355,145 @@ def test_sign_with_an_encrypted_key(rig: Rig, tmp_path: Path) -> None:
                  "--security-version", "0", str(img), "-o", str(tmp_path / "out.fw")])  # fmt: skip
     assert code == 0
     assert cli(rig.config, "verify", str(tmp_path / "out.fw"))[0] == 0
+
+
+def test_ambiguous_booted_slot_is_refused(rig: Rig) -> None:
+    # Found in review: the first rauc.slot= won, so "rauc.slot=B ... rauc.slot=A" on a device
+    # booted from B made B (the running system) the install target.
+    rig.cmdline.write_text("rauc.slot=B console=ttyS0 rauc.slot=A\n")
+    path = rig.write_bundle(make_bundle(PAYLOAD, [rig.vendor.signer]))
+    before = rig.snapshot()
+    for command in (["install", str(path)], ["commit"], ["rollback"], ["status"]):
+        code, _out, err = cli(rig.config, *command)
+        assert code == EXIT_HAL and "names the booted slot ambiguously" in err, command
+    assert rig.snapshot() == before
+
+
+def test_slot_given_as_a_symlink(rig: Rig) -> None:
+    # Found in review: open_write used O_NOFOLLOW, so /dev/disk/by-partlabel/... slot paths
+    # (symlinks) passed every check and then failed at the first write.
+    link = rig.root / "by-partlabel-rootfs-b"
+    link.symlink_to(rig.slot["B"])
+    rig.write_config(slot_b=str(link))
+    path = rig.write_bundle(make_bundle(PAYLOAD, [rig.vendor.signer]))
+    code, _out, err = cli(rig.config, "install", str(path))
+    assert code == 0, err
+    assert rig.slot["B"].read_bytes()[: len(PAYLOAD)] == PAYLOAD
+
+
+def test_slot_write_errors_are_storage_errors(tmp_path: Path) -> None:
+    from agent.errors import StorageError
+    from hal.slots import DeviceSlot
+
+    slot = DeviceSlot(name="B", path=Path("/dev/full"))  # every write fails with ENOSPC
+    with (
+        pytest.raises(StorageError, match=r"slot B \(/dev/full\): write: No space left"),
+        slot.open_write() as out,
+    ):
+        out.write(b"x" * 4096)
+
+
+def test_commit_trusts_the_install_record_by_default(rig: Rig) -> None:
+    """A read-write root filesystem changes the slot's bytes after boot: by default commit
+    believes the record the install's read-back made, so such devices can still update."""
+    path = rig.write_bundle(make_bundle(PAYLOAD, [rig.vendor.signer], security_version=7))
+    assert cli(rig.config, "install", str(path))[0] == 0
+    assert rig.reboot() == "B"
+    data = bytearray(rig.slot["B"].read_bytes())
+    data[len(PAYLOAD) // 2] ^= 0x01  # the mounted filesystem wrote to its slot
+    rig.slot["B"].write_bytes(bytes(data))
+    code, out, err = cli(rig.config, "commit")
+    assert (code, err) == (0, "")
+    assert "committed slot B; security version 7" in out
+
+
+def test_commit_checks_the_booted_slot_holds_the_recorded_image(rig: Rig) -> None:
+    """With check_slot_at_commit (read-only roots), the counter is raised only for the image
+    that was installed: a booted slot whose bytes differ from the record is not committed."""
+    rig.write_config(check_slot_at_commit="true")
+    path = rig.write_bundle(make_bundle(PAYLOAD, [rig.vendor.signer], security_version=7))
+    assert cli(rig.config, "install", str(path))[0] == 0
+    assert rig.reboot() == "B"
+    data = bytearray(rig.slot["B"].read_bytes())
+    data[len(PAYLOAD) // 2] ^= 0x01
+    rig.slot["B"].write_bytes(bytes(data))
+    before = rig.snapshot()
+    code, _out, err = cli(rig.config, "commit")
+    assert code == EXIT_TRUST and "booted slot B" in err and "not committing" in err
+    assert rig.snapshot() == before
+    rig.slot["B"].write_bytes(bytes(data[: len(PAYLOAD) // 2]) + PAYLOAD[len(PAYLOAD) // 2 :]
+                              + bytes(data[len(PAYLOAD) :]))  # fmt: skip
+    code, out, err = cli(rig.config, "commit")
+    assert code == 0 and "security version 7" in out, err
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        {"slots": {"B": {"state": "good", "security_version": "9"}}},
+        {"slots": {"B": {"state": "good", "size": None}}},
+        {"pending": "B"},
+        {"fell_back_from": ["A"]},
+        {"slots": []},
+    ],
+)
+def test_corrupt_state_file_is_one_line(rig: Rig, damage: dict[str, object]) -> None:
+    """Found in review: field types were not checked, so a corrupt state.json escaped as a
+    TypeError or KeyError traceback from commit or rollback."""
+    import json
+
+    rig.state_dir.mkdir(mode=0o700)
+    table: dict[str, object] = {"format": 1, "slots": {}, "pending": None, "fell_back_from": None}
+    (rig.state_dir / "state.json").write_text(json.dumps({**table, **damage}))
+    for command in ("commit", "rollback", "status"):
+        code, _out, err = cli(rig.config, command)
+        assert code == EXIT_HAL, (command, err)
+        assert len(err.strip().splitlines()) == 1 and "state.json is corrupt" in err
+
+
+def test_unreadable_bundle_is_one_line(rig: Rig) -> None:
+    """Found in review: an I/O error reading the bundle escaped as an OSError traceback."""
+    before = rig.snapshot()
+    for command in ("verify", "install"):
+        code, _out, err = cli(rig.config, command, "/proc/self/mem")  # reads fail with EIO
+        assert code == EXIT_HAL and err.strip().count("\n") == 0, err
+        assert "cannot read the bundle: Input/output error" in err
+    assert rig.snapshot() == before
+
+
+def test_sign_refuses_a_key_that_is_not_the_certificates(rig: Rig, tmp_path: Path) -> None:
+    from tests.support.ca import key_pem
+    from tests.support.firmware import new_key
+
+    other = tmp_path / "other.key"
+    other.write_bytes(key_pem(new_key()))  # type: ignore[arg-type]
+    img = tmp_path / "rootfs.img"
+    img.write_bytes(PAYLOAD)
+    code, _out, err = cli(rig.config, "sign", "--key", str(other), "--cert",
+                         str(rig.files["cert"]), "--compatible", rig.compatible, "--version",
+                         "1", "--security-version", "1", str(img), "-o", str(tmp_path / "x.fw"))  # fmt: skip
+    assert code == EXIT_TRUST and "is not the key of the certificate" in err, err
+    assert not (tmp_path / "x.fw").exists()
+
+
+def test_the_root_filesystems_device_counts_as_mounted(tmp_path: Path) -> None:
+    """/proc/self/mounts often names the root device /dev/root, which matches no slot path: a
+    slot whose device number is the root filesystem's is mounted at / all the same."""
+    import os
+    import stat
+
+    from hal.slots import DeviceSlot
+
+    node = tmp_path / "rootfs_b"
+    try:
+        os.mknod(node, stat.S_IFBLK | 0o600, os.stat(tmp_path).st_dev)
+    except PermissionError:
+        pytest.skip("creating a block device node needs CAP_MKNOD")
+    mounts = tmp_path / "mounts"
+    mounts.write_text("/dev/root / ext4 ro 0 0\n")
+    assert DeviceSlot(name="B", path=node, mounts=mounts, root=tmp_path).mounted_at() == str(
+        tmp_path
+    )
+    plain = tmp_path / "slot-file.img"  # a file slot is never "the root device"
+    plain.write_bytes(b"\0" * 512)
+    assert DeviceSlot(name="B", path=plain, mounts=mounts, root=tmp_path).mounted_at() is None

@@ -1,8 +1,9 @@
 """`devid-agent firmware sign|verify|install|status|commit|rollback`.
 
 Run by OTA hooks as root. Exit status: 0 done; 65 the bundle was refused (signature, chain,
-compatible, downgrade, truncated or altered payload); 74 bootloader env, slot, counter or state
-failed (a corrupt env, writing the booted slot); 78 configuration. One line on stderr says why.
+compatible, downgrade, truncated or altered payload) or commit found the booted slot changed;
+74 bootloader env, slot, bundle file, counter or state failed (a corrupt env, writing the booted
+slot); 78 configuration. One line on stderr says why (docs/firmware.md, contrib/README.md).
 """
 
 from __future__ import annotations
@@ -80,6 +81,7 @@ def _open_bundle(name: str) -> Iterator[BinaryIO]:
 
 
 def run_sign(args: argparse.Namespace) -> int:
+    from agent.firmware.manifest import parse_manifest
     from agent.firmware.sign import Signer, make_manifest, write_bundle
 
     password = None
@@ -95,8 +97,6 @@ def run_sign(args: argparse.Namespace) -> int:
         hash_algorithm=args.hash,
     )
     # Validate what we are about to sign exactly as a device will parse it.
-    from agent.firmware.manifest import parse_manifest
-
     parse_manifest(manifest.to_bytes(), max_payload_bytes=1 << 62)
     out: Path = args.output
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
@@ -152,11 +152,9 @@ def run_commit(args: argparse.Namespace) -> int:
     from agent.firmware.wiring import firmware_device
 
     result = firmware_device(_config(args)).commit()
-    note = (
-        f"; the bootloader had fallen back from slot {result.fell_back_from}"
-        if (result.fell_back_from)
-        else ""
-    )
+    note = ""
+    if result.fell_back_from:
+        note = f"; the bootloader had fallen back from slot {result.fell_back_from}"
     print(f"committed slot {result.slot}; security version {result.security_version}{note}")
     return 0
 

@@ -18,7 +18,7 @@ import struct
 from dataclasses import dataclass
 from typing import BinaryIO
 
-from agent.errors import FirmwareVerificationError
+from agent.errors import FirmwareVerificationError, StorageError
 from agent.firmware.manifest import Manifest, parse_manifest
 
 MAGIC = b"\x89DEVIDFW"
@@ -60,16 +60,26 @@ def _fail(message: str) -> FirmwareVerificationError:
     return FirmwareVerificationError(f"bundle: {message}")
 
 
-def read_exact(stream: BinaryIO, size: int, what: str) -> bytes:
-    chunks: list[bytes] = []
-    remaining = size
-    while remaining:
-        chunk = stream.read(remaining)
-        if not chunk:
-            raise _fail(f"truncated in the {what} ({size - remaining} of {size} bytes)")
-        chunks.append(chunk)
-        remaining -= len(chunk)
-    return b"".join(chunks)
+def read_some(stream: BinaryIO, into: memoryview) -> int:
+    """Read up to len(into) bundle bytes; 0 at the end. An I/O error on the bundle (EIO from a
+    disk, a broken pipe) is a StorageError naming the bundle, never a bare OSError, and never
+    mistaken for an error of the slot being written at the same time."""
+    try:
+        return stream.readinto(into) or 0  # type: ignore[attr-defined]
+    except OSError as e:
+        raise StorageError(f"cannot read the bundle: {e.strerror or e}") from e
+
+
+def _read_exact(stream: BinaryIO, size: int, what: str) -> bytes:
+    data = bytearray(size)
+    view = memoryview(data)
+    done = 0
+    while done < size:
+        got = read_some(stream, view[done:])
+        if not got:
+            raise _fail(f"truncated in the {what} ({done} of {size} bytes)")
+        done += got
+    return bytes(data)
 
 
 class _Cursor:
@@ -99,14 +109,14 @@ class _Cursor:
 
 def read_header(stream: BinaryIO, limits: BundleLimits = DEFAULT_LIMITS) -> BundleHeader:
     """Read and parse the header; leaves `stream` at the first payload byte."""
-    magic, version, header_len = _PRELUDE.unpack(read_exact(stream, _PRELUDE.size, "prelude"))
+    magic, version, header_len = _PRELUDE.unpack(_read_exact(stream, _PRELUDE.size, "prelude"))
     if magic != MAGIC:
         raise _fail("not a devid-agent firmware bundle (bad magic)")
     if version != FORMAT_VERSION:
         raise _fail(f"format version {version} is not supported (expected {FORMAT_VERSION})")
     if not 0 < header_len <= limits.max_header_bytes:
         raise _fail(f"header length {header_len} is outside 1..{limits.max_header_bytes}")
-    cursor = _Cursor(read_exact(stream, header_len, "header"))
+    cursor = _Cursor(_read_exact(stream, header_len, "header"))
     manifest_bytes = cursor.sized("manifest", limits.max_manifest_bytes)
     count = cursor.u8("signature count")
     if not 0 < count <= limits.max_signatures:

@@ -2,10 +2,12 @@
 
 cryptography's verifier builds and checks the path (signatures, validity, basicConstraints,
 name chaining, CA key usage) against the configured anchors; we ask it to require the
-codeSigning EKU on the signer. It does no revocation, so each certificate of the built chain is
-then looked up in the configured CRLs, after each CRL's own signature is checked against the
-issuer the verifier already validated (a lookup, not a second chain walker). A few plain checks
-run first only to give a clearer one-line reason than the verifier's.
+codeSigning EKU on the signer, and to read a CA's EKU, when present, as permission to issue
+code-signing certificates (its client-verifier default would demand clientAuth there). It
+does no revocation, so each certificate of the built chain is then looked up in the configured
+CRLs, after each CRL's own signature and validity period are checked against the issuer the
+verifier already validated (a lookup, not a second chain walker). A few plain checks run first
+only to give a clearer one-line reason than the verifier's.
 """
 
 from __future__ import annotations
@@ -43,8 +45,29 @@ def _who(cert: x509.Certificate) -> str:
 def _require_code_signing(
     _policy: verification.Policy, cert: x509.Certificate, eku: x509.ExtendedKeyUsage | None
 ) -> None:
+    # Deliberately codeSigning itself: anyExtendedKeyUsage alone does not make a signer.
     if eku is None or ExtendedKeyUsageOID.CODE_SIGNING not in eku:
         raise ValueError(f"{_who(cert)} lacks the codeSigning extended key usage")
+
+
+def _require_signing_key(
+    _policy: verification.Policy, cert: x509.Certificate, usage: x509.KeyUsage | None
+) -> None:
+    if usage is not None and (not usage.digital_signature or usage.key_cert_sign):
+        raise ValueError(f"{_who(cert)} key usage does not allow signing firmware")
+
+
+def _ca_permits_code_signing(
+    _policy: verification.Policy, cert: x509.Certificate, eku: x509.ExtendedKeyUsage | None
+) -> None:
+    # RFC 5280 leaves EKU in CA certificates undefined; like every major verifier we read it
+    # as a constraint on what the CA may issue. The client verifier's default would demand
+    # clientAuth here: it rejects a code-signing-only intermediate and accepts a TLS-client one.
+    if eku is not None and not {
+        ExtendedKeyUsageOID.CODE_SIGNING,
+        ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE,
+    } & set(eku):
+        raise ValueError(f"CA {_who(cert)} is restricted to other extended key usages")
 
 
 def _precheck(certs: Sequence[x509.Certificate], now: datetime) -> None:
@@ -82,6 +105,11 @@ def _check_revocation(
                 raise ChainValidationError(
                     f"CRL {named.source} does not verify against its issuer {_who(issuer)}"
                 )
+            if now < crl.last_update_utc:
+                raise ChainValidationError(
+                    f"CRL {named.source} is not valid before "
+                    f"{crl.last_update_utc:%Y-%m-%dT%H:%M:%SZ}"
+                )
             if crl.next_update_utc is not None and now > crl.next_update_utc:
                 raise ChainValidationError(
                     f"CRL {named.source} is stale: its next update was due "
@@ -112,8 +140,17 @@ def _verify(
     certs: Sequence[x509.Certificate], policy: TrustPolicy, now: datetime
 ) -> list[x509.Certificate]:
     _precheck(certs, now)
-    ee_policy = verification.ExtensionPolicy.permit_all().require_present(
-        x509.ExtendedKeyUsage, verification.Criticality.AGNOSTIC, _require_code_signing
+    # The Web PKI's end-entity rules (not a CA, no unknown critical extensions), with changes
+    # for code signing: a signer names no host or address, so it needs no subjectAltName; a
+    # KeyUsage, if present, must allow signatures (the Web PKI only forbids keyCertSign); and
+    # it needs codeSigning, not clientAuth.
+    ee_policy = (
+        verification.ExtensionPolicy.webpki_defaults_ee()
+        .may_be_present(x509.SubjectAlternativeName, verification.Criticality.AGNOSTIC, None)
+        .may_be_present(x509.KeyUsage, verification.Criticality.AGNOSTIC, _require_signing_key)
+        .require_present(
+            x509.ExtendedKeyUsage, verification.Criticality.AGNOSTIC, _require_code_signing
+        )
     )
     verifier = (
         verification.PolicyBuilder()
@@ -121,7 +158,10 @@ def _verify(
         .time(now)
         .max_chain_depth(MAX_CHAIN_DEPTH)
         .extension_policies(
-            ca_policy=verification.ExtensionPolicy.webpki_defaults_ca(), ee_policy=ee_policy
+            ca_policy=verification.ExtensionPolicy.webpki_defaults_ca().may_be_present(
+                x509.ExtendedKeyUsage, verification.Criticality.AGNOSTIC, _ca_permits_code_signing
+            ),
+            ee_policy=ee_policy,
         )
         .build_client_verifier()
     )

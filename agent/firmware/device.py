@@ -11,17 +11,17 @@ Order of install, so that a rejection or a power cut loses nothing:
      hash again;
   5. record it "installed", make it the next boot with `boot_tries` tries, record it pending.
 The anti-rollback counter is raised only by `commit`, after the new slot booted and was marked
-good.
+good, and only once the booted slot is found to hold the recorded image.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
+import hashlib
 import hmac
 import logging
 import os
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import BinaryIO
@@ -30,11 +30,12 @@ from agent.clock import Clock
 from agent.errors import BootControlError, FirmwareVerificationError, RollbackError, StorageError
 from agent.firmware.bundle import DEFAULT_LIMITS, BundleLimits, read_header
 from agent.firmware.chain import TrustPolicy
-from agent.firmware.manifest import Manifest
+from agent.firmware.manifest import HASH_ALGORITHMS, Manifest
 from agent.firmware.state import FirmwareState, SlotRecord, load_state, save_state
 from agent.firmware.status import FirmwareStatus, SlotStatus
 from agent.firmware.verify import DEFAULT_BUFFER_BYTES, DeviceFacts, stream_payload, verify_header
 from hal.interfaces import BootControl, MonotonicCounter, Slot
+from hal.lock import exclusive_lock
 from hal.storage import ensure_private_dir
 
 log = logging.getLogger(__name__)
@@ -73,6 +74,7 @@ class FirmwareDevice:
         compatible: str,
         trust: Callable[[], TrustPolicy],
         boot_tries: int = 3,
+        check_slot_at_commit: bool = False,
         limits: BundleLimits = DEFAULT_LIMITS,
         buffer_bytes: int = DEFAULT_BUFFER_BYTES,
     ) -> None:
@@ -85,6 +87,7 @@ class FirmwareDevice:
         self.compatible = compatible
         self.trust = trust
         self.boot_tries = boot_tries
+        self.check_slot_at_commit = check_slot_at_commit
         self.limits = limits
         self.buffer_bytes = buffer_bytes
 
@@ -94,19 +97,10 @@ class FirmwareDevice:
     def state_path(self) -> Path:
         return self.state_dir / STATE_FILE
 
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
+    def _locked(self) -> contextlib.AbstractContextManager[None]:
         """One firmware operation at a time (hooks may overlap with the mark-good service)."""
         ensure_private_dir(self.state_dir)
-        try:
-            fd = os.open(self.state_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
-        except OSError as e:
-            raise StorageError(f"cannot open {self.state_dir / LOCK_FILE}: {e.strerror}") from e
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(fd)
+        return exclusive_lock(self.state_dir / LOCK_FILE)
 
     def _booted(self) -> str:
         booted = self.booted_slot()
@@ -216,20 +210,43 @@ class FirmwareDevice:
         log.info("slot %s holds %s and boots next", target, manifest.version)
         return target, manifest
 
-    def _read_back(self, target: str, manifest: Manifest) -> None:
-        digest = manifest.new_hash()
-        remaining = manifest.payload_size
-        with self.slots[target].open_read() as f:
+    def _holds(self, name: str, hash_algorithm: str, digest: bytes, size: int) -> bool:
+        """Whether the first `size` bytes of slot `name` hash to `digest`."""
+        hasher = hashlib.new(hash_algorithm)
+        remaining = size
+        with self.slots[name].open_read() as f:
             while remaining:
                 chunk = f.read(min(remaining, self.buffer_bytes))
                 if not chunk:
-                    break
-                digest.update(chunk)
+                    return False
+                hasher.update(chunk)
                 remaining -= len(chunk)
-        if remaining or not hmac.compare_digest(digest.digest(), manifest.digest):
+        return hmac.compare_digest(hasher.digest(), digest)
+
+    def _read_back(self, target: str, manifest: Manifest) -> None:
+        if not self._holds(target, manifest.hash_algorithm, manifest.digest, manifest.payload_size):
             raise StorageError(
                 f"slot {target} ({self.slots[target].path}) reads back different bytes than "
                 "were written"
+            )
+
+    def _require_recorded_image(self, name: str, record: SlotRecord) -> None:
+        """Before the first commit of an install believes its record (and raises the counter
+        to its security version), check that the slot holds the recorded bytes. Later commits
+        of a `good` slot trust the record this check made good: no I/O on every boot."""
+        try:
+            digest = bytes.fromhex(record.digest)
+            holds = record.hash_algorithm in HASH_ALGORITHMS and self._holds(
+                name, record.hash_algorithm, digest, record.size
+            )
+        except ValueError:
+            holds = False
+        if not holds:
+            raise FirmwareVerificationError(
+                f"booted slot {name} ({self.slots[name].path}) does not hold the image recorded "
+                f"for it ({record.version}, {record.state}); not committing it (a root "
+                "filesystem mounted read-write changes the slot's bytes: then set "
+                "firmware.check_slot_at_commit = false)"
             )
 
     def commit(self) -> CommitResult:
@@ -249,8 +266,10 @@ class FirmwareDevice:
                     fell_back_from = pending
                     log.warning("the bootloader fell back from slot %s to %s", pending, booted)
             record = state.slots.get(booted) or SlotRecord(state="good", updated=self._now_text())
+            if record.state != "good" and self.check_slot_at_commit:
+                self._require_recorded_image(booted, record)  # first commit: check the record
             self.boot.mark_good(booted)
-            state = state.with_slot(booted, replace(record, state="good"))
+            state = state.with_slot(booted, replace(record, state="good", updated=self._now_text()))
             if pending == booted:
                 state = replace(state, pending=None)
             if fell_back_from is not None:

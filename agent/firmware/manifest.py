@@ -84,6 +84,15 @@ def _integer(table: dict[str, Any], key: str, maximum: int, label: str = "") -> 
     return value
 
 
+def _payload_size(payload: dict[str, Any], maximum: int) -> int:
+    # An empty image would be "installed" without writing a byte and then booted: whatever
+    # the slot held before (an older image, a half-written one) would run as the new version.
+    size = _integer(payload, "size", maximum, "payload.size")
+    if size == 0:
+        raise _fail("payload.size is 0: an empty image cannot be installed")
+    return size
+
+
 def parse_manifest(data: bytes, *, max_payload_bytes: int) -> Manifest:
     """Parse and validate manifest bytes; raise FirmwareVerificationError naming the field."""
     try:
@@ -119,7 +128,7 @@ def parse_manifest(data: bytes, *, max_payload_bytes: int) -> Manifest:
         version=_string(table, "version"),
         security_version=_integer(table, "security_version", MAX_SECURITY_VERSION),
         created=created,
-        payload_size=_integer(payload, "size", max_payload_bytes, "payload.size"),
+        payload_size=_payload_size(payload, max_payload_bytes),
         hash_algorithm=algorithm,
         digest=bytes.fromhex(digest_hex),
     )

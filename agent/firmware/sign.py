@@ -41,6 +41,9 @@ class Signer:
         except (ValueError, TypeError) as e:
             raise FirmwareVerificationError(f"{key}: cannot load the signing key: {e}") from e
         certs = load_certificates(cert)[:1]
+        if private.public_key() != certs[0].public_key():
+            # Caught here, not by every device that would refuse the bundle later.
+            raise FirmwareVerificationError(f"{key} is not the key of the certificate in {cert}")
         if chain is not None:
             certs += load_certificates(chain)
         return cls(key=private, certs=tuple(certs))

@@ -37,6 +37,17 @@ class SlotRecord:
     updated: str = ""
 
 
+_FIELD_TYPES = {
+    "state": str,
+    "version": str,
+    "security_version": int,
+    "hash_algorithm": str,
+    "digest": str,
+    "size": int,
+    "updated": str,
+}
+
+
 @dataclass(frozen=True)
 class FirmwareState:
     slots: dict[str, SlotRecord] = field(default_factory=dict)
@@ -65,7 +76,13 @@ def load_state(path: Path) -> FirmwareState:
             slot = SlotRecord(**record)
             if slot.state not in SLOT_STATES:
                 raise _corrupt(path, f"slot {name} state {slot.state!r}")
+            for key, value in asdict(slot).items():
+                if type(value) is not _FIELD_TYPES[key]:
+                    raise _corrupt(path, f"slot {name} {key} {value!r}")
             slots[name] = slot
+        for key in ("pending", "fell_back_from"):
+            if table[key] is not None and table[key] not in slots:
+                raise _corrupt(path, f"{key} {table[key]!r} names no recorded slot")
         return FirmwareState(
             slots=slots, pending=table["pending"], fell_back_from=table["fell_back_from"]
         )

@@ -19,7 +19,7 @@ from cryptography import x509
 
 from agent.errors import ChainValidationError, FirmwareVerificationError, RollbackError
 from agent.firmware import sigalg
-from agent.firmware.bundle import BundleHeader
+from agent.firmware.bundle import BundleHeader, read_some
 from agent.firmware.chain import TrustPolicy, verify_signer
 from agent.firmware.manifest import Manifest
 
@@ -86,7 +86,7 @@ def stream_payload(
     view = memoryview(buffer)
     while remaining:
         want = min(remaining, len(buffer))
-        got = stream.readinto(view[:want])  # type: ignore[attr-defined]
+        got = read_some(stream, view[:want])
         if not got:
             raise FirmwareVerificationError(
                 f"payload is truncated: {manifest.payload_size - remaining} of "
@@ -97,7 +97,7 @@ def stream_payload(
         if sink is not None:
             sink(chunk)
         remaining -= got
-    if stream.read(1):
+    if read_some(stream, memoryview(bytearray(1))):
         raise FirmwareVerificationError(
             f"payload is longer than the {manifest.payload_size} bytes the manifest states"
         )

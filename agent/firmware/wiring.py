@@ -80,5 +80,6 @@ def firmware_device(config: Config, *, clock: Clock | None = None) -> FirmwareDe
         compatible=fw.compatible,
         trust=lambda: trust_policy(config),
         boot_tries=fw.boot_tries,
+        check_slot_at_commit=fw.check_slot_at_commit,
         buffer_bytes=fw.buffer_kib * 1024,
     )

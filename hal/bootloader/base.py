@@ -11,6 +11,7 @@ from __future__ import annotations
 import abc
 import logging
 import re
+import subprocess
 from collections.abc import Mapping, Sequence
 
 from agent.errors import BootControlError
@@ -19,6 +20,7 @@ from hal.interfaces import BootState
 log = logging.getLogger(__name__)
 
 DEFAULT_SLOTS = ("A", "B")
+TOOL_TIMEOUT_S = 30.0
 Env = Mapping[str, str]
 _DECIMAL = re.compile(r"[0-9]{1,3}\Z")
 
@@ -58,6 +60,31 @@ class Scheme(abc.ABC):
 
 def corrupt(where: str, what: str) -> BootControlError:
     return BootControlError(f"bootloader environment {where} is corrupt: {what}")
+
+
+def run_tool(
+    args: Sequence[str], where: str, *, stdin: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run a bootloader tool (an argument list: no shell) on `where`; a failure is one
+    BootControlError line with the tool's last line of stderr."""
+    try:
+        done = subprocess.run(
+            list(args),
+            input=stdin,
+            capture_output=True,
+            # An env may hold any bytes in variables that are not ours (a splash image name in
+            # Latin-1): decoding must not fail on them; ours are then checked character by
+            # character, and a stray byte in one of them names that variable as corrupt.
+            encoding="utf-8",
+            errors="surrogateescape",
+            timeout=TOOL_TIMEOUT_S,
+        )
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise BootControlError(f"cannot run {args[0]} for {where}: {e}") from e
+    if done.returncode != 0:
+        reason = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
+        raise BootControlError(f"{args[0]} failed on {where}: {reason}")
+    return done
 
 
 class EnvBootControl(abc.ABC):
@@ -112,12 +139,16 @@ class EnvBootControl(abc.ABC):
         self._apply(self.scheme.mark_bad(env, slot))
 
 
-def parse_lines(text: str) -> dict[str, str]:
+def parse_lines(text: str, where: str) -> dict[str, str]:
+    """`name=value` lines. A name seen twice means a value spans lines (one holding "X=...")
+    or the env is damaged: which line is the variable would be a guess, so it is corrupt."""
     env: dict[str, str] = {}
     for line in text.splitlines():
         if not line or line.startswith("#"):
             continue
         name, sep, value = line.partition("=")
         if sep:
+            if name in env:
+                raise corrupt(where, f"{name} appears twice")
             env[name] = value
     return env

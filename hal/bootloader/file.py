@@ -9,7 +9,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from agent.errors import BootControlError, StorageError
-from hal.bootloader.base import EnvBootControl, corrupt, parse_lines
+from hal.bootloader.base import DEFAULT_SLOTS, EnvBootControl, corrupt, parse_lines
 from hal.bootloader.uboot import UBootScheme
 from hal.storage import atomic_write, read_bytes
 
@@ -20,7 +20,7 @@ _PREFIX = "# devid-agent boot env crc32="
 class FileBootControl(EnvBootControl):
     kind = "file"
 
-    def __init__(self, *, path: Path, slots: Sequence[str] = ("A", "B"), max_tries: int = 3):
+    def __init__(self, *, path: Path, slots: Sequence[str] = DEFAULT_SLOTS, max_tries: int = 3):
         super().__init__(scheme=UBootScheme(slots=slots, max_tries=max_tries))
         self.path = path
 
@@ -38,7 +38,7 @@ class FileBootControl(EnvBootControl):
         head, _, body = text.partition("\n")
         if head != f"{_PREFIX}{zlib.crc32(body.encode()):08x}":
             raise corrupt(self.where, "CRC-32 mismatch")
-        return parse_lines(body)
+        return parse_lines(body, self.where)
 
     def _write_env(self, changes: Mapping[str, str]) -> None:
         env = {**self._read_env(), **changes}

@@ -13,18 +13,24 @@ from __future__ import annotations
 
 import contextlib
 import os
-import subprocess
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from agent.errors import BootControlError
-from hal.bootloader.base import Env, EnvBootControl, Scheme, corrupt, parse_lines
+from hal.bootloader.base import (
+    DEFAULT_SLOTS,
+    Env,
+    EnvBootControl,
+    Scheme,
+    corrupt,
+    parse_lines,
+    run_tool,
+)
 from hal.interfaces import BootState
 from hal.storage import fsync_dir
 
 HEADER = b"# GRUB Environment Block\n"
 MAX_ENV_BYTES = 64 * 1024
-TOOL_TIMEOUT_S = 30.0
 
 
 class GrubScheme(Scheme):
@@ -65,7 +71,7 @@ class GrubBootControl(EnvBootControl):
         self,
         *,
         env_file: Path,
-        slots: Sequence[str] = ("A", "B"),
+        slots: Sequence[str] = DEFAULT_SLOTS,
         editenv: str = "grub-editenv",
     ) -> None:
         super().__init__(scheme=GrubScheme(slots=slots, max_tries=1))
@@ -77,16 +83,7 @@ class GrubBootControl(EnvBootControl):
         return f"GRUB env ({self.env_file})"
 
     def _tool(self, *args: str) -> str:
-        try:
-            done = subprocess.run(
-                [self.editenv, *args], capture_output=True, text=True, timeout=TOOL_TIMEOUT_S
-            )
-        except (OSError, subprocess.TimeoutExpired) as e:
-            raise BootControlError(f"cannot run {self.editenv} on {self.where}: {e}") from e
-        if done.returncode != 0:
-            reason = (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1]
-            raise corrupt(self.where, f"{self.editenv}: {reason}")
-        return done.stdout
+        return run_tool([self.editenv, *args], self.where).stdout
 
     def _check_block(self, path: Path) -> None:
         try:
@@ -99,7 +96,7 @@ class GrubBootControl(EnvBootControl):
 
     def _read_env(self) -> dict[str, str]:
         self._check_block(self.env_file)
-        return parse_lines(self._tool(str(self.env_file), "list"))
+        return parse_lines(self._tool(str(self.env_file), "list"), self.where)
 
     def _write_env(self, changes: Mapping[str, str]) -> None:
         tmp = self.env_file.with_name(f".{self.env_file.name}.tmp-{os.getpid()}")

@@ -6,20 +6,27 @@ slot of `BOOT_ORDER` with tries left; marking good refills the tries. All change
 operation go to fw_setenv in one script, which libubootenv writes as one new copy of a
 redundant environment (the older copy survives a power cut). A missing variable takes the
 default RAUC's script sets ("A B", max tries). libubootenv checks the CRC: when no copy is
-valid, fw_printenv fails and we refuse to touch anything.
+valid, fw_printenv fails, or (with a default environment file installed) warns and prints the
+defaults; either way we refuse to touch anything.
 """
 
 from __future__ import annotations
 
-import subprocess
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from agent.errors import BootControlError
-from hal.bootloader.base import Env, EnvBootControl, Scheme, parse_lines
+from hal.bootloader.base import (
+    DEFAULT_SLOTS,
+    Env,
+    EnvBootControl,
+    Scheme,
+    corrupt,
+    parse_lines,
+    run_tool,
+)
 from hal.interfaces import BootState
 
-TOOL_TIMEOUT_S = 30.0
+_USING_DEFAULT = "using default"
 
 
 class UBootScheme(Scheme):
@@ -43,16 +50,13 @@ class UBootScheme(Scheme):
         return {"BOOT_ORDER": " ".join(order), f"BOOT_{slot}_LEFT": "0"}
 
 
-def _run(args: Sequence[str], what: str, stdin: str | None = None) -> str:
-    try:
-        done = subprocess.run(
-            list(args), input=stdin, capture_output=True, text=True, timeout=TOOL_TIMEOUT_S
-        )
-    except (OSError, subprocess.TimeoutExpired) as e:
-        raise BootControlError(f"cannot run {args[0]} for {what}: {e}") from e
-    if done.returncode != 0:
-        reason = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
-        raise BootControlError(f"{args[0]} failed on {what}: {reason}")
+def _run(args: Sequence[str], where: str, stdin: str | None = None) -> str:
+    done = run_tool(args, where, stdin=stdin)
+    if _USING_DEFAULT in done.stderr:
+        # With a default environment installed (/etc/u-boot-initial-env, as Yocto and Buildroot
+        # ship it), libubootenv reads no valid copy, says so on stderr, and exits 0 with the
+        # defaults: a corrupt env would be silently replaced by them.
+        raise corrupt(where, f"{args[0]}: no valid copy (libubootenv fell back to its defaults)")
     return done.stdout
 
 
@@ -63,7 +67,7 @@ class UBootBootControl(EnvBootControl):
         self,
         *,
         config: Path,
-        slots: Sequence[str] = ("A", "B"),
+        slots: Sequence[str] = DEFAULT_SLOTS,
         max_tries: int = 3,
         printenv: str = "fw_printenv",
         setenv: str = "fw_setenv",
@@ -79,7 +83,7 @@ class UBootBootControl(EnvBootControl):
 
     def _read_env(self) -> dict[str, str]:
         out = _run([self.printenv, "-c", str(self.config)], self.where)
-        return parse_lines(out)
+        return parse_lines(out, self.where)
 
     def _write_env(self, changes: Mapping[str, str]) -> None:
         script = "".join(f"{k}={v}\n" for k, v in changes.items())

@@ -14,7 +14,6 @@ Run: .venv/bin/python -m tests.support.demo [--keep]
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import shutil
@@ -103,15 +102,12 @@ def identity_steps(ctx: DemoContext) -> None:
         print(f"  {info.st_mode & 0o7777:04o}  {path.relative_to(ctx.state_dir)}  {kind}")
 
 
-def extra_steps(ctx: DemoContext) -> None:
-    """Hook for other capabilities' demo steps (firmware): tests/support/demo_firmware.py."""
-    try:
-        module = importlib.import_module("tests.support.demo_firmware")
-    except ModuleNotFoundError as e:
-        if e.name != "tests.support.demo_firmware":
-            raise  # it exists but is broken: say so
-        return
-    module.run(ctx.workdir)
+def firmware_step(ctx: DemoContext) -> None:
+    """Sign a firmware bundle and install it into file-backed A/B slots, with the anti-rollback
+    counter in the demo's swtpm (tests/support/demo_firmware.py)."""
+    from tests.support import demo_firmware
+
+    demo_firmware.run(ctx.workdir, tcti=ctx.tpm.tcti)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -150,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
             started=started,
         )
         identity_steps(ctx)
-        extra_steps(ctx)
+        firmware_step(ctx)
         banner("done")
         return 0
     finally:

@@ -2,7 +2,8 @@
 device installs it into file-backed A/B slots with a real U-Boot environment, "reboots" into it
 (RAUC's boot logic applied to the env), commits, and refuses an older bundle.
 
-Every device command runs the real CLI in a subprocess, as an OTA hook would.
+Every device command runs the real CLI in a subprocess, as an OTA hook would. Given the demo's
+swtpm (`tcti`), the anti-rollback version is held in a TPM NV counter, as on a device.
 Run alone: python -m tests.support.demo_firmware [WORKDIR]
 """
 
@@ -33,13 +34,17 @@ def _cli(cwd: Path, *args: str, check: bool = True) -> subprocess.CompletedProce
     return done
 
 
-def run(workdir: Path) -> None:
+def run(workdir: Path, *, tcti: str | None = None) -> None:
+    """With `tcti` (the demo's swtpm), the security version lives in a TPM NV counter index,
+    as on a device; without it, in the weaker file counter."""
     bootloader = "uboot" if shutil.which("fw_setenv") and shutil.which("mkenvimage") else "file"
-    rig = Rig(workdir / "firmware-device", bootloader=bootloader)
+    counter = "tpm" if tcti else "file"
+    rig = Rig(workdir / "firmware-device", bootloader=bootloader, counter=counter, tcti=tcti or "")
     config = rig.config.name
     vendor = {name: path.name for name, path in rig.files.items()}
     cwd = rig.root
-    print(f"== firmware: vendor signs, device installs ({bootloader} env, file slots)")
+    print(f"== firmware: vendor signs, device installs ({bootloader} env, file slots, "
+          f"{counter} anti-rollback counter)")  # fmt: skip
 
     bundles = {}
     for version, security_version, seed in (("1.0.0", 1, 1), ("2.0.0", 2, 2)):

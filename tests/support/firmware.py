@@ -37,13 +37,18 @@ def new_key(kind: str = "ec-p256") -> CertificateIssuerPrivateKeyTypes:
     raise ValueError(kind)
 
 
-def intermediate(root: TestCA, name: str = "firmware intermediate") -> TestCA:
-    """A TestCA whose certificate is issued by `root` (ca=True)."""
+def intermediate(
+    root: TestCA,
+    name: str = "firmware intermediate",
+    *,
+    eku: list[x509.ObjectIdentifier] | None = None,
+) -> TestCA:
+    """A TestCA whose certificate is issued by `root` (ca=True), EKU-constrained if `eku`."""
     ca = TestCA.__new__(TestCA)
     ca.name = name
     ca.key = ec.generate_private_key(ec.SECP256R1())
     ca.cert = root.issue(
-        ca.key.public_key(), subject=name, ca=True, lifetime=dt.timedelta(days=3650)
+        ca.key.public_key(), subject=name, ca=True, eku=eku, lifetime=dt.timedelta(days=3650)
     )
     return ca
 
@@ -253,6 +258,8 @@ class Rig:
             f'counter = "{self.counter}"',
             "buffer_kib = 16",
         ]
+        if "check_slot_at_commit" in overrides:
+            lines.append(f"check_slot_at_commit = {overrides['check_slot_at_commit']}")
         if self.bootloader == "uboot":
             lines.append(f'uboot_env_config = "{self.fw_env_config}"')
         elif self.bootloader == "grub":
