@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import signal
 import socket
@@ -48,9 +49,19 @@ def wait_for_port(
     raise TimeoutError(f"nothing listened on 127.0.0.1:{port} within {timeout} s")
 
 
+def _die_with_parent() -> None:
+    """In the child: get SIGTERM when the test process dies, even by SIGKILL, so a killed test
+    run leaves no server behind (prctl PR_SET_PDEATHSIG)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+
+
 def start(args: Sequence[str], **kwargs: object) -> subprocess.Popen[bytes]:
-    """Start a server in its own process group, so stop() can end it and its children by PID."""
-    return subprocess.Popen(list(args), start_new_session=True, **kwargs)  # type: ignore[call-overload,no-any-return]
+    """Start a server in its own process group, so stop() can end it and its children by PID;
+    it also ends if this process dies without stopping it."""
+    return subprocess.Popen(  # type: ignore[call-overload,no-any-return]
+        list(args), start_new_session=True, preexec_fn=_die_with_parent, **kwargs
+    )
 
 
 def stop(proc: subprocess.Popen[bytes], *, timeout: float = 5.0) -> None:
