@@ -27,4 +27,5 @@ class SystemClock:
         return time.monotonic()
 
     def sleep(self, seconds: float) -> None:
-        time.sleep(seconds)
+        # A deadline already past gives a negative wait: return at once (time.sleep raises).
+        time.sleep(max(0.0, seconds))

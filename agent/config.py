@@ -12,9 +12,12 @@ keeps the two in step.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import difflib
 import enum
+import math
 import os
+import re
 import sys
 import types
 import typing
@@ -38,12 +41,22 @@ MAX_CONFIG_BYTES = 1024 * 1024
 Check = Callable[[Any], "str | None"]
 
 
-def checked(default: Any = dataclasses.MISSING, *, check: Check | None = None, **kw: Any) -> Any:
-    """A dataclass field with a validity check (returns what was expected, or None)."""
+def checked(
+    default: Any = dataclasses.MISSING,
+    *,
+    check: Check | None = None,
+    item_check: Check | None = None,
+    **kw: Any,
+) -> Any:
+    """A dataclass field with a validity check (returns what was expected, or None).
+
+    `item_check` checks each item of a list value (the error names the item: `key[2]`).
+    """
+    metadata = {"check": check, "item_check": item_check}
     if isinstance(default, (list, tuple)):
         value = tuple(default)
-        return field(default_factory=lambda: value, metadata={"check": check}, **kw)
-    return field(default=default, metadata={"check": check}, **kw)
+        return field(default_factory=lambda: value, metadata=metadata, **kw)
+    return field(default=default, metadata=metadata, **kw)
 
 
 def _positive(value: Any) -> str | None:
@@ -56,6 +69,40 @@ def _non_negative(value: Any) -> str | None:
 
 def _non_empty(value: str) -> str | None:
     return None if value.strip() else "a non-empty string"
+
+
+# RFC 5280 upper bounds (ub-common-name, ub-serial-number, ub-organization-name,
+# ub-organizational-unit-name): 64 characters each.
+_X520_MAX = 64
+
+
+def _device_id(value: str) -> str | None:
+    if not value.strip():
+        return "a non-empty string"
+    if len(value) > _X520_MAX:
+        return f"at most {_X520_MAX} characters (the X.509 limit for commonName and serialNumber)"
+    return None
+
+
+def _x520_optional(value: str) -> str | None:
+    ok = len(value) <= _X520_MAX
+    return None if ok else f"at most {_X520_MAX} characters (the X.509 limit for this attribute)"
+
+
+_DEVICE_ID = "{device_id}"
+
+
+def _san_uri(value: str) -> str | None:
+    value = value.replace(_DEVICE_ID, "x")
+    ok = value.isascii() and re.match(r"[A-Za-z][A-Za-z0-9+.-]*:\S", value) is not None
+    ok = ok and not any(ch.isspace() for ch in value)
+    return None if ok else 'an ASCII URI with a scheme, e.g. "urn:example:device:{device_id}"'
+
+
+def _san_dns(value: str) -> str | None:
+    value = value.replace(_DEVICE_ID, "x")
+    ok = value.isascii() and re.fullmatch(r"[A-Za-z0-9*_.-]+", value) is not None
+    return None if ok else "an ASCII DNS name (A-label; IDNs must be punycode)"
 
 
 def _absolute_path(value: Path) -> str | None:
@@ -82,7 +129,7 @@ def _log_level(value: str) -> str | None:
 @dataclass(frozen=True)
 class DeviceConfig:
     #: the device's stable identifier; goes into the certificate subject (CN and/or serialNumber)
-    id: str = checked(check=_non_empty)
+    id: str = checked(check=_device_id)
 
 
 @dataclass(frozen=True)
@@ -120,12 +167,12 @@ class SubjectConfig:
     common_name: bool = True
     #: put the device id into the subject's serialNumber attribute
     serial_number: bool = False
-    organization: str = ""
-    organizational_unit: str = ""
+    organization: str = checked("", check=_x520_optional)
+    organizational_unit: str = checked("", check=_x520_optional)
     #: subjectAltName URIs; "{device_id}" is replaced by the device id
-    san_uris: tuple[str, ...] = checked(())
+    san_uris: tuple[str, ...] = checked((), item_check=_san_uri)
     #: subjectAltName DNS names; "{device_id}" is replaced by the device id
-    san_dns: tuple[str, ...] = checked(())
+    san_dns: tuple[str, ...] = checked((), item_check=_san_dns)
 
 
 @dataclass(frozen=True)
@@ -326,12 +373,29 @@ def _type_name(tp: Any) -> str:
 
 
 def _show(value: Any) -> str:
+    """A value as the error shows it: short, and never more than one line (repr escapes)."""
     if isinstance(value, dict):
         return "a table"
     if isinstance(value, list):
         return "a list"
+    if isinstance(value, (datetime.datetime, datetime.date, datetime.time)):
+        return f"a TOML date/time ({value.isoformat()})"
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**60:
+        return f"an integer of {len(str(abs(value)))} digits"
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
+
+
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_INT64 = (-(2**63), 2**63 - 1)
+
+
+def _key(name: str) -> str:
+    """A TOML key as written in the file: bare, or quoted (escaped, so always one line)."""
+    if _BARE_KEY.fullmatch(name):
+        return name
+    return '"' + name.encode("unicode_escape").decode("ascii").replace('"', '\\"') + '"'
 
 
 class _Loader:
@@ -365,7 +429,13 @@ class _Loader:
             for member in tp:
                 if value == member.value:
                     return member
-            raise self.expected(key, _type_name(tp), value)
+            hint = ""
+            if isinstance(value, str):
+                folded = [m.value for m in tp if str(m.value).lower() == value.strip().lower()]
+                hint = (
+                    f" (values are case-sensitive: did you mean {folded[0]!r}?)" if folded else ""
+                )
+            raise self.fail(key, f"expected {_type_name(tp)}, got {_show(value)}{hint}")
         if tp is bool:
             if not isinstance(value, bool):
                 raise self.expected(key, "true or false", value)
@@ -373,18 +443,30 @@ class _Loader:
         if tp is int:
             if isinstance(value, bool) or not isinstance(value, int):
                 raise self.expected(key, "an integer", value)
+            if not _INT64[0] <= value <= _INT64[1]:
+                raise self.expected(key, "an integer that fits in 64 bits (TOML's range)", value)
             return value
         if tp is float:
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise self.expected(key, "a number", value)
+            if isinstance(value, int) and not _INT64[0] <= value <= _INT64[1]:
+                raise self.expected(key, "a number that fits in 64 bits (TOML's range)", value)
+            if not math.isfinite(value):
+                raise self.expected(key, "a finite number", value)
             return float(value)
         if tp is str:
             if not isinstance(value, str):
                 raise self.expected(key, "a string", value)
+            if _CONTROL.search(value):
+                raise self.expected(key, "a string without control characters", value)
             return value
         if tp is Path:
             if not isinstance(value, str) or not value:
                 raise self.expected(key, "a path string", value)
+            if _CONTROL.search(value):
+                raise self.expected(key, "a path without control characters", value)
+            if not value.startswith("/"):
+                raise self.expected(key, "an absolute path", value)
             return Path(value)
         raise TypeError(f"config schema uses an unsupported type at {key}: {tp!r}")
 
@@ -399,7 +481,7 @@ class _Loader:
             if name not in fields:
                 close = difflib.get_close_matches(name, list(fields), n=1)
                 hint = f" (did you mean {close[0]!r}?)" if close else ""
-                raise self.fail(f"{prefix}{name}", f"unknown key{hint}")
+                raise self.fail(f"{prefix}{_key(name)}", f"unknown key{hint}")
         values: dict[str, Any] = {}
         for name, f in fields.items():
             key = f"{prefix}{name}"
@@ -418,6 +500,12 @@ class _Loader:
                 problem = check(value)
                 if problem:
                     raise self.expected(key, problem, table.get(name, value))
+            item_check = f.metadata.get("item_check")
+            if item_check is not None and value is not None:
+                for i, item in enumerate(value):
+                    problem = item_check(item)
+                    if problem:
+                        raise self.expected(f"{key}[{i}]", problem, item)
             values[name] = value
         return cls(**values)
 
@@ -428,8 +516,26 @@ def parse_config(text: str, *, source: Path = Path("<string>")) -> Config:
         table = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{source}: invalid TOML: {e}") from e
-    config = _Loader(source).build(Config, table)
+    except ValueError as e:  # e.g. an integer literal of thousands of digits (int() refuses it)
+        raise ConfigError(f"{source}: invalid TOML: a value cannot be read ({e})") from e
+    loader = _Loader(source)
+    config = loader.build(Config, table)
+    _check_subject(loader, config)
     return dataclasses.replace(config, source=source)
+
+
+def _check_subject(loader: _Loader, config: Config) -> None:
+    """Cross-key checks: the device id must fit where the subject settings put it."""
+    device_id = config.device.id
+    for name, check in (("san_uris", _san_uri), ("san_dns", _san_dns)):
+        for i, item in enumerate(getattr(config.subject, name)):
+            expanded = item.replace(_DEVICE_ID, device_id)
+            problem = check(expanded) if _DEVICE_ID in item else None
+            if problem:
+                raise loader.fail(
+                    f"subject.{name}[{i}]",
+                    f"with device.id {device_id!r} this becomes {expanded!r}, not {problem}",
+                )
 
 
 def load_config(path: Path) -> Config:
@@ -450,7 +556,9 @@ def load_config(path: Path) -> Config:
 
 def config_path(explicit: str | None) -> Path:
     """--config, else $DEVID_AGENT_CONFIG, else /etc/devid-agent/config.toml."""
-    if explicit:
+    if explicit is not None:
+        if not explicit:
+            raise ConfigError("--config: expected a config file path, got ''")
         return Path(explicit)
     env = os.environ.get(CONFIG_ENV)
     return Path(env) if env else DEFAULT_CONFIG_PATH

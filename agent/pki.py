@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives.asymmetric.types import (
 from cryptography.x509.oid import NameOID
 
 from agent.config import SubjectConfig
-from agent.errors import KeyStoreError
+from agent.errors import ConfigError, KeyStoreError
 
 
 @dataclass(frozen=True)
@@ -73,11 +73,14 @@ def build_csr(
 
     `challenge_password` carries the TLS `tls-unique` value for EST proof-of-possession.
     """
-    builder = x509.CertificateSigningRequestBuilder().subject_name(subject.name())
-    general_names: list[x509.GeneralName] = [
-        x509.UniformResourceIdentifier(uri) for uri in subject.san_uris
-    ]
-    general_names += [x509.DNSName(dns) for dns in subject.san_dns]
+    try:
+        builder = x509.CertificateSigningRequestBuilder().subject_name(subject.name())
+        general_names: list[x509.GeneralName] = [
+            x509.UniformResourceIdentifier(uri) for uri in subject.san_uris
+        ]
+        general_names += [x509.DNSName(dns) for dns in subject.san_dns]
+    except ValueError as e:  # e.g. a commonName over 64 characters, a non-ASCII DNS name
+        raise ConfigError(f"cannot put this subject into a CSR ([subject], device.id): {e}") from e
     if general_names:
         builder = builder.add_extension(x509.SubjectAlternativeName(general_names), critical=False)
     builder = builder.add_extension(

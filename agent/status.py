@@ -18,7 +18,7 @@ from agent.identity import Identity
 
 @dataclass(frozen=True)
 class IdentityStatus:
-    #: "none" (not enrolled), "valid", "expired" or "not_yet_valid"
+    #: "none" (not enrolled), "valid", "expired", "not_yet_valid" or "unreadable" (see errors)
     state: str
     generation: int | None = None
     subject: str = ""
@@ -67,6 +67,8 @@ class AgentStatus:
         lines = [f"devid-agent {self.version}, device {self.device_id} ({self.config})"]
         if i.state == "none":
             lines.append("identity:  none (run `devid-agent enroll`)")
+        elif i.state == "unreadable":
+            lines.append("identity:  unreadable (see the error below)")
         else:
             backing = "TPM, non-exportable" if i.hardware_backed else "software key, WEAKER"
             left = _duration(i.seconds_left or 0)
@@ -97,7 +99,16 @@ class AgentStatus:
                 + (", LAST BOOT FELL BACK" if fw["fell_back"] else "")
             )
         lines += [f"error:     {e}" for e in self.errors]
-        return "\n".join(lines)
+        # One line per item whatever a certificate or an error message holds (a CN with a newline
+        # from a hostile server must not forge a line of this report).
+        return "\n".join(_one_line(line) for line in lines)
+
+
+def _one_line(text: str) -> str:
+    return "".join(
+        ch.encode("unicode_escape").decode("ascii") if ord(ch) < 0x20 or ord(ch) == 0x7F else ch
+        for ch in text
+    )
 
 
 def _duration(seconds: int) -> str:

@@ -41,8 +41,7 @@ def client_context(
 
     With `cert_file` and `key_file` it presents that client identity (mutual TLS).
     """
-    if min_version not in _VERSIONS:
-        raise ConfigError(f"TLS minimum version must be 1.2 or 1.3, not {min_version!r}")
+    _check_versions(min_version, max_version)
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # check_hostname and CERT_REQUIRED are on
     ctx.minimum_version = _VERSIONS[min_version]
     if max_version is not None:
@@ -56,16 +55,31 @@ def client_context(
     return ctx
 
 
+def _check_versions(min_version: str, max_version: str | None) -> None:
+    """A context that can never handshake fails here, in one line, not at connect time."""
+    if min_version not in _VERSIONS:
+        raise ConfigError(f"TLS minimum version must be 1.2 or 1.3, not {min_version!r}")
+    if max_version is not None:
+        if max_version not in _VERSIONS:
+            raise ConfigError(f"TLS maximum version must be 1.2 or 1.3, not {max_version!r}")
+        if _VERSIONS[max_version] < _VERSIONS[min_version]:
+            raise ConfigError(
+                f"TLS maximum version {max_version} is below the minimum {min_version} "
+                "(tls.min_version): no protocol version is left to connect with"
+            )
+
+
 def insecure_unverified_context(
     *, peer: str, min_version: str = "1.2", max_version: str | None = None
 ) -> ssl.SSLContext:
     """A context that does NOT authenticate the server. Only for RFC 7030 4.1.1 bootstrap, whose
     caller accepts what it fetches only if it matches a configured fingerprint. Warns each time."""
     log.warning("TLS to %s without verifying the server (bootstrap; never send secrets)", peer)
+    _check_versions(min_version, max_version)
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE
-    ctx.minimum_version = _VERSIONS.get(min_version, ssl.TLSVersion.TLSv1_2)
+    ctx.minimum_version = _VERSIONS[min_version]
     if max_version is not None:
         ctx.maximum_version = _VERSIONS[max_version]
     return ctx

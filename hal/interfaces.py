@@ -50,7 +50,9 @@ class KeyStore(Protocol):
         ...
 
     def signer(self, blob: bytes) -> AbstractContextManager[CertificateIssuerPrivateKeyTypes]:
-        """Load the key for signing; it is unloaded (TPM context flushed) when the block ends."""
+        """Load the key for signing; it is unloaded (TPM context flushed) when the block ends,
+        however it ends. A failure of the store itself, including the TPM failing while the
+        block signs, comes out as `KeyStoreError`; the block's own exceptions pass unchanged."""
         ...
 
     def public_key(self, blob: bytes) -> PublicKeyTypes:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,7 @@ from agent.errors import ProviderError
 log = logging.getLogger(__name__)
 
 MINIMUM_VERSION = (1, 2)
-_OPENSSL_INFO_MODULES_DIR = 1005
+_OPENSSL_INFO_MODULES_DIR = 1003  # openssl/crypto.h: OPENSSL_INFO_MODULES_DIR
 _OSSL_PARAM_UTF8_PTR = 6
 _INSTALL_HINT = (
     "install tpm2-openssl >= 1.2 (Debian 13's package works on Debian 12; `make setup` unpacks it "
@@ -58,6 +59,8 @@ def _libcrypto() -> ctypes.CDLL:
         raise ProviderError(f"cannot load libcrypto.so.3 (OpenSSL 3 is required): {e}") from e
     lib.OSSL_PROVIDER_load.restype = ctypes.c_void_p
     lib.OSSL_PROVIDER_load.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+    lib.OSSL_PROVIDER_unload.restype = ctypes.c_int
+    lib.OSSL_PROVIDER_unload.argtypes = [ctypes.c_void_p]
     lib.OSSL_PROVIDER_get_params.restype = ctypes.c_int
     lib.OSSL_PROVIDER_get_params.argtypes = [ctypes.c_void_p, ctypes.POINTER(_OsslParam)]
     lib.OPENSSL_info.restype = ctypes.c_char_p
@@ -74,13 +77,31 @@ def default_provider_path() -> str:
 
 
 def parse_version(text: str) -> tuple[int, ...]:
-    parts = []
-    for piece in text.split("."):
-        digits = "".join(ch for ch in piece if ch.isdigit())
-        if not digits:
-            break
-        parts.append(int(digits))
-    return tuple(parts)
+    """The leading dotted release numbers: "1.3.0" -> (1, 3, 0), "1.2.0-rc1" -> (1, 2, 0),
+    "1.1rc2" -> (1, 1); () when there are none ("unknown")."""
+    match = re.match(r"\s*v?(\d+(?:\.\d+)*)", text)
+    return tuple(int(p) for p in match.group(1).split(".")) if match else ()
+
+
+def version_problem(version: str, path: str) -> str | None:
+    """Why the provider `version` found at `path` cannot be used, or None when it can.
+
+    A provider that does not report a version is refused like an old one: 1.2 and newer report
+    theirs, and guessing wrong means TLS that fails at the first handshake.
+    """
+    parsed = parse_version(version)
+    if parsed >= MINIMUM_VERSION:
+        return None
+    found = (
+        f"found tpm2 OpenSSL provider {version} at {path}"
+        if parsed
+        else f"the OpenSSL provider at {path} does not report a version ({version!r}), so it is "
+        "treated as older than 1.2"
+    )
+    return (
+        f"{found}; versions before 1.2 cannot sign TLS handshakes with a TPM key (OpenSSL "
+        "reports 'missing private key'); " + _INSTALL_HINT
+    )
 
 
 def _openssl_errors(lib: ctypes.CDLL) -> str:
@@ -108,37 +129,48 @@ def load_tpm2_provider(path: str | None, *, tcti: str) -> ProviderInfo:
     """
     global _loaded
     with _lock:
+        resolved = os.path.abspath(path) if path else default_provider_path()
         if _loaded is not None:
-            if _loaded.tcti != tcti:
+            if _loaded.tcti != tcti or _loaded.path != resolved:
                 raise ProviderError(
-                    f"the tpm2 provider is already loaded for TCTI {_loaded.tcti!r} in this "
-                    f"process; cannot switch to {tcti!r}"
+                    f"the tpm2 provider {_loaded.path} is already loaded for TCTI "
+                    f"{_loaded.tcti!r} in this process; cannot switch to {resolved} with TCTI "
+                    f"{tcti!r} (one provider and one TPM per process)"
                 )
             return _loaded
-        resolved = os.path.abspath(path) if path else default_provider_path()
         if not os.path.isfile(resolved):
             raise ProviderError(
                 f"TPM-backed TLS needs the tpm2 OpenSSL provider, not found at {resolved}; "
                 + _INSTALL_HINT
             )
         lib = _libcrypto()
-        # The provider reads its TCTI from the environment when it is initialised.
+        # The provider reads its TCTI from the environment when it is initialised; the config's
+        # TCTI wins over one inherited from the environment.
+        previous_tcti = os.environ.get("TPM2OPENSSL_TCTI")
         os.environ["TPM2OPENSSL_TCTI"] = tcti
-        if not lib.OSSL_PROVIDER_load(None, b"default"):
-            raise ProviderError(f"cannot load OpenSSL's default provider: {_openssl_errors(lib)}")
-        provider = lib.OSSL_PROVIDER_load(None, resolved.encode())
-        if not provider:
-            raise ProviderError(
-                f"the tpm2 OpenSSL provider at {resolved} failed to load (is the TPM at "
-                f"{tcti!r} reachable?): {_openssl_errors(lib)}"
-            )
-        version = _provider_version(lib, provider)
-        if parse_version(version) < MINIMUM_VERSION:
-            raise ProviderError(
-                f"found tpm2 OpenSSL provider {version} at {resolved}; versions before 1.2 "
-                "cannot sign TLS handshakes with a TPM key (OpenSSL reports 'missing private "
-                "key'); " + _INSTALL_HINT
-            )
+        try:
+            if not lib.OSSL_PROVIDER_load(None, b"default"):
+                raise ProviderError(
+                    f"cannot load OpenSSL's default provider: {_openssl_errors(lib)}"
+                )
+            provider = lib.OSSL_PROVIDER_load(None, resolved.encode())
+            if not provider:
+                raise ProviderError(
+                    f"the tpm2 OpenSSL provider at {resolved} failed to load (is the TPM at "
+                    f"{tcti!r} reachable?): {_openssl_errors(lib)}"
+                )
+            version = _provider_version(lib, provider)
+            problem = version_problem(version, resolved)
+            if problem is not None:
+                # Unload it: left in the process, its decoders would still claim TPM key files.
+                lib.OSSL_PROVIDER_unload(provider)
+                raise ProviderError(problem)
+        except ProviderError:
+            if previous_tcti is None:
+                os.environ.pop("TPM2OPENSSL_TCTI", None)
+            else:
+                os.environ["TPM2OPENSSL_TCTI"] = previous_tcti
+            raise
         _loaded = ProviderInfo(path=resolved, version=version, tcti=tcti)
         log.info("loaded tpm2 OpenSSL provider %s from %s", version, resolved)
         return _loaded

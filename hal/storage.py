@@ -7,38 +7,65 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 from pathlib import Path
 
 from agent.errors import StorageError
 
 FILE_MODE = 0o600
 DIR_MODE = 0o700
+_READ_CHUNK = 1024 * 1024
 
 
 def ensure_private_dir(path: Path) -> Path:
-    """Create `path` (and parents) as 0700 if missing; tighten an existing dir's mode to 0700."""
+    """Create `path` (and parents) as 0700 if missing; tighten an existing dir's mode to 0700.
+
+    An existing directory must belong to this process's user: one owned by another user would let
+    that user swap our files (or, for root, plant links) under us, so it is refused, clearly.
+    """
     try:
         path.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
-        if path.stat().st_mode & 0o077:
-            os.chmod(path, DIR_MODE)
+        st = path.stat()
     except OSError as e:
         raise StorageError(f"cannot create private directory {path}: {e.strerror}") from e
+    euid = os.geteuid()
+    if st.st_uid != euid:
+        raise StorageError(
+            f"{path} belongs to uid {st.st_uid}, not to this process's user (uid {euid}); run "
+            "devid-agent as the directory's owner, or chown the directory to this user"
+        )
+    if st.st_mode & 0o077:
+        try:
+            os.chmod(path, DIR_MODE)
+        except OSError as e:
+            raise StorageError(f"cannot make {path} private (0700): {e.strerror}") from e
     return path
 
 
 def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
 
 
+def _temp_name(path: Path) -> Path:
+    """A fresh hidden name beside `path`: unique per call (threads share a PID), unguessable."""
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(8)}")
+
+
 def atomic_write(path: Path, data: bytes, *, mode: int = FILE_MODE) -> None:
-    """Replace `path` with `data` atomically and durably. The parent directory must exist."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    """Replace `path` with `data` atomically and durably. The parent directory must exist.
+
+    The temp file is created with O_EXCL | O_NOFOLLOW under a fresh random name, so nothing
+    planted beside `path` (a symlink, a hard link, another writer's temp file) is ever opened.
+    """
+    tmp = _temp_name(path)
+    created = False
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, mode)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+        created = True
         try:
             os.fchmod(fd, mode)  # O_CREAT's mode is filtered by umask; be exact
             view = memoryview(data)
@@ -49,35 +76,45 @@ def atomic_write(path: Path, data: bytes, *, mode: int = FILE_MODE) -> None:
         finally:
             os.close(fd)
         os.replace(tmp, path)
+        created = False
         fsync_dir(path.parent)
     except OSError as e:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
+        if created:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
         raise StorageError(f"cannot write {path}: {e.strerror}") from e
 
 
 def atomic_symlink(target: str, link: Path) -> None:
-    """Point `link` at `target` atomically (symlink a temp name, then rename over `link`)."""
-    tmp = link.with_name(f".{link.name}.tmp-{os.getpid()}")
+    """Point `link` at `target` atomically (symlink a fresh temp name, then rename over `link`)."""
+    tmp = _temp_name(link)
+    created = False
     try:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        os.symlink(target, tmp)
+        os.symlink(target, tmp)  # fails with EEXIST rather than reuse anything at that name
+        created = True
         os.replace(tmp, link)
+        created = False
         fsync_dir(link.parent)
     except OSError as e:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
+        if created:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
         raise StorageError(f"cannot point {link} at {target}: {e.strerror}") from e
 
 
 def read_bytes(path: Path, *, limit: int = 16 * 1024 * 1024) -> bytes:
     """Read a whole file of bounded size, with a StorageError naming the file on failure."""
+    chunks: list[bytes] = []
+    size = 0
     try:
         with open(path, "rb") as f:
-            data = f.read(limit + 1)
+            # In chunks: f.read(limit + 1) allocates limit + 1 bytes up front, whatever the size
+            # of the file (MemoryError for a large limit on a small file).
+            while size <= limit and (chunk := f.read(min(_READ_CHUNK, limit + 1 - size))):
+                chunks.append(chunk)
+                size += len(chunk)
     except OSError as e:
         raise StorageError(f"cannot read {path}: {e.strerror}") from e
-    if len(data) > limit:
+    if size > limit:
         raise StorageError(f"{path} is larger than {limit} bytes")
-    return data
+    return b"".join(chunks)

@@ -17,6 +17,7 @@ and no resource manager, and on a device other processes (the TLS provider) shar
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -35,6 +36,9 @@ DEFAULT_TCTI = "device:/dev/tpmrm0"
 
 
 def _pytss() -> Any:
+    # libtss2 logs its own errors to stderr ("ERROR:tcti:...") unless told otherwise: we report
+    # each failure in one line of our own. TSS2_LOG set by the user (for debugging) is kept.
+    os.environ.setdefault("TSS2_LOG", "all+none")
     try:
         import tpm2_pytss
         import tpm2_pytss.constants
@@ -131,6 +135,24 @@ def signing_key_template(algorithm: KeyAlgorithm) -> Any:
     )
 
 
+def _tpm_error(tss: Any, e: BaseException, what: str) -> KeyStoreError:
+    """A one-line KeyStoreError for `what` failing, saying what to do about the TPM states a
+    device meets in the field: dictionary-attack lockout, and busy (retry/yielded/testing) after
+    the TSS's own resubmissions ran out."""
+    hint = ""
+    if isinstance(e, tss.TSS2_Exception):
+        rc = tss.constants.TPM2_RC
+        code = int(e.rc) & 0xFFFF
+        if code == rc.LOCKOUT:
+            hint = (
+                " (the TPM is in dictionary-attack lockout: wait for its recovery time, or reset "
+                "it with the lockout authorization: tpm2_dictionarylockout --clear-lockout)"
+            )
+        elif code in (rc.RETRY, rc.YIELDED, rc.TESTING, rc.NV_RATE):
+            hint = " (the TPM is busy or still running its self-test: try again shortly)"
+    return KeyStoreError(f"{what}: {e}{hint}")
+
+
 def _flush_quietly(ectx: Any, handle: Any) -> None:
     """Flush a loaded context; if the TPM is gone, say so, but let the original error stand."""
     try:
@@ -155,8 +177,8 @@ class TpmKeyStore:
             try:
                 key = tss.tsskey.TSSPrivKey.create(ectx, signing_key_template(algorithm))
             except Exception as e:
-                raise KeyStoreError(
-                    f"the TPM at {self.tcti!r} could not create a {algorithm.value} key: {e}"
+                raise _tpm_error(
+                    tss, e, f"the TPM at {self.tcti!r} could not create a {algorithm.value} key"
                 ) from e
         pem: bytes = key.to_pem()
         log.info("created %s key in the TPM", algorithm.value)
@@ -177,9 +199,11 @@ class TpmKeyStore:
             try:
                 handle = parsed.load(ectx)
             except Exception as e:
-                raise KeyStoreError(
+                raise _tpm_error(
+                    tss,
+                    e,
                     f"the TPM at {self.tcti!r} cannot load this key (was it made by another "
-                    f"TPM, or was the TPM cleared?): {e}"
+                    f"TPM, or was the TPM cleared?)",
                 ) from e
             try:
                 if parsed.public.publicArea.type == tss.constants.TPM2_ALG.RSA:
@@ -188,7 +212,10 @@ class TpmKeyStore:
                     )
                 else:
                     key = tss.cryptography.tpm_ecc_private_key(ectx, handle)
-                yield key
+                try:
+                    yield key
+                except tss.TSS2_Exception as e:  # the TPM failed while the caller signed
+                    raise _tpm_error(tss, e, f"the TPM at {self.tcti!r} could not sign") from e
             finally:
                 _flush_quietly(ectx, handle)
 

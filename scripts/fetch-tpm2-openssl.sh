@@ -6,11 +6,16 @@
 # provider. When the system's provider is too old, this fetches Debian 13's package through a
 # private, throw-away apt configuration (the system's apt sources stay untouched) and unpacks it
 # into a project-local folder. Prints the path of the usable tpm2.so on stdout.
+#
+# Every failure ends with one line on stderr (what failed, the tool's last words, the likely
+# cause and where its full output was kept) and a non-zero exit status.
 set -euo pipefail
 
+die() { echo "fetch-tpm2-openssl: $*" >&2; exit 1; }
 dest=${1:?usage: fetch-tpm2-openssl.sh DEST_DIR}
 suite=${TPM2_OPENSSL_SUITE:-trixie}
-multiarch=$(dpkg-architecture -qDEB_HOST_MULTIARCH 2>/dev/null || gcc -print-multiarch)
+multiarch=$(dpkg-architecture -qDEB_HOST_MULTIARCH 2>/dev/null || gcc -print-multiarch 2>/dev/null) ||
+  die "cannot tell this system's multiarch triplet (needs dpkg-dev or gcc)"
 system_so=/usr/lib/$multiarch/ossl-modules/tpm2.so
 local_so=$dest/usr/lib/$multiarch/ossl-modules/tpm2.so
 
@@ -49,9 +54,27 @@ apt_opts=(-o Dir::Etc::SourceList=/dev/null -o Dir::Etc::SourceParts="$work/part
           -o Dir::State::Lists="$work/lists" -o Dir::Cache="$work/cache"
           -o Dir::State::Status=/var/lib/dpkg/status -o APT::Get::List-Cleanup=0
           -o Acquire::Languages=none -o Debug::NoLocking=1 -o APT::Sandbox::User=root)
-apt-get "${apt_opts[@]}" -qq update >&2
-(cd "$work/deb" && apt-get "${apt_opts[@]}" -qq download tpm2-openssl >&2)
-deb=$(ls "$work"/deb/tpm2-openssl_*.deb)
+# run STEP HINT CMD...: quiet on success; on failure one line, and the log kept.
+run() {
+  local name=$1 hint=$2; shift 2
+  local log=$work/$name.log
+  if ! "$@" >"$log" 2>&1; then
+    local kept=${TMPDIR:-/tmp}/devid-agent-fetch-$name.log
+    cp "$log" "$kept" 2>/dev/null || kept="(lost)"
+    local last
+    last=$(grep -v '^[[:space:]]*$' "$log" | tail -n 1 || true)
+    die "$name failed${last:+: $last} ($hint); full output: $kept"
+  fi
+}
+run apt-get-update "fetching Debian $suite's package lists from $mirror: no network?" \
+  apt-get "${apt_opts[@]}" -qq update
+run apt-get-download "downloading Debian $suite's tpm2-openssl from $mirror: no network?" \
+  bash -c 'cd "$1" && shift && apt-get "$@" -qq download tpm2-openssl' _ "$work/deb" "${apt_opts[@]}"
+deb=$(ls "$work"/deb/tpm2-openssl_*.deb 2>/dev/null | head -n 1) ||
+  die "apt-get download left no tpm2-openssl .deb in $work/deb"
+[ -n "$deb" ] || die "apt-get download left no tpm2-openssl .deb"
+new_enough "$(dpkg-deb -f "$deb" Version)" ||
+  die "Debian $suite's tpm2-openssl is $(dpkg-deb -f "$deb" Version), not >= 1.2 (set TPM2_OPENSSL_SUITE)"
 rm -rf "$dest" && mkdir -p "$dest"
 dpkg-deb -x "$deb" "$dest"
 dpkg-deb -f "$deb" Version > "$dest/VERSION"

@@ -51,7 +51,7 @@ def _keys(cls: type, prefix: str = "") -> list[str]:
 
 
 def test_example_documents_every_key() -> None:
-    import tomllib
+    from agent.config import tomllib  # tomli on Python 3.10
 
     table = tomllib.loads(EXAMPLE.read_text())
     missing = []
@@ -93,6 +93,33 @@ def test_minimal_config_defaults() -> None:
         ("keys = 'tpm'\n" + MINIMAL, "keys: expected a table, got 'tpm'"),
         (MINIMAL + "[mqtt]\nhost = 'x'\n", "mqtt: unknown key"),
         (MINIMAL + "[logging]\nlevel = 'loud'\n", "logging.level: expected one of 'debug', 'info', 'warning', 'error', got 'loud'"),
+        # Review: edge cases that escaped as tracebacks, were accepted, or gave an unclear line.
+        (MINIMAL + "[est]\nconnect_timeout_seconds = " + "9" * 400 + "\n", "est.connect_timeout_seconds: expected a number that fits in 64 bits (TOML's range), got an integer of 400 digits"),
+        (MINIMAL + "[est]\nmax_response_bytes = " + "9" * 30 + "\n", "est.max_response_bytes: expected an integer that fits in 64 bits (TOML's range), got " + "9" * 30),
+        (MINIMAL + "[est]\nread_timeout_seconds = inf\n", "est.read_timeout_seconds: expected a finite number, got inf"),
+        (MINIMAL + "[est]\nretry_after_max_seconds = inf\n", "est.retry_after_max_seconds: expected a finite number, got inf"),
+        (MINIMAL + "[est]\nclock_skew_seconds = nan\n", "est.clock_skew_seconds: expected a finite number, got nan"),
+        (MINIMAL + "[est]\ngenerations_kept = 3.0\n", "est.generations_kept: expected an integer, got 3.0"),
+        (MINIMAL + "[est]\nuse_csrattrs = 1\n", "est.use_csrattrs: expected true or false, got 1"),
+        (MINIMAL + "[est]\ngenerations_kept = true\n", "est.generations_kept: expected an integer, got True"),
+        (MINIMAL + '[tpm]\nopenssl_provider = "/usr/lib/tpm2\\u0000.so"\n', "tpm.openssl_provider: expected a path without control characters, got '/usr/lib/tpm2\\x00.so'"),
+        (MINIMAL + "[firmware]\ncrl_files = ['crl.pem']\n", "firmware.crl_files[0]: expected an absolute path, got 'crl.pem'"),
+        (MINIMAL + '[keys]\n"bad\\nkey" = 1\n', 'keys."bad\\nkey": unknown key'),
+        (MINIMAL + "[keys]\nstore = 'TPM'\n", "keys.store: expected one of 'tpm', 'software', got 'TPM' (values are case-sensitive: did you mean 'tpm'?)"),
+        (MINIMAL + "[tpm]\ntcti = 1979-05-27T07:32:00Z\n", "tpm.tcti: expected a string, got a TOML date/time (1979-05-27T07:32:00+00:00)"),
+        (MINIMAL + "[tpm]\ntcti = {device = '/dev/tpmrm0'}\n", "tpm.tcti: expected a string, got a table"),
+        (MINIMAL + "[device.extra]\nx = 1\n", "device.extra: unknown key"),
+        ("[[device]]\nid = 'gw'\n", "device: expected a table, got a list"),
+        (MINIMAL + "[[subject.san_dns]]\nname = 'x'\n", "subject.san_dns[0]: expected a string, got a table"),
+        ('[device]\nid = "gw\\n7"\n', "device.id: expected a string without control characters, got 'gw\\n7'"),
+        ('[device]\nid = "' + "x" * 65 + '"\n', "device.id: expected at most 64 characters (the X.509 limit for commonName and serialNumber), got 'xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx..."),
+        (MINIMAL + '[est]\nurl = "https://est.example\\r\\n/x"\n', "est.url: expected a string without control characters, got 'https://est.example\\r\\n/x'"),
+        (MINIMAL + "[subject]\norganization = '" + "o" * 65 + "'\n", "subject.organization: expected at most 64 characters (the X.509 limit for this attribute), got '" + "o" * 56 + "..."),
+        (MINIMAL + "[subject]\nsan_dns = ['ok.example', 'b\u00fccher.example']\n", "subject.san_dns[1]: expected an ASCII DNS name (A-label; IDNs must be punycode), got 'b\u00fccher.example'"),
+        (MINIMAL + "[subject]\nsan_uris = ['device 7']\n", "subject.san_uris[0]: expected an ASCII URI with a scheme, e.g. \"urn:example:device:{device_id}\", got 'device 7'"),
+        ("[device]\nid = 'gw-\u00e9'\n[subject]\nsan_dns = ['{device_id}.example']\n", "subject.san_dns[0]: with device.id 'gw-\u00e9' this becomes 'gw-\u00e9.example', not an ASCII DNS name (A-label; IDNs must be punycode)"),
+        ("[device]\nid = 'gw 7'\n[subject]\nsan_uris = ['urn:x:{device_id}']\n", "subject.san_uris[0]: with device.id 'gw 7' this becomes 'urn:x:gw 7', not an ASCII URI with a scheme, e.g. \"urn:example:device:{device_id}\""),
+        (MINIMAL + "[subject]\nsan_dns = ['{devid}.example']\n", "subject.san_dns[0]: expected an ASCII DNS name (A-label; IDNs must be punycode), got '{devid}.example'"),
     ],
 )  # fmt: skip
 def test_bad_values_name_file_and_key(tmp_path: Path, text: str, message: str) -> None:
@@ -101,6 +128,60 @@ def test_bad_values_name_file_and_key(tmp_path: Path, text: str, message: str) -
         load_config(path)
     assert str(info.value) == f"{path}: {message}"
     assert "\n" not in str(info.value)
+
+
+def test_integer_too_long_for_python_is_a_config_error(tmp_path: Path) -> None:
+    """tomllib raises a bare ValueError (not TOMLDecodeError) for an integer of 5000 digits."""
+    path = write(tmp_path, MINIMAL + "[est]\nmax_response_bytes = " + "9" * 5000 + "\n")
+    with pytest.raises(
+        ConfigError, match=r"config\.toml: invalid TOML: a value cannot be read"
+    ) as info:
+        load_config(path)
+    assert "\n" not in str(info.value)
+
+
+def test_ints_are_accepted_where_numbers_are_expected() -> None:
+    config = parse_config(MINIMAL + "[est]\nconnect_timeout_seconds = 5\n")
+    assert config.est.connect_timeout_seconds == 5.0
+    assert isinstance(config.est.connect_timeout_seconds, float)
+
+
+def test_empty_string_means_unset_only_for_optional_keys() -> None:
+    """As config.example.toml says: "" is "not set" for optional values; required paths refuse it."""
+    config = parse_config(MINIMAL + "[tpm]\nopenssl_provider = ''\n[est]\ntrust_anchor = ''\n")
+    assert (config.tpm.openssl_provider, config.est.trust_anchor) == (None, None)
+    with pytest.raises(ConfigError, match=r"paths\.state_dir: expected a path string, got ''"):
+        parse_config(MINIMAL + "[paths]\nstate_dir = ''\n")
+
+
+# Keys the schema holds for the long-running service (`devid-agent run`), which is not part of
+# this code base yet: config.example.toml says so. Every other key must be read somewhere.
+RESERVED_FOR_SERVICE = {"paths.run_dir", "logging.level"}
+
+
+def test_every_key_is_read_somewhere() -> None:
+    """A documented key that nothing reads is a setting that silently does nothing."""
+    import re
+
+    sources = "\n".join(
+        p.read_text()
+        for folder in ("agent", "hal")
+        for p in (ROOT / folder).rglob("*.py")
+        if p.name != "config.py"
+    )
+    unread = [
+        key
+        for key in _keys(Config)
+        if key not in RESERVED_FOR_SERVICE
+        and not re.search(rf"\.{re.escape(key.split('.')[-1])}\b", sources)
+    ]
+    assert unread == []
+    example = EXAMPLE.read_text()
+    for key in RESERVED_FOR_SERVICE:
+        assert not re.search(rf"\.{key.split('.')[-1]}\b", sources), f"{key} is read now"
+        section, name = key.split(".")
+        block = example.split(f"[{section}]")[1].split(f"\n{name} =")[0]
+        assert "devid-agent run" in block, f"config.example.toml must say {key} is for the service"
 
 
 def test_invalid_toml_names_the_line(tmp_path: Path) -> None:
@@ -171,3 +252,24 @@ def test_cli_help_lists_commands() -> None:
     result = run_cli("--help")
     assert result.returncode == 0
     assert "config" in result.stdout
+
+
+def test_readme_exit_codes_match_the_cli() -> None:
+    import re
+
+    import agent.cli
+
+    readme = (ROOT / "README.md").read_text()
+    table = readme.split("### Exit codes", 1)[1].split("\n\n", 2)[1]
+    documented = {int(m) for m in re.findall(r"^\| (\d+) \|", table, flags=re.M)}
+    defined = {v for k, v in vars(agent.cli).items() if k.startswith("EXIT_")}
+    assert documented == defined
+
+
+def test_cli_config_option_before_and_after_the_subcommand(tmp_path: Path) -> None:
+    good = write(tmp_path, MINIMAL)
+    bad = tmp_path / "missing.toml"
+    # After the subcommand wins (it is the nearer one); before it works alone.
+    assert run_cli("--config", str(bad), "config", "check", "--config", str(good)).returncode == 0
+    assert run_cli("--config", str(good), "config", "check").returncode == 0
+    assert run_cli("config", "check", "--config", str(bad)).returncode == 78

@@ -12,7 +12,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509.oid import NameOID
 
 from agent.config import parse_config
-from agent.errors import KeyStoreError
+from agent.errors import ConfigError, KeyStoreError
 from agent.pki import SubjectSpec, build_csr, public_key_der
 from hal.interfaces import KeyAlgorithm
 from hal.softkeys import SoftwareKeyStore
@@ -116,3 +116,21 @@ def test_signing_failure_is_a_keystore_error(swtpm: Swtpm) -> None:
         swtpm.stop()
         with pytest.raises(KeyStoreError, match="could not sign the CSR"):
             build_csr(key, subject_from_config())
+
+
+@pytest.mark.parametrize(
+    "subject",
+    [
+        SubjectSpec(common_name="x" * 65),  # e.g. renewing a certificate whose CN is too long
+        SubjectSpec(common_name="gw", san_dns=("b\u00fccher.example",)),
+        SubjectSpec(common_name="gw", san_uris=("urn:\u00e9",)),
+    ],
+)
+def test_subject_that_cannot_go_into_a_csr_is_a_config_error(subject: SubjectSpec) -> None:
+    """cryptography raises ValueError for these; it used to escape build_csr as a traceback."""
+    store = SoftwareKeyStore()
+    with (
+        store.signer(store.generate(KeyAlgorithm.EC_P256)) as key,
+        pytest.raises(ConfigError, match="cannot put this subject into a CSR"),
+    ):
+        build_csr(key, subject)

@@ -20,6 +20,7 @@ def doctor(config: Path, *extra: str) -> subprocess.CompletedProcess[str]:
 
 
 def write_config(tmp_path: Path, tcti: str, provider: Path, store: str = "tpm") -> Path:
+    tmp_path.mkdir(exist_ok=True)
     state = tmp_path / "state"
     state.mkdir(mode=0o700)
     path = tmp_path / "config.toml"
@@ -47,6 +48,7 @@ def test_doctor_reports_unreachable_tpm(tmp_path: Path) -> None:
     lines = result.stdout.splitlines()
     assert lines[0].startswith("ok    config:")
     assert lines[2].startswith(f"FAIL  key_store: cannot open the TPM at '{tcti}'")
+    assert result.stderr == ""  # libtss2's own "ERROR:tcti:..." lines are silenced
 
 
 def test_doctor_warns_about_software_keys(tmp_path: Path) -> None:
@@ -63,3 +65,66 @@ def test_doctor_reports_config_error(tmp_path: Path) -> None:
     result = doctor(path)
     assert result.returncode == 1
     assert result.stdout == f"FAIL  config: {path}: device.id: missing required key (a string)\n"
+
+
+BLOCK_TPM2_PYTSS = """
+import sys
+
+
+class NoLibtss2:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "tpm2_pytss":
+            raise ImportError("libtss2-esys.so.0: cannot open shared object file")
+
+
+sys.meta_path.insert(0, NoLibtss2())
+"""
+
+
+def test_device_without_libtss2_runs_with_software_keys(tmp_path: Path) -> None:
+    """tpm2-pytss is imported lazily: without it, software keys work and the TPM store says
+    what to install."""
+    import os
+
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(BLOCK_TPM2_PYTSS)
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "site")}
+
+    def run(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "agent.cli", *args, "--config", str(config)],
+            capture_output=True, text=True, cwd=ROOT, timeout=60, check=False, env=env,
+        )  # fmt: skip
+
+    software = write_config(tmp_path / "sw", "device:/dev/null", provider_path(), "software")
+    assert run(software, "doctor").returncode == 0
+    assert run(software, "config", "check").stdout == "OK\n"
+    status = run(software, "status")
+    assert (status.returncode, status.stderr) == (1, "")  # not enrolled; no traceback
+    assert "identity:  none" in status.stdout
+
+    result = run(write_config(tmp_path / "tpm", "device:/dev/null", provider_path()), "doctor")
+    assert result.returncode == 1
+    assert (
+        "FAIL  key_store: the TPM key store needs tpm2-pytss and libtss2, which cannot be "
+        "imported (libtss2-esys.so.0: cannot open shared object file); install them, or set "
+        'keys.store = "software"'
+    ) in result.stdout.splitlines()
+
+
+def test_doctor_fails_a_state_dir_owned_by_someone_else(tmp_path: Path) -> None:
+    import os
+
+    config = write_config(tmp_path, "device:/dev/null", provider_path(), store="software")
+    state = tmp_path / "state"
+    if os.geteuid() == 0:
+        os.chown(state, 65534, 65534)
+        owner = 65534
+    else:  # unprivileged: point state_dir at a root-owned directory
+        config.write_text(config.read_text().replace(str(state), "/"))
+        state, owner = Path("/"), 0
+    result = doctor(config)
+    assert result.returncode == 1
+    assert (
+        f"FAIL  state_dir: {state} belongs to uid {owner}, not to this user (uid {os.geteuid()})"
+    ) in result.stdout

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
@@ -128,3 +130,98 @@ def test_unreachable_tpm_is_a_clear_error(tmp_path_factory: pytest.TempPathFacto
 def test_garbage_blob(swtpm: Swtpm) -> None:
     with pytest.raises(KeyStoreError, match="not a TSS2 PRIVATE KEY PEM"):
         TpmKeyStore(tcti=swtpm.tcti).public_key(b"-----BEGIN PRIVATE KEY-----\nAAAA\n")
+
+
+def transient_handles(tcti: str) -> list[int]:
+    from tpm2_pytss.constants import TPM2_CAP, TPM2_HT
+
+    with open_esapi(tcti) as ectx:
+        _, data = ectx.get_capability(TPM2_CAP.HANDLES, TPM2_HT.TRANSIENT << 24, 16)
+        return list(data.data.handles)
+
+
+def test_contexts_are_flushed_when_the_caller_fails(swtpm: Swtpm) -> None:
+    """An exception inside `with signer(...)` still flushes the key; the caller's own exception
+    comes out unchanged."""
+    store = TpmKeyStore(tcti=swtpm.tcti)
+    blob = store.generate(KeyAlgorithm.EC_P256)
+    for _ in range(4):  # 3 transient slots: a leak per failure would fill them
+        with pytest.raises(ZeroDivisionError), store.signer(blob):
+            raise ZeroDivisionError
+    assert transient_handles(swtpm.tcti) == []
+    sign_and_verify(store, blob)
+
+
+def test_primary_is_flushed_when_loading_fails(
+    swtpm: Swtpm, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """tsskey creates the storage primary per operation (`with phandle`): a key the TPM refuses
+    must not leave that primary behind."""
+    blob = TpmKeyStore(tcti=swtpm.tcti).generate(KeyAlgorithm.EC_P256)
+    other = Swtpm(tmp_path_factory.mktemp("other-tpm")).start()
+    try:
+        for _ in range(4):
+            with pytest.raises(KeyStoreError), TpmKeyStore(tcti=other.tcti).signer(blob):
+                pass
+        assert transient_handles(other.tcti) == []
+    finally:
+        other.stop()
+
+
+def test_tpm_busy_or_locked_out_is_a_clear_keystore_error(
+    swtpm: Swtpm, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What the TPM answers in the field (after the TSS's own resubmissions): one clear line that
+    says what to do, and nothing left loaded. The fault is injected at the ESAPI edge."""
+    from tpm2_pytss import ESAPI, TSS2_Exception
+    from tpm2_pytss.constants import TPM2_RC
+
+    store = TpmKeyStore(tcti=swtpm.tcti)
+    blob = store.generate(KeyAlgorithm.EC_P256)
+
+    def busy(self: object, *args: object, **kwargs: object) -> None:
+        raise TSS2_Exception(TPM2_RC.RETRY)
+
+    monkeypatch.setattr(ESAPI, "create", busy)
+    with pytest.raises(KeyStoreError, match=r"could not create a ec-p256 key: .*try again shortly"):
+        store.generate(KeyAlgorithm.EC_P256)
+    assert transient_handles(swtpm.tcti) == []  # the primary made for `create` was flushed
+
+    def locked_out(self: object, *args: object, **kwargs: object) -> None:
+        raise TSS2_Exception(TPM2_RC.LOCKOUT)
+
+    monkeypatch.setattr(ESAPI, "sign", locked_out)
+    with pytest.raises(KeyStoreError) as info, store.signer(blob) as key:
+        key.sign(MESSAGE, ec.ECDSA(hashes.SHA256()))  # type: ignore[call-arg]
+    assert str(info.value).startswith(f"the TPM at {swtpm.tcti!r} could not sign: ")
+    assert "dictionary-attack lockout" in str(info.value) and "\n" not in str(info.value)
+    assert transient_handles(swtpm.tcti) == []
+
+
+def test_swtpm_that_never_listens_is_stopped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fixture's start() used to leave the process running when the readiness poll failed."""
+    import os
+
+    from tests.support import procs
+
+    started: list[int] = []
+    real_start = procs.start
+
+    def recording_start(args: list[str], **kwargs: object) -> object:
+        proc = real_start(args, **kwargs)
+        started.append(proc.pid)
+        return proc
+
+    def never_ready(port: int, **kwargs: object) -> None:
+        raise TimeoutError(f"nothing listened on 127.0.0.1:{port}")
+
+    monkeypatch.setattr(procs, "start", recording_start)
+    monkeypatch.setattr(procs, "wait_for_port", never_ready)
+    tpm = Swtpm(tmp_path / "tpm")
+    with pytest.raises(TimeoutError):
+        tpm.start()
+    assert tpm.proc is None and len(started) == 1
+    with pytest.raises(ProcessLookupError):
+        os.kill(started[0], 0)  # reaped: the PID is gone

@@ -8,6 +8,7 @@ import io
 import json
 from pathlib import Path
 
+import pytest
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from agent.cli import main
@@ -120,3 +121,117 @@ def test_a_broken_part_is_reported_not_fatal(tmp_path: Path, test_ca: TestCA) ->
     assert report["identity"]["state"] == "valid"  # still shown
     assert report["firmware"] is None
     assert len(report["errors"]) == 1 and str(rig.file_env) in report["errors"][0]
+
+
+def test_unreadable_identity_is_not_shown_as_a_software_key(tmp_path: Path) -> None:
+    """An identity that cannot be read used to render as 'generation None ... software key,
+    WEAKER': say it is unreadable, and give the error."""
+    rig, state = device(tmp_path)
+    (state / "identity").mkdir(parents=True)
+    (state / "identity" / "current").symlink_to("gen-7")  # dangling: gen-7 does not exist
+    code, text, _ = status(rig.config)
+    assert json.loads(status(rig.config, "--json")[1])["identity"]["state"] == "unreadable"
+    assert "identity:  unreadable (see the error below)" in text
+    assert "WEAKER" not in text and "generation None" not in text
+    assert text.splitlines()[-1].startswith("error:     ") and "gen-7" in text
+    assert code == 1
+
+
+def test_unreadable_identity_text() -> None:
+    from agent.status import AgentStatus, IdentityStatus
+
+    report = AgentStatus(
+        device_id="gw", config="c.toml", identity=IdentityStatus(state="unreadable"),
+        est_pending=None, firmware=None, errors=("cannot read x\nforged: line",),
+    )  # fmt: skip
+    assert report.to_text().splitlines()[1:] == [
+        "identity:  unreadable (see the error below)",
+        "error:     cannot read x\\nforged: line",
+    ]
+    assert not report.healthy
+
+
+def test_config_option_after_the_subcommand(tmp_path: Path) -> None:
+    rig, _ = device(tmp_path)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = main(["status", "--json", "--config", str(rig.config)])
+    assert code == 1 and json.loads(out.getvalue())["device_id"] == "gw-test"
+
+
+def test_foreign_exception_is_one_line_not_a_traceback(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import agent.cli.status_cmd
+
+    rig, _ = device(tmp_path)
+
+    def boom(config: object) -> None:
+        raise ValueError("bad\nthing")
+
+    monkeypatch.setattr(agent.cli.status_cmd, "collect", boom)
+    code, out, err = status(rig.config)
+    assert (code, out) == (1, "")
+    assert (
+        err == "devid-agent: unexpected error ValueError: bad\\nthing (run with -v for details)\n"
+    )
+
+    def disk(config: object) -> None:
+        raise OSError(5, "Input/output error", "/var/lib/devid-agent/state.json")
+
+    monkeypatch.setattr(agent.cli.status_cmd, "collect", disk)
+    code, out, err = status(rig.config)
+    assert (code, err) == (74, "devid-agent: Input/output error: /var/lib/devid-agent/state.json\n")
+
+
+@pytest.mark.parametrize(
+    ("args", "code"),
+    [
+        (["status"], 141),
+        (["status", "--json"], 141),
+        (["doctor"], 141),
+        (["--help"], 0),  # argparse ignores a failed write of its help text
+        (["status", "--help"], 0),
+    ],
+)
+def test_closed_stdout_is_no_traceback(tmp_path: Path, args: list[str], code: int) -> None:
+    """`devid-agent status | head -0`: the reader is gone before we write."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    rig, _ = device(tmp_path)
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "agent.cli", *args, "--config", str(rig.config)],
+            stdout=write_end, stderr=subprocess.PIPE, text=True, cwd=ROOT, timeout=60,
+            check=False,
+        )  # fmt: skip
+    finally:
+        os.close(write_end)
+    assert (result.returncode, result.stderr) == (code, "")
+
+
+def test_system_clock() -> None:
+    from agent.clock import SystemClock
+
+    clock = SystemClock()
+    assert clock.now().utcoffset() == dt.timedelta(0)
+    start = clock.monotonic()
+    clock.sleep(-5.0)  # a deadline already past: no ValueError from time.sleep
+    assert 0 <= clock.monotonic() - start < 1
+
+
+def test_empty_config_option_is_a_config_error() -> None:
+    """`--config ""` used to fall back silently to $DEVID_AGENT_CONFIG or /etc/devid-agent."""
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = main(["status", "--config", ""])
+    assert (code, err.getvalue()) == (
+        78,
+        "devid-agent: --config: expected a config file path, got ''\n",
+    )

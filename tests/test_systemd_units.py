@@ -43,3 +43,26 @@ def test_unit_is_hardened(unit: Path, tmp_path: Path) -> None:
     match = re.search(r"Overall exposure level for \S+: ([0-9.]+)", result.stdout)
     assert match, result.stdout[-500:]
     assert float(match.group(1)) <= 2.0
+
+
+def _setting(unit: Path, key: str) -> list[str]:
+    values: list[str] = []
+    for line in unit.read_text().splitlines():
+        if line.startswith(f"{key}="):
+            values += line.split("=", 1)[1].split()
+    return values
+
+
+def test_enroll_unit_never_retries_what_the_readme_says_not_to() -> None:
+    """README's exit codes: 65 (trust check failed) "do not retry the same input", 77 and 78
+    "need a human". A unit restarting on 65 retried a security failure every 5 minutes."""
+    from agent.cli import EXIT_BAD_RESPONSE, EXIT_CONFIG, EXIT_REJECTED, EXIT_TRUST
+
+    unit = ROOT / "systemd" / "devid-agent-enroll.service"
+    prevented = {int(v) for v in _setting(unit, "RestartPreventExitStatus")}
+    assert prevented == {EXIT_TRUST, EXIT_BAD_RESPONSE, EXIT_REJECTED, EXIT_CONFIG}
+    assert _setting(unit, "Restart") == ["on-failure"]
+    readme = (ROOT / "README.md").read_text()
+    for code in (EXIT_TRUST, EXIT_REJECTED, EXIT_CONFIG):
+        row = next(line for line in readme.splitlines() if line.startswith(f"| {code} |"))
+        assert "do not retry" in row or "needs a human" in row

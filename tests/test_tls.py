@@ -4,6 +4,7 @@ local server that requires client certificates."""
 from __future__ import annotations
 
 import os
+import re
 import ssl
 import subprocess
 import sys
@@ -206,3 +207,101 @@ def test_tpm_key_without_provider_is_a_clear_error(tmp_path: Path) -> None:
         f"{key} is a TPM key, but the tpm2 OpenSSL provider is not loaded into this process; "
         "TPM-backed TLS needs it (see tpm.openssl_provider)"
     )
+
+
+@pytest.mark.parametrize(
+    ("text", "parsed", "usable"),
+    [
+        ("1.3.0", (1, 3, 0), True),
+        ("1.2.0", (1, 2, 0), True),
+        ("1.2.0-rc1", (1, 2, 0), True),
+        ("v1.2", (1, 2), True),
+        ("1.10.1", (1, 10, 1), True),
+        ("1.1.1", (1, 1, 1), False),
+        ("1.1rc2", (1, 1), False),  # was (1, 12): an old release candidate passed as >= 1.2
+        ("1.1-2", (1, 1), False),  # was (1, 12)
+        ("unknown", (), False),
+        ("", (), False),
+    ],
+)
+def test_provider_version_parsing(text: str, parsed: tuple[int, ...], usable: bool) -> None:
+    from hal.openssl_provider import parse_version, version_problem
+
+    assert parse_version(text) == parsed
+    assert (version_problem(text, "/x/tpm2.so") is None) is usable
+
+
+def test_provider_without_a_version_is_refused_clearly() -> None:
+    from hal.openssl_provider import version_problem
+
+    assert version_problem("unknown", "/x/tpm2.so") == (
+        "the OpenSSL provider at /x/tpm2.so does not report a version ('unknown'), so it is "
+        "treated as older than 1.2; versions before 1.2 cannot sign TLS handshakes with a TPM key "
+        "(OpenSSL reports 'missing private key'); install tpm2-openssl >= 1.2 (Debian 13's "
+        "package works on Debian 12; `make setup` unpacks it into .deps/) and name its tpm2.so "
+        "in tpm.openssl_provider"
+    )
+
+
+def test_refused_provider_is_unloaded_and_a_good_one_loads_after(swtpm: Swtpm) -> None:
+    """A refused 1.1 provider used to stay loaded, with its decoders still claiming TSS2 keys,
+    and TPM2OPENSSL_TCTI stayed overwritten."""
+    old = next((ROOT / ".deps" / "tpm2-openssl-old").rglob("tpm2.so"))
+    code = f"""
+        import ctypes, os
+        from agent.errors import ProviderError
+        from hal.openssl_provider import load_tpm2_provider
+        os.environ["TPM2OPENSSL_TCTI"] = "inherited"
+        try:
+            load_tpm2_provider({str(old)!r}, tcti={swtpm.tcti!r})
+        except ProviderError:
+            pass
+        lib = ctypes.CDLL("libcrypto.so.3")
+        lib.OSSL_PROVIDER_available.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+        print(lib.OSSL_PROVIDER_available(None, {str(old)!r}.encode()), os.environ["TPM2OPENSSL_TCTI"])
+        info = load_tpm2_provider({str(provider_path())!r}, tcti={swtpm.tcti!r})
+        print(info.version >= "1.2", os.environ["TPM2OPENSSL_TCTI"] == {swtpm.tcti!r})
+        try:
+            load_tpm2_provider({str(old)!r}, tcti={swtpm.tcti!r})
+        except ProviderError as e:
+            print(e)
+    """
+    result = run_python(code)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[:2] == ["0 inherited", "True True"]
+    assert lines[2].startswith(f"the tpm2 provider {provider_path()} is already loaded for TCTI")
+
+
+def test_default_provider_path_is_in_the_system_modules_directory() -> None:
+    """`tpm.openssl_provider = ""` means OpenSSL's modules directory. The ctypes call asked for
+    OPENSSL_INFO_DIR_FILENAME_SEPARATOR (1005, "/") instead of OPENSSL_INFO_MODULES_DIR (1003),
+    so the default looked for /tpm2.so."""
+    from hal.openssl_provider import default_provider_path
+
+    result = subprocess.run(
+        ["openssl", "version", "-m"], capture_output=True, text=True, check=True
+    )  # MODULESDIR: "/usr/lib/x86_64-linux-gnu/ossl-modules"
+    modules_dir = result.stdout.split('"')[1]
+    assert default_provider_path() == f"{modules_dir}/tpm2.so"
+
+
+@pytest.mark.parametrize(
+    ("min_version", "max_version", "message"),
+    [
+        ("1.3", "1.2", "TLS maximum version 1.2 is below the minimum 1.3"),
+        ("1.2", "1.1", "TLS maximum version must be 1.2 or 1.3, not '1.1'"),
+        ("1.0", None, "TLS minimum version must be 1.2 or 1.3, not '1.0'"),
+    ],
+)
+def test_impossible_version_range_is_a_config_error(
+    pki: tuple[TestCA, Path, Path, Path], min_version: str, max_version: str | None, message: str
+) -> None:
+    """Used to be a KeyError, or a context that fails every handshake with 'no protocols'."""
+    from agent.tls import insecure_unverified_context
+
+    _, ca_file, _, _ = pki
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        client_context(ca_file=ca_file, min_version=min_version, max_version=max_version)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        insecure_unverified_context(peer="x", min_version=min_version, max_version=max_version)

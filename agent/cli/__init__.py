@@ -7,7 +7,10 @@ to exit codes here (documented in the README).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 
@@ -33,6 +36,11 @@ EXIT_PENDING = 75  # EX_TEMPFAIL: accepted, come back later (202 Retry-After)
 EXIT_BAD_RESPONSE = 76  # EX_PROTOCOL: the server answered with something unusable
 EXIT_REJECTED = 77  # EX_NOPERM: the server refused us (401/403/4xx)
 EXIT_CONFIG = 78  # EX_CONFIG
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a process ended by Ctrl-C
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: the reader of our output went away (`| head -0`)
+
+log = logging.getLogger(__name__)
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 Command = Callable[[argparse.Namespace], int]
 
@@ -92,6 +100,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except BrokenPipeError:  # e.g. `devid-agent --help | head -0`: argparse wrote into it
+        _silence_stdout()
+        return EXIT_BROKEN_PIPE
+    except SystemExit:  # argparse's --help, --version, usage errors: flush while we can tell
+        try:
+            sys.stdout.flush()
+        except BrokenPipeError:
+            _silence_stdout()
+            return EXIT_BROKEN_PIPE
+        raise
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -101,14 +124,50 @@ def main(argv: Sequence[str] | None = None) -> int:
     func: Command | None = getattr(args, "func", None)
     if func is None:
         parser.print_help()
+        sys.stdout.flush()
         return EXIT_USAGE
     try:
-        return func(args)
+        code = func(args)
+        sys.stdout.flush()  # a closed pipe shows up here, not at interpreter exit
+        return code
     except AgentError as e:
-        print(f"devid-agent: {e}", file=sys.stderr)
+        _fail(str(e))
         return exit_code_for(e)
     except KeyboardInterrupt:
-        return 130
+        _fail("interrupted")
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        _silence_stdout()
+        return EXIT_BROKEN_PIPE
+    except OSError as e:  # a disk or device error no module wrapped: still one line
+        log.debug("unwrapped OSError", exc_info=True)
+        where = f": {e.filename}" if e.filename is not None else ""
+        _fail(f"{e.strerror or e}{where}")
+        return EXIT_HAL
+    except Exception as e:  # a bug: one line (the traceback with -v), never a bare traceback
+        log.debug("unexpected error", exc_info=True)
+        _fail(f"unexpected error {type(e).__name__}: {e} (run with -v for details)")
+        return EXIT_FAILURE
+
+
+def one_line(text: str) -> str:
+    """`text` with control characters (newlines from a server's message, ...) escaped."""
+    return _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
+
+
+def _fail(message: str) -> None:
+    with contextlib.suppress(OSError):  # stderr is gone too; the exit code still tells
+        print(f"devid-agent: {one_line(message)}", file=sys.stderr, flush=True)
+
+
+def _silence_stdout() -> None:
+    """After EPIPE on stdout, point it at /dev/null so the interpreter's final flush is quiet."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
 
 
 if __name__ == "__main__":

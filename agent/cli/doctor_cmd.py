@@ -13,6 +13,7 @@ import stat
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
+from agent.cli import one_line
 from agent.cli.config_cmd import add_config_option
 from agent.config import Config, KeyStoreKind, config_path, load_config
 from agent.errors import AgentError
@@ -33,6 +34,13 @@ def check_state_dir(config: Config) -> Finding:
         return Finding("state_dir", "warn", f"{path} does not exist yet (created at enrollment)")
     except OSError as e:
         return Finding("state_dir", "fail", f"cannot stat {path}: {e.strerror}")
+    if st.st_uid != os.geteuid():  # hal.storage.ensure_private_dir refuses it too
+        return Finding(
+            "state_dir",
+            "fail",
+            f"{path} belongs to uid {st.st_uid}, not to this user (uid {os.geteuid()}); run "
+            "devid-agent as its owner, or chown it",
+        )
     if stat.S_IMODE(st.st_mode) & 0o077:
         return Finding(
             "state_dir", "fail", f"{path} is mode {stat.S_IMODE(st.st_mode):04o}; want 0700"
@@ -88,8 +96,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 def run(args: argparse.Namespace) -> int:
-    path = config_path(args.config)
     try:
+        path = config_path(args.config)
         config = load_config(path)
         findings = [Finding("config", "ok", str(path)), *run_checks(config)]
     except AgentError as e:
@@ -98,7 +106,6 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps([asdict(f) for f in findings], indent=2))
     else:
         for f in findings:
-            print(
-                f"{f.status.upper() if f.status == 'fail' else f.status:<4}  {f.check}: {f.detail}"
-            )
+            status = f.status.upper() if f.status == "fail" else f.status
+            print(f"{status:<4}  {f.check}: {one_line(f.detail)}")
     return 1 if any(f.status == "fail" for f in findings) else 0

@@ -25,20 +25,28 @@ class Swtpm:
         if shutil.which("swtpm") is None:
             raise RuntimeError("swtpm is not installed: run `make setup`")
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        self.port = procs.free_port(2)
-        self.proc = procs.start(
-            [
-                "swtpm", "socket", "--tpm2",
-                "--server", f"type=tcp,port={self.port},bindaddr=127.0.0.1",
-                "--ctrl", f"type=tcp,port={self.port + 1},bindaddr=127.0.0.1",
-                "--tpmstate", f"dir={self.state_dir}",
-                "--flags", "not-need-init,startup-clear",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        procs.wait_for_port(self.port, proc=self.proc)
-        return self
+        for attempt in range(3):  # a port found free can be taken before swtpm binds it
+            self.port = procs.free_port(2)
+            self.proc = procs.start(
+                [
+                    "swtpm", "socket", "--tpm2",
+                    "--server", f"type=tcp,port={self.port},bindaddr=127.0.0.1",
+                    "--ctrl", f"type=tcp,port={self.port + 1},bindaddr=127.0.0.1",
+                    "--tpmstate", f"dir={self.state_dir}",
+                    "--flags", "not-need-init,startup-clear",
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )  # fmt: skip
+            try:
+                procs.wait_for_port(self.port, proc=self.proc)
+                return self
+            except BaseException as e:  # never leave a half-started swtpm running
+                exited = self.proc.poll() is not None
+                self.stop()
+                if not (exited and isinstance(e, RuntimeError)) or attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
 
     def stop(self) -> None:
         if self.proc is not None:
