@@ -185,16 +185,18 @@ def test_foreign_exception_is_one_line_not_a_traceback(
 
 
 @pytest.mark.parametrize(
-    ("args", "code"),
+    ("args", "codes"),
     [
-        (["status"], 141),
-        (["status", "--json"], 141),
-        (["doctor"], 141),
-        (["--help"], 0),  # argparse ignores a failed write of its help text
-        (["status", "--help"], 0),
+        (["status"], {141}),
+        (["status", "--json"], {141}),
+        (["doctor"], {141}),
+        # argparse's own help output: some CPython 3.11 builds swallow the failed write (0),
+        # others let it reach our handler (141); either way, no traceback
+        (["--help"], {0, 141}),
+        (["status", "--help"], {0, 141}),
     ],
 )
-def test_closed_stdout_is_no_traceback(tmp_path: Path, args: list[str], code: int) -> None:
+def test_closed_stdout_is_no_traceback(tmp_path: Path, args: list[str], codes: set[int]) -> None:
     """`devid-agent status | head -0`: the reader is gone before we write."""
     import os
     import subprocess
@@ -213,7 +215,8 @@ def test_closed_stdout_is_no_traceback(tmp_path: Path, args: list[str], code: in
         )  # fmt: skip
     finally:
         os.close(write_end)
-    assert (result.returncode, result.stderr) == (code, "")
+    assert result.stderr == ""
+    assert result.returncode in codes
 
 
 def test_system_clock() -> None:
