@@ -91,11 +91,10 @@ def provider_tls_setup(config: Config) -> Callable[[Path], None]:
 
     def setup(key_file: Path) -> None:
         from agent.tls import is_tpm_key_file
-        from hal.openssl_provider import load_tpm2_provider
+        from agent.wiring import load_provider
 
-        if is_tpm_key_file(key_file):
-            provider = config.tpm.openssl_provider
-            load_tpm2_provider(str(provider) if provider else None, tcti=config.tpm.tcti)
+        if is_tpm_key_file(key_file):  # an IDevID may be in the TPM even with software keys
+            load_provider(config)
 
     return setup
 

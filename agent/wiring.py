@@ -17,9 +17,14 @@ def key_store(config: Config) -> KeyStore:
     return SoftwareKeyStore()
 
 
+def load_provider(config: Config) -> ProviderInfo:
+    """Load the configured tpm2 OpenSSL provider for the configured TPM into this process."""
+    provider = str(config.tpm.openssl_provider) if config.tpm.openssl_provider else None
+    return load_tpm2_provider(provider, tcti=config.tpm.tcti)
+
+
 def prepare_tls(config: Config) -> ProviderInfo | None:
     """Load the tpm2 OpenSSL provider when TLS will sign with TPM keys. Call before any TLS."""
     if config.keys.store is not KeyStoreKind.TPM:
         return None
-    provider = str(config.tpm.openssl_provider) if config.tpm.openssl_provider else None
-    return load_tpm2_provider(provider, tcti=config.tpm.tcti)
+    return load_provider(config)
