@@ -50,8 +50,9 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _temp_name(path: Path) -> Path:
-    """A fresh hidden name beside `path`: unique per call (threads share a PID), unguessable."""
+def temp_name(path: Path) -> Path:
+    """A fresh hidden name beside `path`: unique per call (threads share a PID), unguessable.
+    Create it exclusively (O_EXCL, open mode "xb"), so nothing planted there is followed."""
     return path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(8)}")
 
 
@@ -61,7 +62,7 @@ def atomic_write(path: Path, data: bytes, *, mode: int = FILE_MODE) -> None:
     The temp file is created with O_EXCL | O_NOFOLLOW under a fresh random name, so nothing
     planted beside `path` (a symlink, a hard link, another writer's temp file) is ever opened.
     """
-    tmp = _temp_name(path)
+    tmp = temp_name(path)
     created = False
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
@@ -87,7 +88,7 @@ def atomic_write(path: Path, data: bytes, *, mode: int = FILE_MODE) -> None:
 
 def atomic_symlink(target: str, link: Path) -> None:
     """Point `link` at `target` atomically (symlink a fresh temp name, then rename over `link`)."""
-    tmp = _temp_name(link)
+    tmp = temp_name(link)
     created = False
     try:
         os.symlink(target, tmp)  # fails with EEXIST rather than reuse anything at that name

@@ -177,3 +177,24 @@ def test_a_variable_twice_is_corrupt(tmp_path: Path) -> None:
     path.write_text(f"# devid-agent boot env crc32={zlib.crc32(body.encode()):08x}\n{body}")
     with pytest.raises(BootControlError, match="is corrupt: BOOT_ORDER appears twice"):
         FileBootControl(path=path).state()
+
+
+def test_grub_write_never_follows_a_link_planted_at_its_temp_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The env is edited in a copy beside it (often in /boot, as root): the copy is created
+    exclusively, so a symlink planted at its name is neither followed nor truncated."""
+    import os
+
+    import hal.storage
+
+    rig = Rig(tmp_path / "dev", bootloader="grub")
+    before = rig.grubenv.read_bytes()
+    monkeypatch.setattr(hal.storage.secrets, "token_hex", lambda n: "fixed")
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious")
+    os.symlink(victim, rig.grubenv.with_name(f".{rig.grubenv.name}.tmp-{os.getpid()}-fixed"))
+    with pytest.raises(BootControlError, match="File exists"):
+        GrubBootControl(env_file=rig.grubenv).set_primary("B", tries=1)
+    assert victim.read_bytes() == b"precious"
+    assert rig.grubenv.read_bytes() == before

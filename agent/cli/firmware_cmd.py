@@ -21,7 +21,7 @@ from agent.cli.config_cmd import add_config_option
 from agent.clock import SystemClock
 from agent.config import Config, config_path, load_config
 from agent.errors import StorageError
-from hal.storage import read_bytes
+from hal.storage import read_bytes, temp_name
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -99,9 +99,9 @@ def run_sign(args: argparse.Namespace) -> int:
     # Validate what we are about to sign exactly as a device will parse it.
     parse_manifest(manifest.to_bytes(), max_payload_bytes=1 << 62)
     out: Path = args.output
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    tmp = temp_name(out)
     try:
-        with open(tmp, "wb") as f:
+        with open(tmp, "xb") as f:
             write_bundle(args.image, f, manifest, [signer])
         os.replace(tmp, out)
     except OSError as e:

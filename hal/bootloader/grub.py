@@ -27,7 +27,7 @@ from hal.bootloader.base import (
     run_tool,
 )
 from hal.interfaces import BootState
-from hal.storage import fsync_dir
+from hal.storage import fsync_dir, temp_name
 
 HEADER = b"# GRUB Environment Block\n"
 MAX_ENV_BYTES = 64 * 1024
@@ -99,9 +99,9 @@ class GrubBootControl(EnvBootControl):
         return parse_lines(self._tool(str(self.env_file), "list"), self.where)
 
     def _write_env(self, changes: Mapping[str, str]) -> None:
-        tmp = self.env_file.with_name(f".{self.env_file.name}.tmp-{os.getpid()}")
+        tmp = temp_name(self.env_file)
         try:
-            with open(self.env_file, "rb") as src, open(tmp, "wb") as dst:
+            with open(self.env_file, "rb") as src, open(tmp, "xb") as dst:
                 dst.write(src.read(MAX_ENV_BYTES))
             self._tool(str(tmp), "set", *(f"{k}={v}" for k, v in changes.items()))
             self._check_block(tmp)
