@@ -292,8 +292,15 @@ class FirmwareConfig:
     trust_anchors: Path = checked(Path("/etc/devid-agent/firmware-ca.pem"), check=_absolute_path)
     #: CRL files (PEM or DER) checked against every certificate of the signer chain
     crl_files: tuple[Path, ...] = checked(())
-    #: per-slot records, the lock, the TPM counter baseline, the file counter
-    state_dir: Path = checked(Path("/var/lib/devid-agent/firmware"), check=_absolute_path)
+    #: root's per-slot records, lock, TPM counter baseline and file counter (0700). Must lie
+    #: outside every directory the service user owns: root's firmware commands refuse a path
+    #: with an ancestor another user could write (docs/security.md)
+    state_dir: Path = checked(Path("/var/lib/devid-agent-firmware/private"), check=_absolute_path)
+    #: a world-readable copy of `firmware status --json`, rewritten by root after every firmware
+    #: command; what the service and other users read instead of root's state
+    status_snapshot: Path | None = checked(
+        Path("/var/lib/devid-agent-firmware/status.json"), check=_optional_absolute_path
+    )
     #: "uboot" (fw_setenv), "grub" (grub-editenv) or "file" (development)
     bootloader: BootloaderKind = BootloaderKind.UBOOT
     #: libubootenv's config naming the environment copies
@@ -301,7 +308,9 @@ class FirmwareConfig:
     #: GRUB environment block
     grub_env: Path = checked(Path("/boot/grub/grubenv"), check=_absolute_path)
     #: environment file of the "file" bootloader
-    file_env: Path = checked(Path("/var/lib/devid-agent/firmware/bootenv"), check=_absolute_path)
+    file_env: Path = checked(
+        Path("/var/lib/devid-agent-firmware/private/bootenv"), check=_absolute_path
+    )
     #: slot A and slot B: block devices (or files)
     slot_a: Path = checked(Path("/dev/disk/by-partlabel/rootfs_a"), check=_absolute_path)
     slot_b: Path = checked(Path("/dev/disk/by-partlabel/rootfs_b"), check=_absolute_path)

@@ -5,10 +5,9 @@ hardware-backed."""
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 from agent.errors import StorageError
-from hal.storage import atomic_write, read_bytes
+from hal.interfaces import FileStore
 
 log = logging.getLogger(__name__)
 
@@ -17,21 +16,25 @@ class FileCounter:
     kind = "file"
     hardware_backed = False
 
-    def __init__(self, *, path: Path) -> None:
-        self.path = path
+    def __init__(self, *, store: FileStore, name: str = "security-version") -> None:
+        self.store = store
+        self.name = name
 
     def read(self) -> int:
-        if not self.path.exists():
+        data = self.store.read(self.name, limit=64)
+        if data is None:
             return 0
-        text = read_bytes(self.path, limit=64).decode("ascii", "replace").strip()
-        if not text.isdigit():
-            raise StorageError(f"anti-rollback counter file {self.path} is corrupt: {text!r}")
+        text = data.decode("ascii", "replace").strip()
+        if not (text.isascii() and text.isdigit()):
+            raise StorageError(
+                f"anti-rollback counter file {self.store.path(self.name)} is corrupt: {text!r}"
+            )
         return int(text)
 
     def raise_to(self, value: int) -> int:
         current = self.read()
         if value > current:
-            atomic_write(self.path, f"{value}\n".encode())
+            self.store.write(self.name, f"{value}\n".encode())
             log.info("anti-rollback counter (file) raised from %d to %d", current, value)
             return value
         return current

@@ -9,6 +9,7 @@ import enum
 from collections.abc import Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import BinaryIO, Protocol, runtime_checkable
 
 from cryptography.hazmat.primitives.asymmetric.types import (
@@ -138,4 +139,28 @@ class Slot(Protocol):
 
     def mounted_at(self) -> str | None:
         """Where the slot is mounted, or None: a mounted slot is never written."""
+        ...
+
+
+@runtime_checkable
+class FileStore(Protocol):
+    """Small files in one private directory, none of them reachable by a planted link or FIFO
+    (hal.secure_dir.DirStore): the firmware state, the counters' files, their lock."""
+
+    def path(self, name: str) -> Path:
+        """Where `name` lives, for messages."""
+        ...
+
+    def read(self, name: str, *, limit: int) -> bytes | None:
+        """The file's bytes (at most `limit`), or None if it does not exist."""
+        ...
+
+    def write(self, name: str, data: bytes, *, mode: int = 0o600) -> None:
+        """Replace the file atomically and durably."""
+        ...
+
+    def lock(
+        self, name: str, *, wait: bool = True, holder: str = "another process"
+    ) -> AbstractContextManager[None]:
+        """Hold an exclusive lock on the file `name` for the block."""
         ...

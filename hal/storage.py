@@ -8,9 +8,11 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import stat
 from pathlib import Path
 
 from agent.errors import StorageError
+from hal.secure_dir import SecureDir
 
 FILE_MODE = 0o600
 DIR_MODE = 0o700
@@ -18,27 +20,16 @@ _READ_CHUNK = 1024 * 1024
 
 
 def ensure_private_dir(path: Path) -> Path:
-    """Create `path` (and parents) as 0700 if missing; tighten an existing dir's mode to 0700.
+    """Create `path` as 0700 if missing; tighten an existing dir's mode to 0700.
 
-    An existing directory must belong to this process's user: one owned by another user would let
-    that user swap our files (or, for root, plant links) under us, so it is refused, clearly.
+    Reached through hal.secure_dir's checked walk: no symlink on the way, every ancestor owned
+    by root or us and writable by no one else, the directory itself ours (one owned by another
+    user would let that user swap our files, or for root plant links, under us), and chmodded
+    through its descriptor, never by path.
     """
-    try:
-        path.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
-        st = path.stat()
-    except OSError as e:
-        raise StorageError(f"cannot create private directory {path}: {e.strerror}") from e
-    euid = os.geteuid()
-    if st.st_uid != euid:
-        raise StorageError(
-            f"{path} belongs to uid {st.st_uid}, not to this process's user (uid {euid}); run "
-            "devid-agent as the directory's owner, or chown the directory to this user"
-        )
-    if st.st_mode & 0o077:
-        try:
-            os.chmod(path, DIR_MODE)
-        except OSError as e:
-            raise StorageError(f"cannot make {path} private (0700): {e.strerror}") from e
+    directory = SecureDir.open(path, create=True, private=True)
+    assert directory is not None  # create=True never returns None
+    directory.close()
     return path
 
 
@@ -108,7 +99,12 @@ def read_bytes(path: Path, *, limit: int = 16 * 1024 * 1024) -> bytes:
     chunks: list[bytes] = []
     size = 0
     try:
-        with open(path, "rb") as f:
+        # O_NONBLOCK: a FIFO planted where a file should be is refused below, not waited on.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise StorageError(f"{path} is not a regular file")
+        with open(fd, "rb") as f:
             # In chunks: f.read(limit + 1) allocates limit + 1 bytes up front, whatever the size
             # of the file (MemoryError for a large limit on a small file).
             while size <= limit and (chunk := f.read(min(_READ_CHUNK, limit + 1 - size))):

@@ -11,26 +11,29 @@ small file next to the firmware state. `raise_to(n)` increments until counter >=
 
 The index is defined on first use (owner authorization), OWNERWRITE only (so an unprivileged
 process cannot raise it and lock updates out), AUTHREAD with an empty auth (anyone may read),
-NO_DA. An index found at the configured handle that is not a counter is refused: an ordinary
-NV index could be written lower. If the baseline file is lost while the index exists, the agent
-refuses to guess: re-provisioning (undefine the index with owner auth) can only raise the
-counter, so it never opens a downgrade.
+NO_DA. An index found at the configured handle is used only if its public area is exactly the
+one the agent defines (its NV name is compared): anyone who can define NV space (with an empty
+owner auth, any TPM user) could otherwise define it first, say with AUTHWRITE, and raise it at
+will (locking every update out), or as an ordinary index that can be written lower. If the
+baseline file is lost while the index exists, the agent refuses to guess: re-provisioning
+(undefine the index with owner auth) can only raise the counter, so it never opens a downgrade.
+The baseline lives in root's firmware state directory, reached through hal.secure_dir.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from pathlib import Path
 from typing import Any
 
-from agent.errors import StorageError
-from hal.storage import atomic_write, read_bytes
+from agent.errors import StorageError, TrustError
+from hal.interfaces import FileStore
 from hal.tpm import _pytss, open_esapi
 
 log = logging.getLogger(__name__)
 
 DEFAULT_INDEX = 0x01500100
+BASELINE_FILE = "tpm-counter-baseline.json"
 MAX_STEPS = 1 << 16  # one TPM command per step; bounded like the manifest's security_version
 
 
@@ -39,21 +42,32 @@ class TpmCounter:
     hardware_backed = True
 
     def __init__(
-        self, *, tcti: str, baseline_path: Path, index: int = DEFAULT_INDEX, owner_auth: bytes = b""
+        self,
+        *,
+        tcti: str,
+        store: FileStore,
+        baseline_name: str = BASELINE_FILE,
+        index: int = DEFAULT_INDEX,
+        owner_auth: bytes = b"",
     ) -> None:
         self.tcti = tcti
         self.index = index
-        self.baseline_path = baseline_path
+        self.store = store
+        self.baseline_name = baseline_name
+        self.baseline_path = store.path(baseline_name)
         self.owner_auth = owner_auth
 
     def _fail(self, what: str) -> StorageError:
         return StorageError(f"TPM anti-rollback counter {self.index:#010x}: {what}")
 
     def _baseline(self) -> int | None:
-        if not self.baseline_path.exists():
+        data = self.store.read(self.baseline_name, limit=4096)
+        if data is None:
             return None
         try:
-            record = json.loads(read_bytes(self.baseline_path, limit=4096))
+            record = json.loads(data)
+            if type(record["index"]) is not int or type(record["baseline"]) is not int:
+                raise ValueError("not integers")
             if record["index"] != self.index:
                 raise ValueError(f"recorded for index {record['index']:#x}")
             return int(record["baseline"])
@@ -67,14 +81,48 @@ class TpmCounter:
         if self.index not in list(data.data.handles):
             return None
         handle = ectx.tr_from_tpmpublic(self.index)
-        public, _name = ectx.nv_read_public(handle)
-        attrs = int(public.nvPublic.attributes)
-        nt = (attrs & int(tss.constants.TPMA_NV.TPM2_NT_MASK)) >> int(
-            tss.constants.TPMA_NV.TPM2_NT_SHIFT
-        )
-        if nt != int(tss.constants.TPM2_NT.COUNTER):
-            raise self._fail("the index exists but is not a TPM2_NT_COUNTER; refusing to use it")
+        public, name = ectx.nv_read_public(handle)
+        written = int(public.nvPublic.attributes) & int(tss.constants.TPMA_NV.WRITTEN)
+        expected = self._public(extra_attributes=written)
+        if bytes(name) != bytes(expected.get_name()):
+            raise self._squatted(public.nvPublic)
         return handle
+
+    def _squatted(self, found: Any) -> TrustError:
+        """The index is someone else's: a security event, never used, never 'fixed' by us."""
+        tss = _pytss()
+        attrs = int(found.attributes) & ~int(tss.constants.TPMA_NV.WRITTEN)
+        return TrustError(
+            f"TPM anti-rollback counter {self.index:#010x}: the NV index there is not the one "
+            f"devid-agent defines (attributes {attrs:#010x}, want {self._attributes():#010x}; "
+            f"name algorithm {int(found.nameAlg):#06x}; authPolicy {len(bytes(found.authPolicy))} "
+            f"bytes; size {int(found.dataSize)}): someone who can define NV space put it there, "
+            "and may control it; refusing to trust it. Check who defined it, undefine it with "
+            "owner auth (tpm2_nvundefine), set an owner password (tpm2_changeauth -c owner) and "
+            "name it in firmware.counter_owner_auth_file"
+        )
+
+    def _attributes(self) -> int:
+        tss = _pytss()
+        nv = tss.constants.TPMA_NV
+        return int(
+            nv.OWNERWRITE
+            | nv.AUTHREAD
+            | nv.NO_DA
+            | (tss.constants.TPM2_NT.COUNTER << nv.TPM2_NT_SHIFT)
+        )
+
+    def _public(self, *, extra_attributes: int = 0) -> Any:
+        tss = _pytss()
+        return tss.types.TPM2B_NV_PUBLIC(
+            nvPublic=tss.types.TPMS_NV_PUBLIC(
+                nvIndex=self.index,
+                nameAlg=tss.constants.TPM2_ALG.SHA256,
+                attributes=self._attributes() | extra_attributes,
+                authPolicy=b"",
+                dataSize=8,
+            )
+        )
 
     def _written(self, ectx: Any, handle: Any) -> bool:
         public, _name = ectx.nv_read_public(handle)
@@ -91,23 +139,7 @@ class TpmCounter:
 
     def _define(self, ectx: Any) -> Any:
         tss = _pytss()
-        nv = tss.constants.TPMA_NV
-        attrs = (
-            nv.OWNERWRITE
-            | nv.AUTHREAD
-            | nv.NO_DA
-            | (tss.constants.TPM2_NT.COUNTER << nv.TPM2_NT_SHIFT)
-        )
-        public = tss.types.TPM2B_NV_PUBLIC(
-            nvPublic=tss.types.TPMS_NV_PUBLIC(
-                nvIndex=self.index,
-                nameAlg=tss.constants.TPM2_ALG.SHA256,
-                attributes=attrs,
-                authPolicy=b"",
-                dataSize=8,
-            )
-        )
-        handle = ectx.nv_define_space(tss.types.TPM2B_AUTH(b""), public, self._owner(ectx))
+        handle = ectx.nv_define_space(tss.types.TPM2B_AUTH(b""), self._public(), self._owner(ectx))
         log.info("defined TPM NV counter index %#010x", self.index)
         return handle
 
@@ -117,7 +149,7 @@ class TpmCounter:
                 handle = self._handle(ectx)
                 written = handle is not None and self._written(ectx, handle)
                 raw = self._raw(ectx, handle) if written else None
-        except StorageError:
+        except (StorageError, TrustError):
             raise
         except Exception as e:
             raise self._fail(str(e)) from e
@@ -148,8 +180,8 @@ class TpmCounter:
                         handle = self._define(ectx)
                     ectx.nv_increment(handle, auth_handle=self._owner(ectx))
                     baseline = self._raw(ectx, handle)
-                    atomic_write(
-                        self.baseline_path,
+                    self.store.write(
+                        self.baseline_name,
                         json.dumps({"index": self.index, "baseline": baseline}).encode(),
                     )
                 elif baseline is None:
@@ -161,7 +193,7 @@ class TpmCounter:
                 while raw < target:
                     ectx.nv_increment(handle, auth_handle=self._owner(ectx))
                     raw = self._raw(ectx, handle)
-        except StorageError:
+        except (StorageError, TrustError):
             raise
         except Exception as e:
             raise self._fail(str(e)) from e

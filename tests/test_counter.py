@@ -8,15 +8,16 @@ from pathlib import Path
 import pytest
 
 from agent.cli import EXIT_TRUST
-from agent.errors import StorageError
+from agent.errors import StorageError, TrustError
 from hal.file_counter import FileCounter
-from hal.tpm_counter import TpmCounter
+from hal.secure_dir import DirStore
+from hal.tpm_counter import BASELINE_FILE, TpmCounter
 from tests.support.firmware import Rig, cli, image, make_bundle
 from tests.support.swtpm import Swtpm
 
 
 def test_file_counter(tmp_path: Path) -> None:
-    counter = FileCounter(path=tmp_path / "sv")
+    counter = FileCounter(store=DirStore(tmp_path), name="sv")
     assert counter.read() == 0 and not counter.hardware_backed
     assert counter.raise_to(4) == 4
     assert counter.raise_to(2) == 4
@@ -27,23 +28,27 @@ def test_file_counter(tmp_path: Path) -> None:
         counter.read()
 
 
+def tpm_counter(swtpm: Swtpm, directory: Path) -> TpmCounter:
+    return TpmCounter(tcti=swtpm.tcti, store=DirStore(directory))
+
+
 def test_tpm_counter_rises_survives_restarts_and_never_lowers(swtpm: Swtpm, tmp_path: Path) -> None:
-    baseline = tmp_path / "baseline.json"
-    counter = TpmCounter(tcti=swtpm.tcti, baseline_path=baseline)
+    baseline = tmp_path / BASELINE_FILE
+    counter = tpm_counter(swtpm, tmp_path)
     assert counter.read() == 0 and not baseline.exists()  # nothing defined yet
     assert counter.raise_to(0) == 0 and baseline.exists()
     assert counter.raise_to(3) == 3
     assert counter.raise_to(1) == 3
     swtpm.restart()
-    counter = TpmCounter(tcti=swtpm.tcti, baseline_path=baseline)
+    counter = tpm_counter(swtpm, tmp_path)
     assert counter.read() == 3 and counter.hardware_backed
 
 
 def test_tpm_counter_baseline_tampering_cannot_lower_it_silently(
     swtpm: Swtpm, tmp_path: Path
 ) -> None:
-    baseline = tmp_path / "baseline.json"
-    counter = TpmCounter(tcti=swtpm.tcti, baseline_path=baseline)
+    baseline = tmp_path / BASELINE_FILE
+    counter = tpm_counter(swtpm, tmp_path)
     counter.raise_to(2)
     baseline.unlink()
     with pytest.raises(StorageError, match=r"baseline file .* is missing"):
@@ -60,8 +65,8 @@ def test_redefined_index_only_goes_up(swtpm: Swtpm, tmp_path: Path) -> None:
     starts at the highest value any counter had, so security versions only rise."""
     from hal.tpm import open_esapi
 
-    baseline = tmp_path / "baseline.json"
-    counter = TpmCounter(tcti=swtpm.tcti, baseline_path=baseline)
+    baseline = tmp_path / BASELINE_FILE
+    counter = tpm_counter(swtpm, tmp_path)
     counter.raise_to(4)
     with open_esapi(swtpm.tcti) as ectx:
         from tpm2_pytss.constants import ESYS_TR
@@ -71,7 +76,7 @@ def test_redefined_index_only_goes_up(swtpm: Swtpm, tmp_path: Path) -> None:
         counter.read()
     old_baseline = json.loads(baseline.read_text())["baseline"]
     baseline.unlink()  # re-provision
-    fresh = TpmCounter(tcti=swtpm.tcti, baseline_path=baseline)
+    fresh = tpm_counter(swtpm, tmp_path)
     assert fresh.raise_to(0) == 0
     # the new counter starts at least where the old one ended (old baseline + 4)
     assert json.loads(baseline.read_text())["baseline"] >= old_baseline + 4
@@ -94,8 +99,8 @@ def test_an_ordinary_nv_index_is_refused(swtpm: Swtpm, tmp_path: Path) -> None:
             )
         )
         ectx.nv_define_space(TPM2B_AUTH(b""), public, ESYS_TR.OWNER)
-    counter = TpmCounter(tcti=swtpm.tcti, baseline_path=tmp_path / "b.json")
-    with pytest.raises(StorageError, match="not a TPM2_NT_COUNTER"):
+    counter = tpm_counter(swtpm, tmp_path)
+    with pytest.raises(TrustError, match="not the one devid-agent defines"):
         counter.raise_to(1)
 
 
@@ -103,7 +108,7 @@ def test_full_cycle_with_the_tpm_counter(swtpm: Swtpm, tmp_path: Path) -> None:
     rig = Rig(tmp_path / "dev", bootloader="uboot", counter="tpm", tcti=swtpm.tcti)
     v3 = rig.write_bundle(make_bundle(image(8192, 3), [rig.vendor.signer], security_version=3))
     assert cli(rig.config, "install", str(v3))[0] == 0
-    assert TpmCounter(tcti=swtpm.tcti, baseline_path=rig.state_dir / "x").read() == 0
+    assert tpm_counter(swtpm, tmp_path / "elsewhere").read() == 0
     assert rig.reboot() == "B"
     assert cli(rig.config, "commit")[0] == 0
     swtpm.restart()

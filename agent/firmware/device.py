@@ -19,9 +19,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import hmac
+import json
 import logging
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import BinaryIO
@@ -31,17 +32,22 @@ from agent.errors import BootControlError, FirmwareVerificationError, RollbackEr
 from agent.firmware.bundle import DEFAULT_LIMITS, BundleLimits, read_header
 from agent.firmware.chain import TrustPolicy
 from agent.firmware.manifest import HASH_ALGORITHMS, Manifest
-from agent.firmware.state import FirmwareState, SlotRecord, load_state, save_state
+from agent.firmware.state import (
+    MAX_STATE_BYTES,
+    FirmwareState,
+    SlotRecord,
+    encode_state,
+    parse_state,
+)
 from agent.firmware.status import FirmwareStatus, SlotStatus
 from agent.firmware.verify import DEFAULT_BUFFER_BYTES, DeviceFacts, stream_payload, verify_header
-from hal.interfaces import BootControl, MonotonicCounter, Slot
-from hal.lock import exclusive_lock
-from hal.storage import ensure_private_dir
+from hal.interfaces import BootControl, FileStore, MonotonicCounter, Slot
 
 log = logging.getLogger(__name__)
 
 STATE_FILE = "state.json"
 LOCK_FILE = "lock"
+SNAPSHOT_FILE = "status.json"
 
 
 @dataclass(frozen=True)
@@ -68,7 +74,7 @@ class FirmwareDevice:
         boot: BootControl,
         slots: Mapping[str, Slot],
         counter: MonotonicCounter,
-        state_dir: Path,
+        store: FileStore,
         booted_slot: Callable[[], str],
         clock: Clock,
         compatible: str,
@@ -77,11 +83,14 @@ class FirmwareDevice:
         check_slot_at_commit: bool = False,
         limits: BundleLimits = DEFAULT_LIMITS,
         buffer_bytes: int = DEFAULT_BUFFER_BYTES,
+        snapshot: FileStore | None = None,
     ) -> None:
         self.boot = boot
         self.slots = dict(slots)
         self.counter = counter
-        self.state_dir = state_dir
+        self.store = store
+        #: written (0644) after every change, for readers that may not see root's state
+        self.snapshot = snapshot
         self.booted_slot = booted_slot
         self.clock = clock
         self.compatible = compatible
@@ -95,12 +104,32 @@ class FirmwareDevice:
 
     @property
     def state_path(self) -> Path:
-        return self.state_dir / STATE_FILE
+        return self.store.path(STATE_FILE)
 
-    def _locked(self) -> contextlib.AbstractContextManager[None]:
-        """One firmware operation at a time (hooks may overlap with the mark-good service)."""
-        ensure_private_dir(self.state_dir)
-        return exclusive_lock(self.state_dir / LOCK_FILE)
+    def _load(self) -> FirmwareState:
+        return parse_state(self.store.read(STATE_FILE, limit=MAX_STATE_BYTES), self.state_path)
+
+    def _save(self, state: FirmwareState) -> None:
+        self.store.write(STATE_FILE, encode_state(state))
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """One firmware operation at a time (hooks may overlap with the mark-good service);
+        the status snapshot is refreshed when the operation ends, whichever way it ends."""
+        with self.store.lock(LOCK_FILE):
+            try:
+                yield
+            finally:
+                self._write_snapshot()
+
+    def _write_snapshot(self) -> None:
+        if self.snapshot is None:
+            return
+        try:
+            data = json.dumps(self.status().to_dict(), indent=2, sort_keys=True).encode() + b"\n"
+            self.snapshot.write(SNAPSHOT_FILE, data, mode=0o644)
+        except Exception as e:
+            log.warning("firmware status snapshot not written: %s", e)
 
     def _booted(self) -> str:
         booted = self.booted_slot()
@@ -165,7 +194,7 @@ class FirmwareDevice:
                 f"refusing to write slot {target} ({self.slots[target].path}): mounted at {mounted}"
             )
         self.boot.state()  # a corrupt bootloader env stops us before anything is written
-        state = load_state(self.state_path)
+        state = self._load()
         manifest = self._verify_header(stream)
         slot = self.slots[target]
         capacity = slot.capacity()
@@ -181,10 +210,10 @@ class FirmwareDevice:
 
         if state.pending is not None:  # superseded; cleared first so no cut looks like a fallback
             state = replace(state, pending=None)
-            save_state(self.state_path, state)
+            self._save(state)
         self.boot.mark_bad(target)
         state = state.with_slot(target, self._record(manifest, "writing"))
-        save_state(self.state_path, state)
+        self._save(state)
         log.info("writing %s (%s) into slot %s", manifest.version, slot.path, target)
         try:
             with slot.open_write() as out:
@@ -197,16 +226,14 @@ class FirmwareDevice:
             self._read_back(target, manifest)
         except Exception:
             with contextlib.suppress(Exception):
-                save_state(
-                    self.state_path, state.with_slot(target, self._record(manifest, "failed"))
-                )
+                self._save(state.with_slot(target, self._record(manifest, "failed")))
             raise
         # "installed" before the bootloader may boot it; "pending" only once it will: a cut
         # between the two must not look like a fallback.
         state = state.with_slot(target, self._record(manifest, "installed"), fell_back_from=None)
-        save_state(self.state_path, state)
+        self._save(state)
         self.boot.set_primary(target, tries=self.boot_tries)
-        save_state(self.state_path, replace(state, pending=target))
+        self._save(replace(state, pending=target))
         log.info("slot %s holds %s and boots next", target, manifest.version)
         return target, manifest
 
@@ -256,7 +283,7 @@ class FirmwareDevice:
         with self._locked():
             booted = self._booted()
             boot_state = self.boot.state()
-            state = load_state(self.state_path)
+            state = self._load()
             pending = state.pending
             fell_back_from = None
             if pending is not None and pending != booted:
@@ -278,7 +305,7 @@ class FirmwareDevice:
                 state = state.with_slot(
                     fell_back_from, failed, pending=None, fell_back_from=fell_back_from
                 )
-            save_state(self.state_path, state)
+            self._save(state)
             committed = self.counter.raise_to(record.security_version)
             return CommitResult(
                 slot=booted, security_version=committed, fell_back_from=fell_back_from
@@ -291,13 +318,13 @@ class FirmwareDevice:
             booted = self._booted()
             other = self._other(booted)
             self.boot.state()
-            state = load_state(self.state_path)
+            state = self._load()
             if state.pending == other:
                 # Not booted yet (or the bootloader already fell back): cancel the install.
                 self.boot.mark_bad(other)
                 self.boot.mark_good(booted)
                 cancelled = replace(state.slots[other], state="failed", updated=self._now_text())
-                save_state(self.state_path, state.with_slot(other, cancelled, pending=None))
+                self._save(state.with_slot(other, cancelled, pending=None))
                 log.info("cancelled the pending install in slot %s", other)
                 return booted
             record = state.slots.get(other)
@@ -313,13 +340,13 @@ class FirmwareDevice:
                     f"committed {committed}: rollback refused"
                 )
             self.boot.set_primary(other, tries=self.boot_tries)
-            save_state(self.state_path, FirmwareState(slots=state.slots, pending=None))
+            self._save(FirmwareState(slots=state.slots, pending=None))
             return other
 
     def status(self) -> FirmwareStatus:
         booted = self._booted()
         boot_state = self.boot.state()
-        state = load_state(self.state_path)
+        state = self._load()
         pending = state.pending
         fell_back = state.fell_back_from is not None or (
             pending is not None and pending != booted and boot_state.tries_left.get(pending, 0) == 0

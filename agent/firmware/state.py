@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 from agent.errors import StorageError
-from hal.storage import atomic_write, read_bytes
 
 STATE_FORMAT = 1
 SLOT_STATES = ("writing", "installed", "good", "failed")
@@ -64,11 +63,14 @@ def _corrupt(path: Path, what: str) -> StorageError:
     return StorageError(f"firmware state file {path} is corrupt: {what}")
 
 
-def load_state(path: Path) -> FirmwareState:
-    if not path.exists():
+def parse_state(data: bytes | None, path: Path) -> FirmwareState:
+    """The state in `data` (None: no file yet); `path` names it in errors."""
+    if data is None:
         return FirmwareState()
     try:
-        table = json.loads(read_bytes(path, limit=MAX_STATE_BYTES))
+        table = json.loads(data)
+        if not isinstance(table, dict):
+            raise _corrupt(path, "not a JSON object")
         if table.get("format") != STATE_FORMAT:
             raise _corrupt(path, f"format {table.get('format')!r}")
         slots = {}
@@ -88,15 +90,15 @@ def load_state(path: Path) -> FirmwareState:
         )
     except StorageError:
         raise
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
         raise _corrupt(path, str(e)) from e
 
 
-def save_state(path: Path, state: FirmwareState) -> None:
+def encode_state(state: FirmwareState) -> bytes:
     table = {
         "format": STATE_FORMAT,
         "slots": {name: asdict(record) for name, record in sorted(state.slots.items())},
         "pending": state.pending,
         "fell_back_from": state.fell_back_from,
     }
-    atomic_write(path, json.dumps(table, indent=2, sort_keys=True).encode() + b"\n")
+    return json.dumps(table, indent=2, sort_keys=True).encode() + b"\n"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from agent.clock import Clock, SystemClock
@@ -11,12 +12,11 @@ from agent.firmware.chain import TrustPolicy
 from agent.firmware.device import FirmwareDevice
 from agent.firmware.pem import load_certificates, load_crl
 from hal.interfaces import BootControl, MonotonicCounter
+from hal.secure_dir import DirStore, untrusted_ancestor
 from hal.slots import DeviceSlot, booted_slot
 from hal.storage import read_bytes
 
 SLOT_NAMES = ("A", "B")
-TPM_BASELINE_FILE = "tpm-counter-baseline.json"
-FILE_COUNTER_FILE = "security-version"
 
 
 def trust_policy(config: Config) -> TrustPolicy:
@@ -53,18 +53,69 @@ def counter(config: Config) -> MonotonicCounter:
         return TpmCounter(
             tcti=config.tpm.tcti,
             index=fw.counter_nv_index,
-            baseline_path=fw.state_dir / TPM_BASELINE_FILE,
+            store=state_store(config),
             owner_auth=auth,
         )
     from hal.file_counter import FileCounter
 
-    return FileCounter(path=fw.state_dir / FILE_COUNTER_FILE)
+    return FileCounter(store=state_store(config))
+
+
+def state_store(config: Config) -> DirStore:
+    """Root's firmware state directory (records, lock, counter files), reached safely."""
+    return DirStore(config.firmware.state_dir)
+
+
+def snapshot_store(config: Config) -> DirStore | None:
+    """Where root leaves a world-readable copy of `firmware status` for the service."""
+    path = config.firmware.status_snapshot
+    return None if path is None else DirStore(path.parent, private=False)
+
+
+def root_used_paths(config: Config) -> list[tuple[str, Path]]:
+    """Every file or directory root reads or writes for firmware, with its config key."""
+    fw = config.firmware
+    paths: list[tuple[str, Path | None]] = [
+        ("firmware.state_dir", fw.state_dir),
+        ("firmware.status_snapshot", fw.status_snapshot),
+        ("firmware.trust_anchors", fw.trust_anchors),
+        ("firmware.slot_a", Path(fw.slot_a)),
+        ("firmware.slot_b", Path(fw.slot_b)),
+        ("firmware.cmdline", fw.cmdline),
+        ("firmware.counter_owner_auth_file", fw.counter_owner_auth_file),
+        *(("firmware.crl_files", crl) for crl in fw.crl_files),
+    ]
+    if fw.bootloader is BootloaderKind.UBOOT:
+        paths.append(("firmware.uboot_env_config", fw.uboot_env_config))
+    elif fw.bootloader is BootloaderKind.GRUB:
+        paths.append(("firmware.grub_env", fw.grub_env))
+    else:
+        paths.append(("firmware.file_env", fw.file_env))
+    if config.source.is_absolute():
+        paths.append(("the configuration file", config.source))
+    return [(key, path) for key, path in paths if path is not None]
+
+
+def check_root_paths(config: Config) -> None:
+    """As root, refuse any firmware path that a user other than root could replace: the
+    service user must not steer what root's OTA hooks read, write or trust."""
+    if os.geteuid() != 0:
+        return
+    for key, path in root_used_paths(config):
+        why = untrusted_ancestor(path)
+        if why is not None:
+            raise ConfigError(
+                f"{config.source}: {key} = {str(path)!r}: {why}, so that user could replace it "
+                "under root; use a path whose every directory belongs to root and is writable "
+                "only by root"
+            )
 
 
 def firmware_device(config: Config, *, clock: Clock | None = None) -> FirmwareDevice:
     fw = config.firmware
     if not fw.compatible:
         raise ConfigError(f"{config.source}: firmware.compatible: not set (firmware is off)")
+    check_root_paths(config)
     slots = {
         "A": DeviceSlot(name="A", path=fw.slot_a),
         "B": DeviceSlot(name="B", path=fw.slot_b),
@@ -74,7 +125,8 @@ def firmware_device(config: Config, *, clock: Clock | None = None) -> FirmwareDe
         boot=boot_control(config),
         slots=slots,
         counter=counter(config),
-        state_dir=fw.state_dir,
+        store=state_store(config),
+        snapshot=snapshot_store(config),
         booted_slot=lambda: booted_slot(cmdline, fw.cmdline_key),
         clock=clock or SystemClock(),
         compatible=fw.compatible,

@@ -217,6 +217,7 @@ class Rig:
             path.write_bytes(image(SLOT_BYTES, seed=ord(name)))
         self.cmdline = self.root / "cmdline"
         self.state_dir = self.root / "fwstate"
+        self.status_snapshot = self.root / "fwpublic" / "status.json"
         self.files = self.vendor.write_files(self.root)
         self.env_files: list[Path] = []
         if self.bootloader == "uboot":
@@ -251,6 +252,7 @@ class Rig:
             f'trust_anchors = "{self.files["anchor"]}"',
             "crl_files = [" + ", ".join(f'"{p}"' for p in self.crl_files) + "]",
             f'state_dir = "{self.state_dir}"',
+            f'status_snapshot = "{self.status_snapshot}"',
             f'bootloader = "{self.bootloader}"',
             f'slot_a = "{overrides.get("slot_a", self.slot["A"])}"',
             f'slot_b = "{overrides.get("slot_b", self.slot["B"])}"',
