@@ -52,6 +52,13 @@ def _why_untrusted(st: os.stat_result, child: os.stat_result | None) -> str | No
     return None
 
 
+def _refused_ancestor(path: Path, ancestor: Path, why: str) -> StorageError:
+    return StorageError(
+        f"refusing {path}: its ancestor {ancestor} {why}, so another user could replace what "
+        "it holds; use a path whose every directory belongs to root (or to this user)"
+    )
+
+
 def _components(path: Path) -> list[str]:
     if not path.is_absolute():
         raise StorageError(f"{path} is not an absolute path")
@@ -92,9 +99,11 @@ class SecureDir:
                         os.close(fd)
                         return None
                     mode = PRIVATE_DIR_MODE if (last and private) else SHARED_DIR_MODE
-                    why = _why_untrusted(st, None)  # never create inside a directory not ours
+                    # Never create inside a directory someone else may change; in a sticky one
+                    # the new entry is ours (the check after opening it makes sure it is).
+                    why = _why_untrusted(st, _ours())
                     if why is not None:
-                        raise StorageError(f"cannot create {child_path}: {here} {why}") from None
+                        raise _refused_ancestor(path, here, why) from None
                     with contextlib.suppress(FileExistsError):
                         os.mkdir(name, mode, dir_fd=fd)
                     child = os.open(name, _DIR_FLAGS, dir_fd=fd)
@@ -104,13 +113,11 @@ class SecureDir:
                 os.close(fd)
                 fd, st, here = child, child_st, child_path
                 if why is not None:
-                    raise StorageError(
-                        f"refusing {path}: its ancestor {here.parent} {why}, so another user "
-                        "could replace what it holds; use a path whose every directory belongs "
-                        "to root"
-                    )
+                    raise _refused_ancestor(path, here.parent, why)
             euid = os.geteuid()
-            if st.st_uid != euid:
+            if not private and st.st_uid in _trusted_owners():
+                pass  # a shared directory root (or we) keeps for readers
+            elif st.st_uid != euid:
                 raise StorageError(
                     f"{path} belongs to uid {st.st_uid}, not to this process's user (uid {euid}); "
                     "run devid-agent as the directory's owner, or chown the directory to this user"
@@ -286,35 +293,30 @@ def untrusted_ancestor(path: Path) -> str | None:
     """Why someone other than root (or us) could replace `path`, or None if no one can.
 
     Checks every directory above `path` as written and as resolved (a symlink on the way is
-    fine when root placed it: its own directory is checked too), by lstat from `/`.
+    fine when root placed it: its own directory is checked too), by lstat from `/`. What does not
+    exist yet is judged by the directory it would be created in.
     """
     for chain in (path, Path(os.path.realpath(path))):
         parts = _components(chain)
         here = Path("/")
         try:
             st = os.lstat(here)
-            for name in parts[:-1]:
-                child_path = here / name
-                child = os.lstat(child_path)
-                why = _why_untrusted(st, child)
+            for i, name in enumerate(parts):
+                try:
+                    child: os.stat_result | None = os.lstat(here / name)
+                except FileNotFoundError:
+                    child = None
+                why = _why_untrusted(st, child or _ours())
                 if why is not None:
                     return f"{here} {why}"
-                if stat.S_ISLNK(child.st_mode):
-                    break  # the resolved chain covers where it leads
-                st, here = child, child_path
-            else:
-                why = _why_untrusted(st, None if not parts else _lstat_or_none(here / parts[-1]))
-                if why is not None:
-                    return f"{here} {why}"
-        except FileNotFoundError:
-            continue  # what does not exist yet is created by us (or checked when it is)
+                if child is None or stat.S_ISLNK(child.st_mode) or i == len(parts) - 1:
+                    break  # created by us later / the resolved chain covers it / the file itself
+                st, here = child, here / name
         except OSError as e:
             return f"{here} cannot be checked ({e.strerror})"
     return None
 
 
-def _lstat_or_none(path: Path) -> os.stat_result | None:
-    try:
-        return os.lstat(path)
-    except OSError:
-        return None
+def _ours() -> os.stat_result:
+    """The status an entry we create would have (owned by us), for judging its directory."""
+    return os.stat_result((0, 0, 0, 0, os.geteuid(), 0, 0, 0, 0, 0))

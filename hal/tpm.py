@@ -85,6 +85,20 @@ def describe_tpm(tcti: str) -> dict[str, str]:
     }
 
 
+def owner_auth_set(tcti: str) -> bool:
+    """Whether the TPM's owner hierarchy has an auth value (TPMA_PERMANENT.ownerAuthSet)."""
+    tss = _pytss()
+    with open_esapi(tcti) as ectx:
+        try:
+            _, data = ectx.get_capability(
+                tss.constants.TPM2_CAP.TPM_PROPERTIES, tss.constants.TPM2_PT.PERMANENT, 1
+            )
+        except Exception as e:
+            raise KeyStoreError(f"the TPM at {tcti!r} does not answer: {e}") from e
+    permanent = int(data.data.tpmProperties.tpmProperty[0].value)
+    return bool(permanent & int(tss.constants.TPMA_PERMANENT.OWNERAUTHSET))
+
+
 def signing_key_template(algorithm: KeyAlgorithm) -> Any:
     """A TPMT_PUBLIC for a sign-only, non-duplicable key of `algorithm`."""
     tss = _pytss()

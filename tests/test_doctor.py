@@ -36,9 +36,34 @@ def test_doctor_all_ok_with_tpm(swtpm: Swtpm, tmp_path: Path) -> None:
     result = doctor(config, "--json")
     assert result.returncode == 0, result.stdout + result.stderr
     findings = {f["check"]: f for f in json.loads(result.stdout)}
-    assert [f["status"] for f in findings.values()] == ["ok"] * 4
+    assert {name: f["status"] for name, f in findings.items()} == {
+        "config": "ok",
+        "state_dir": "ok",
+        "key_store": "ok",
+        "tpm_owner_auth": "warn",  # a fresh swtpm has an empty owner auth
+        "tls_provider": "ok",
+    }
     assert "manufacturer IBM" in findings["key_store"]["detail"]  # swtpm reports IBM's TPM
     assert findings["tls_provider"]["detail"].startswith("tpm2 OpenSSL provider 1.")
+    assert "group tss" in findings["tpm_owner_auth"]["detail"]
+    assert "tpm2_changeauth -c owner" in findings["tpm_owner_auth"]["detail"]
+
+
+def test_doctor_is_content_once_the_owner_auth_is_set(swtpm: Swtpm, tmp_path: Path) -> None:
+    from tpm2_pytss.constants import ESYS_TR
+    from tpm2_pytss.types import TPM2B_AUTH
+
+    from hal.tpm import open_esapi
+
+    with open_esapi(swtpm.tcti) as ectx:
+        ectx.hierarchy_change_auth(ESYS_TR.OWNER, TPM2B_AUTH(b"owner-secret"))
+    result = doctor(write_config(tmp_path, swtpm.tcti, provider_path()), "--json")
+    findings = {f["check"]: f for f in json.loads(result.stdout)}
+    assert findings["tpm_owner_auth"] == {
+        "check": "tpm_owner_auth",
+        "status": "ok",
+        "detail": "the TPM owner hierarchy has an auth value",
+    }
 
 
 def test_doctor_reports_unreachable_tpm(tmp_path: Path) -> None:

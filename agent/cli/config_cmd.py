@@ -24,6 +24,10 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 def run_check(args: argparse.Namespace) -> int:
     path = config_path(args.config)
-    load_config(path)
+    config = load_config(path)
+    if config.firmware.compatible:  # as root: the paths root's firmware commands would refuse
+        from agent.firmware.root_paths import check_root_paths
+
+        check_root_paths(config)
     print("OK")
     return 0

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 
 from agent.cli import one_line
 from agent.cli.config_cmd import add_config_option
-from agent.config import Config, KeyStoreKind, config_path, load_config
+from agent.config import Config, CounterKind, KeyStoreKind, config_path, load_config
 from agent.errors import AgentError
 
 
@@ -74,7 +74,32 @@ def check_tls_provider(config: Config) -> Finding:
     return Finding("tls_provider", "ok", f"tpm2 OpenSSL provider {info.version} at {info.path}")
 
 
-CHECKS: list[Callable[[Config], Finding]] = [check_state_dir, check_key_store, check_tls_provider]
+def check_tpm_owner_auth(config: Config) -> Finding:
+    uses_tpm = config.keys.store is not KeyStoreKind.SOFTWARE or (
+        config.firmware.compatible and config.firmware.counter is CounterKind.TPM
+    )
+    if not uses_tpm:
+        return Finding("tpm_owner_auth", "ok", "no TPM in use")
+    from hal.tpm import owner_auth_set
+
+    if owner_auth_set(config.tpm.tcti):
+        return Finding("tpm_owner_auth", "ok", "the TPM owner hierarchy has an auth value")
+    return Finding(
+        "tpm_owner_auth",
+        "warn",
+        "the TPM owner auth is empty: anyone who can open the TPM (group tss) can define and "
+        "undefine NV indexes, so could squat the anti-rollback counter's index (refused, but "
+        "firmware updates stop) or raise the counter and lock updates out; set one with "
+        "`tpm2_changeauth -c owner` and name its file in firmware.counter_owner_auth_file",
+    )
+
+
+CHECKS: list[Callable[[Config], Finding]] = [
+    check_state_dir,
+    check_key_store,
+    check_tpm_owner_auth,
+    check_tls_provider,
+]
 
 
 def run_checks(config: Config) -> list[Finding]:

@@ -138,9 +138,9 @@ def run_install(args: argparse.Namespace) -> int:
 
 
 def run_status(args: argparse.Namespace) -> int:
-    from agent.firmware.wiring import firmware_device
+    from agent.firmware.wiring import firmware_status
 
-    status = firmware_device(_config(args)).status()
+    status = firmware_status(_config(args))
     if args.json:
         print(json.dumps(status.to_dict(), indent=2, sort_keys=True))
     else:

@@ -51,10 +51,10 @@ def collect(config: Config) -> AgentStatus:
         errors.append(str(e))
     firmware: dict[str, Any] | None = None
     if config.firmware.compatible:
-        from agent.firmware.wiring import firmware_device
+        from agent.firmware.wiring import firmware_status
 
         try:
-            firmware = firmware_device(config).status().to_dict()
+            firmware = firmware_status(config).to_dict()
         except AgentError as e:
             errors.append(str(e))
     return AgentStatus(

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any
+
+from agent.errors import StorageError
 
 
 @dataclass(frozen=True)
@@ -54,3 +56,41 @@ class FirmwareStatus:
                 f"tries left {s.tries_left} ({s.path})"
             )
         return "\n".join(lines)
+
+    @classmethod
+    def from_dict(cls, table: object, *, where: str) -> FirmwareStatus:
+        """The inverse of `to_dict`, for the snapshot root leaves: every field checked."""
+        try:
+            if not isinstance(table, dict):
+                raise ValueError("not a JSON object")
+            slots = tuple(_typed(SlotStatus, slot) for slot in table["slots"])
+            status: FirmwareStatus = _typed(cls, {**table, "slots": ()}, slots=slots)
+            return status
+        except (KeyError, TypeError, ValueError) as e:
+            raise StorageError(f"firmware status snapshot {where} is malformed: {e}") from e
+
+
+_TYPES: dict[str, tuple[type, ...]] = {
+    "str": (str,),
+    "str | None": (str, type(None)),
+    "bool": (bool,),
+    "int": (int,),
+    "int | None": (int, type(None)),
+}
+
+
+def _typed(cls: type[Any], table: object, **given: Any) -> Any:
+    if not isinstance(table, dict):
+        raise ValueError(f"{cls.__name__}: not a JSON object")
+    values = {}
+    for f in fields(cls):
+        if f.name in given:
+            values[f.name] = given[f.name]
+            continue
+        value = table[f.name]
+        allowed = _TYPES[str(f.type)]
+        # bool is an int subclass: an int field must not take true/false, and vice versa
+        if type(value) not in allowed:
+            raise ValueError(f"{cls.__name__}.{f.name}: {value!r}")
+        values[f.name] = value
+    return cls(**values)

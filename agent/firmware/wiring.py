@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 from agent.clock import Clock, SystemClock
 from agent.config import BootloaderKind, Config, CounterKind
-from agent.errors import ConfigError
+from agent.errors import ConfigError, StorageError
 from agent.firmware.chain import TrustPolicy
 from agent.firmware.device import FirmwareDevice
 from agent.firmware.pem import load_certificates, load_crl
+from agent.firmware.root_paths import check_root_paths
+from agent.firmware.status import FirmwareStatus
 from hal.interfaces import BootControl, MonotonicCounter
-from hal.secure_dir import DirStore, untrusted_ancestor
+from hal.secure_dir import DirStore
 from hal.slots import DeviceSlot, booted_slot
 from hal.storage import read_bytes
 
@@ -72,43 +75,31 @@ def snapshot_store(config: Config) -> DirStore | None:
     return None if path is None else DirStore(path.parent, private=False)
 
 
-def root_used_paths(config: Config) -> list[tuple[str, Path]]:
-    """Every file or directory root reads or writes for firmware, with its config key."""
-    fw = config.firmware
-    paths: list[tuple[str, Path | None]] = [
-        ("firmware.state_dir", fw.state_dir),
-        ("firmware.status_snapshot", fw.status_snapshot),
-        ("firmware.trust_anchors", fw.trust_anchors),
-        ("firmware.slot_a", Path(fw.slot_a)),
-        ("firmware.slot_b", Path(fw.slot_b)),
-        ("firmware.cmdline", fw.cmdline),
-        ("firmware.counter_owner_auth_file", fw.counter_owner_auth_file),
-        *(("firmware.crl_files", crl) for crl in fw.crl_files),
-    ]
-    if fw.bootloader is BootloaderKind.UBOOT:
-        paths.append(("firmware.uboot_env_config", fw.uboot_env_config))
-    elif fw.bootloader is BootloaderKind.GRUB:
-        paths.append(("firmware.grub_env", fw.grub_env))
-    else:
-        paths.append(("firmware.file_env", fw.file_env))
-    if config.source.is_absolute():
-        paths.append(("the configuration file", config.source))
-    return [(key, path) for key, path in paths if path is not None]
+MAX_SNAPSHOT_BYTES = 256 * 1024
 
 
-def check_root_paths(config: Config) -> None:
-    """As root, refuse any firmware path that a user other than root could replace: the
-    service user must not steer what root's OTA hooks read, write or trust."""
-    if os.geteuid() != 0:
-        return
-    for key, path in root_used_paths(config):
-        why = untrusted_ancestor(path)
-        if why is not None:
-            raise ConfigError(
-                f"{config.source}: {key} = {str(path)!r}: {why}, so that user could replace it "
-                "under root; use a path whose every directory belongs to root and is writable "
-                "only by root"
-            )
+def firmware_status(config: Config) -> FirmwareStatus:
+    """As root, from root's own state; as anyone else (the service), from the snapshot root
+    leaves after every firmware command: never from root's files, which it cannot vouch for."""
+    if os.geteuid() == 0:
+        return firmware_device(config).status()
+    path = config.firmware.status_snapshot
+    if path is None:
+        raise StorageError(
+            "firmware status needs root here: firmware.status_snapshot is off, so root leaves "
+            "no copy for other users"
+        )
+    data = DirStore(path.parent, private=False).read(path.name, limit=MAX_SNAPSHOT_BYTES)
+    if data is None:
+        raise StorageError(
+            f"no firmware status snapshot at {path} yet: root writes it at its next firmware "
+            "install, commit (every boot, by the mark-good service) or rollback"
+        )
+    try:
+        table = json.loads(data)
+    except (ValueError, RecursionError) as e:
+        raise StorageError(f"firmware status snapshot {path} is not JSON: {e}") from e
+    return FirmwareStatus.from_dict(table, where=str(path))
 
 
 def firmware_device(config: Config, *, clock: Clock | None = None) -> FirmwareDevice:
