@@ -284,6 +284,7 @@ class FirmwareDevice:
             booted = self._booted()
             boot_state = self.boot.state()
             state = self._load()
+            self.counter.read()  # a counter we cannot trust stops us before anything changes
             pending = state.pending
             fell_back_from = None
             if pending is not None and pending != booted:
