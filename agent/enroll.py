@@ -70,6 +70,22 @@ class EnrollResult:
     timings: EnrollTimings = EnrollTimings()
 
 
+def _signed_ahead(factory: CsrFactory) -> CsrFactory:
+    """Sign the CSR without a challengePassword before any connection is open.
+
+    A TPM without a resource manager (swtpm, /dev/tpm0: 3 object slots) cannot load the CSR's key
+    (2 slots while loading) beside the EST connection's client key (1) and a long-lived TLS
+    context such as the MQTT channel's (1). Signing first keeps every renewal within 3. Only a
+    proof-of-possession CSR, bound to the very connection's tls-unique, is signed inside it
+    (docs/tpm.md)."""
+    ahead = factory(None)
+
+    def sign(challenge: str | None) -> bytes:
+        return ahead if challenge is None else factory(challenge)
+
+    return sign
+
+
 def https_transport_factory(config: Config) -> TransportFactory:
     est = config.est
 
@@ -212,6 +228,8 @@ class Enroller:
                 key_blob = self._keys.generate(plan.algorithm)
                 keygen = time.monotonic() - t
             csr_factory = self._fresh(key_blob, plan)
+        if pop is not ProofOfPossession.ALWAYS:
+            csr_factory = _signed_ahead(csr_factory)
         try:
             outcome = client.enroll(csr_factory, reenroll=reenroll, proof_of_possession=pop)
         except EnrollmentError as e:

@@ -12,7 +12,7 @@ import ssl
 from pathlib import Path
 
 from agent.errors import ConfigError, ProviderError
-from hal.openssl_provider import loaded_provider
+from hal.openssl_provider import loaded_provider, object_slot_shortage
 
 log = logging.getLogger(__name__)
 
@@ -97,5 +97,5 @@ def load_client_identity(ctx: ssl.SSLContext, cert_file: Path, key_file: Path) -
     except (OSError, ssl.SSLError) as e:
         message = f"cannot use client identity {cert_file} with key {key_file}: {e}"
         if is_tpm_key_file(key_file):
-            raise ProviderError(message) from e
+            raise ProviderError(message + object_slot_shortage()) from e
         raise ConfigError(message) from e

@@ -148,6 +148,9 @@ def load_tpm2_provider(path: str | None, *, tcti: str) -> ProviderInfo:
         # TCTI wins over one inherited from the environment.
         previous_tcti = os.environ.get("TPM2OPENSSL_TCTI")
         os.environ["TPM2OPENSSL_TCTI"] = tcti
+        # The provider's libtss2 would print its own WARNING:esys/ERROR:esys lines; we report
+        # every failure in one line of our own. TSS2_LOG set by the user is kept.
+        os.environ.setdefault("TSS2_LOG", "all+none")
         try:
             if not lib.OSSL_PROVIDER_load(None, b"default"):
                 raise ProviderError(
@@ -179,3 +182,20 @@ def load_tpm2_provider(path: str | None, *, tcti: str) -> ProviderInfo:
 def loaded_provider() -> ProviderInfo | None:
     """The tpm2 provider loaded into this process, if any."""
     return _loaded
+
+
+def object_slot_shortage() -> str:
+    """If the TPM behind the loaded provider lacks the two free object slots a key load needs,
+    a sentence saying so and what to do (for a failed TLS key load); else ""."""
+    from hal.tpm import OBJECT_MEMORY_HINT, transient_objects
+
+    info = loaded_provider()
+    if info is None:
+        return ""
+    try:
+        loaded, slots = transient_objects(info.tcti)
+    except Exception:  # a diagnosis must not replace the error it explains
+        return ""
+    if loaded + 2 <= slots:
+        return ""
+    return f"; {loaded} of the TPM's {slots} object slots are taken{OBJECT_MEMORY_HINT}"

@@ -12,6 +12,11 @@ and do nothing else, and cannot leave this TPM.
 
 The TPM is opened per operation and every loaded context is flushed: swtpm has 3 transient slots
 and no resource manager, and on a device other processes (the TLS provider) share the TPM.
+
+The object budget (measured on swtpm, docs/tpm.md): loading a key takes two object slots for the
+length of the load (its parent and the key; a persistent parent is brought into a slot for the
+command too, so a persistent SRK saves time, not slots) and one while it stays loaded. Callers
+order their work so that no load happens while two other objects are held.
 """
 
 from __future__ import annotations
@@ -164,7 +169,34 @@ def _tpm_error(tss: Any, e: BaseException, what: str) -> KeyStoreError:
             )
         elif code in (rc.RETRY, rc.YIELDED, rc.TESTING, rc.NV_RATE):
             hint = " (the TPM is busy or still running its self-test: try again shortly)"
+        elif code == rc.OBJECT_MEMORY:
+            hint = OBJECT_MEMORY_HINT
     return KeyStoreError(f"{what}: {e}{hint}")
+
+
+OBJECT_MEMORY_HINT = (
+    " (the TPM has no free object slot: other processes hold its transient objects, or a process "
+    "killed while it held some left them behind, which on swtpm and /dev/tpm0 lasts until the TPM "
+    "restarts. Use /dev/tpmrm0, whose resource manager flushes a dead process's objects; on swtpm "
+    "restart it, or when no other process uses the TPM run `tpm2_flushcontext -t`)"
+)
+
+
+def transient_objects(tcti: str) -> tuple[int, int]:
+    """(transient objects loaded now, the TPM's guaranteed slots TPM2_PT_HR_TRANSIENT_MIN).
+    Behind /dev/tpmrm0 the count is this connection's own (the kernel virtualises them)."""
+    tss = _pytss()
+    with open_esapi(tcti) as ectx:
+        try:
+            _, handles = ectx.get_capability(
+                tss.constants.TPM2_CAP.HANDLES, tss.constants.TPM2_HC.TRANSIENT_FIRST, 64
+            )
+            _, props = ectx.get_capability(
+                tss.constants.TPM2_CAP.TPM_PROPERTIES, tss.constants.TPM2_PT_HR.TRANSIENT_MIN, 1
+            )
+        except Exception as e:
+            raise KeyStoreError(f"the TPM at {tcti!r} does not answer: {e}") from e
+    return len(list(handles.data.handles)), int(props.data.tpmProperties.tpmProperty[0].value)
 
 
 def _flush_quietly(ectx: Any, handle: Any) -> None:

@@ -53,15 +53,17 @@ def check_key_store(config: Config) -> Finding:
         return Finding(
             "key_store", "warn", "software keys: the private key is a file root can copy"
         )
-    from hal.tpm import describe_tpm
+    from hal.tpm import OBJECT_MEMORY_HINT, describe_tpm, transient_objects
 
     info = describe_tpm(config.tpm.tcti)
-    return Finding(
-        "key_store",
-        "ok",
+    loaded, slots = transient_objects(config.tpm.tcti)
+    about = (
         f"TPM at {config.tpm.tcti}: manufacturer {info['manufacturer']}, "
-        f"spec revision {info['revision']}",
+        f"spec revision {info['revision']}, {loaded} of {slots} object slots in use"
     )
+    if loaded + 2 > slots:  # a key load needs two free slots (docs/tpm.md)
+        return Finding("key_store", "fail", f"{about}: no key can be loaded{OBJECT_MEMORY_HINT}")
+    return Finding("key_store", "ok", about)
 
 
 def check_tls_provider(config: Config) -> Finding:
