@@ -1,6 +1,6 @@
 """The device identity on disk: generations beside a pointer to the current one.
 
-    state_dir/identity/gen-N/{key.tss2.pem|key.pem, cert.pem, chain.pem}
+    state_dir/identity/gen-N/{key.tss2.pem|key.pem, cert.pem, chain.pem, fullchain.pem}
     state_dir/identity/current -> gen-N        (a symlink, swapped atomically by rename)
     state_dir/cacerts.pem                      (the EST CA certificates)
     state_dir/enroll.lock                      (held while enrolling or renewing)
@@ -161,6 +161,8 @@ class IdentityStore:
         atomic_write(directory / key_file_name, key_blob)
         atomic_write(directory / "cert.pem", _pem([certificate]))
         atomic_write(directory / "chain.pem", _pem(chain))
+        # for other services (a web server, a broker client): leaf then intermediates, one file
+        atomic_write(directory / "fullchain.pem", _pem([certificate, *chain]))
         try:
             fsync_dir(self.root)  # gen-N's own entry is durable before `current` names it
         except OSError as e:

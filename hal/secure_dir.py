@@ -27,6 +27,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from agent.errors import Busy, StorageError
+from hal import faults
 
 FILE_MODE = 0o600
 PRIVATE_DIR_MODE = 0o700
@@ -207,13 +208,18 @@ class SecureDir:
                 os.fchmod(fd, mode)  # O_CREAT's mode is filtered by the umask; be exact
                 view = memoryview(data)
                 while view:
+                    faults.point(f"write {self.path / name}")
                     view = view[os.write(fd, view) :]
+                faults.point(f"fsync {self.path / name}")
                 os.fsync(fd)
             finally:
                 os.close(fd)
+            faults.point(f"rename {self.path / name}")
             os.replace(tmp, name, src_dir_fd=self.fd, dst_dir_fd=self.fd)
             created = False
+            faults.point(f"fsync dir of {self.path / name}")
             os.fsync(self.fd)
+            faults.point(f"written {self.path / name}")
         except OSError as e:
             if created:
                 with contextlib.suppress(OSError):

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import BinaryIO, cast
 
 from agent.errors import BootControlError, StorageError
+from hal import faults
 
 MAX_CMDLINE_BYTES = 64 * 1024
 MAX_MOUNTS_BYTES = 4 * 1024 * 1024
@@ -97,11 +98,30 @@ class DeviceSlot:
                 if "+" not in mode:  # clean (fsynced) pages are dropped; best effort
                     with suppress(OSError):
                         os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
-                yield cast(BinaryIO, f)  # open() types a run-time mode as IO[Any]
+                if "+" in mode and faults.armed():
+                    yield cast(BinaryIO, _CrashPoints(cast(BinaryIO, f), self.name))
+                else:
+                    yield cast(BinaryIO, f)  # open() types a run-time mode as IO[Any]
                 if "+" in mode:
+                    faults.point(f"fsync slot {self.name}")
                     os.fsync(f.fileno())
             except OSError as e:
                 raise StorageError(f"slot {self.name} ({self.path}): {doing}: {e.strerror}") from e
+
+
+class _CrashPoints:
+    """A slot writer with a crash point before every chunk (hal.faults; tests only)."""
+
+    def __init__(self, f: BinaryIO, name: str) -> None:
+        self._f = f
+        self._name = name
+
+    def write(self, data: bytes) -> int | None:
+        faults.point(f"write slot {self._name}")
+        return self._f.write(data)
+
+    def fileno(self) -> int:
+        return self._f.fileno()
 
 
 def booted_slot(cmdline: Path, key: str = "rauc.slot") -> str:

@@ -12,6 +12,7 @@ import stat
 from pathlib import Path
 
 from agent.errors import StorageError
+from hal import faults
 from hal.secure_dir import SecureDir
 
 FILE_MODE = 0o600
@@ -62,14 +63,19 @@ def atomic_write(path: Path, data: bytes, *, mode: int = FILE_MODE) -> None:
             os.fchmod(fd, mode)  # O_CREAT's mode is filtered by umask; be exact
             view = memoryview(data)
             while view:
+                faults.point(f"write {path}")
                 written = os.write(fd, view)
                 view = view[written:]
+            faults.point(f"fsync {path}")
             os.fsync(fd)
         finally:
             os.close(fd)
+        faults.point(f"rename {path}")
         os.replace(tmp, path)
         created = False
+        faults.point(f"fsync dir of {path}")
         fsync_dir(path.parent)
+        faults.point(f"written {path}")
     except OSError as e:
         if created:
             with contextlib.suppress(OSError):
@@ -82,11 +88,15 @@ def atomic_symlink(target: str, link: Path) -> None:
     tmp = temp_name(link)
     created = False
     try:
+        faults.point(f"symlink {link}")
         os.symlink(target, tmp)  # fails with EEXIST rather than reuse anything at that name
         created = True
+        faults.point(f"rename {link}")
         os.replace(tmp, link)
         created = False
+        faults.point(f"fsync dir of {link}")
         fsync_dir(link.parent)
+        faults.point(f"linked {link}")
     except OSError as e:
         if created:
             with contextlib.suppress(OSError):

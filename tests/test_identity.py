@@ -115,11 +115,11 @@ def test_crash_debris_is_pruned_before_complete_generations(
     assert store.generations() == [1, 2, 4]  # gen-1 is a real fallback; gen-3 was never one
 
 
-@pytest.mark.parametrize("crash_at", range(5))
+@pytest.mark.parametrize("crash_at", range(6))
 def test_a_crash_at_any_write_leaves_a_usable_identity(
     tmp_path: Path, test_ca: TestCA, monkeypatch: pytest.MonkeyPatch, crash_at: int
 ) -> None:
-    """Writes of install(): key, cert, chain, the `current` swap, cacerts. A crash (here: the
+    """Writes of install(): key, cert, chain, fullchain, the `current` swap, cacerts. A crash (the
     process stops at write number `crash_at`) leaves the old identity or the new one."""
     store = IdentityStore(state_dir=tmp_path, generations_kept=2)
     install(store, test_ca)

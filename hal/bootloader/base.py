@@ -15,6 +15,7 @@ import subprocess
 from collections.abc import Mapping, Sequence
 
 from agent.errors import BootControlError
+from hal import faults
 from hal.interfaces import BootState
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,7 @@ def run_tool(
 ) -> subprocess.CompletedProcess[str]:
     """Run a bootloader tool (an argument list: no shell) on `where`; a failure is one
     BootControlError line with the tool's last line of stderr."""
+    faults.point(f"{args[0]} {where}")
     try:
         done = subprocess.run(
             list(args),

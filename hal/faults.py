@@ -1,0 +1,40 @@
+"""Deterministic crash points, for the tests that cut the power at every step.
+
+With `DEVID_AGENT_CRASH_AT=N` in the environment, the process ends at the N-th crash point it
+passes, with `os._exit(CRASH_EXIT)`: no cleanup, no flush, as a power cut or a `kill -9` would
+leave it (the page cache survives, which a real power cut would not: fsync ordering is what the
+storage code promises, and it is tested by these points falling between each write, fsync and
+rename). Crash points sit before and after every write, fsync and rename of hal.storage and
+hal.secure_dir, at every chunk written to a slot, and before every bootloader tool runs. A test
+runs an operation with N = 1, 2, ... until it completes without crashing (as Mender's
+`Killed_in_<State>` cases do), checking after each crash what the docs promise.
+
+Unset (always, outside tests), `point()` costs one comparison.
+"""
+
+from __future__ import annotations
+
+import os
+
+ENV = "DEVID_AGENT_CRASH_AT"
+CRASH_EXIT = 86
+
+_raw = os.environ.get(ENV, "")
+_target: int | None = int(_raw) if _raw.isascii() and _raw.isdigit() else None
+_passed = 0
+
+
+def point(where: str) -> None:
+    """A place a power cut may fall; ends the process here when it is the chosen one."""
+    global _passed
+    if _target is None:
+        return
+    _passed += 1
+    if _passed == _target:
+        os.write(2, f"devid-agent: crash point {_passed}: {where}\n".encode())
+        os._exit(CRASH_EXIT)
+
+
+def armed() -> bool:
+    """Whether crash points are on (so callers may wrap what they would not otherwise)."""
+    return _target is not None
