@@ -145,7 +145,7 @@ def test_a_crash_at_any_write_leaves_a_usable_identity(
             install(store, test_ca)
     after = IdentityStore(state_dir=tmp_path, generations_kept=2).current()
     assert after is not None
-    assert after.generation == (1 if crash_at <= 3 else 2)  # write 3 is the `current` swap
+    assert after.generation == (1 if crash_at <= 4 else 2)  # write 4 is the `current` swap
     assert after.key_file.read_bytes() == b"KEY" and after.chain_file.is_file()
     assert install(store, test_ca) == 3  # the next run carries on
     assert store.current_generation() == 3
