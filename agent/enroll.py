@@ -8,6 +8,7 @@ verified) and the pending request of a 202.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -24,6 +25,7 @@ from agent.errors import (
     ConfigError,
     EnrollmentError,
     EnrollmentPending,
+    StorageError,
     TransportError,
 )
 from agent.est import trust
@@ -35,7 +37,7 @@ from agent.est.pending import PendingRequest, PendingStore
 from agent.est.response import validate_ca_certs, validate_issued
 from agent.est.transport import ClientIdentity, HttpsTransport, Transport
 from agent.est.wire import clamp_retry_after, parse_retry_after
-from agent.identity import Identity, IdentityStore
+from agent.identity import Identity, IdentityStore, Repair
 from agent.pki import SubjectSpec
 from hal.interfaces import KeyStore
 
@@ -68,6 +70,8 @@ class EnrollResult:
     proof_of_possession: bool = False
     tls_version: str = ""
     timings: EnrollTimings = EnrollTimings()
+    #: what was found damaged in the identity store and done about it, if anything
+    repair: Repair | None = None
 
 
 def _signed_ahead(factory: CsrFactory) -> CsrFactory:
@@ -163,28 +167,32 @@ class Enroller:
     def enroll(self, *, force: bool = False) -> EnrollResult:
         """First enrollment. With a valid identity in place and no `force`, does nothing."""
         with self.store.exclusive():
-            current = self.store.current()
+            current, repair = self.store.usable(self._check_identity)
             if current is not None and not force and self._valid_now(current):
-                return EnrollResult(identity=current, changed=False, key_store=self._kind(current))
+                return EnrollResult(
+                    identity=current, changed=False, key_store=self._kind(current), repair=repair
+                )
             identity = None
             if self._est.idevid_cert is not None and self._est.idevid_key is not None:
                 identity = ClientIdentity(self._est.idevid_cert, self._est.idevid_key)
-            return self._run(
+            result = self._run(
                 reenroll=False, client_identity=identity, current=None, reuse_key=False
             )
+            return dataclasses.replace(result, repair=repair)
 
     def renew(self, *, reuse_key: bool = False) -> EnrollResult:
         """One re-enrollment now, authenticated with the current identity (mutual TLS)."""
         with self.store.exclusive():
-            current = self.store.current()
+            current, repair = self.store.usable(self._check_identity)
             if current is None:
                 raise AgentError(
                     f"no identity to renew under {self.store.root}; run `devid-agent enroll` first"
                 )
             identity = ClientIdentity(current.cert_file, current.key_file)
-            return self._run(
+            result = self._run(
                 reenroll=True, client_identity=identity, current=current, reuse_key=reuse_key
             )
+            return dataclasses.replace(result, repair=repair)
 
     # -- the flow ------------------------------------------------------------------------------
 
@@ -272,6 +280,16 @@ class Enroller:
         )
 
     # -- pieces --------------------------------------------------------------------------------
+
+    def _check_identity(self, identity: Identity) -> None:
+        """Whether a generation can serve: its key file is a key of our store whose public key
+        is the certificate's (raises AgentError naming the fault; an expired one still serves
+        as a renewal credential to report, so validity is not checked here)."""
+        blob = identity.key_blob()
+        if not blob.strip():
+            raise StorageError(f"{identity.key_file} is empty")
+        if self._keys.public_key(blob) != identity.certificate.public_key():
+            raise StorageError(f"{identity.key_file} does not hold the key of {identity.cert_file}")
 
     def _valid_now(self, identity: Identity) -> bool:
         now = self._clock.now()

@@ -25,14 +25,14 @@ import logging
 import os
 import re
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from agent.errors import StorageError
+from agent.errors import AgentError, StorageError
 from hal.lock import exclusive_lock
 from hal.storage import (
     atomic_symlink,
@@ -45,6 +45,28 @@ from hal.storage import (
 log = logging.getLogger(__name__)
 
 _GEN = re.compile(r"^gen-(\d+)$")
+
+
+@dataclass(frozen=True)
+class Repair:
+    """What `IdentityStore.usable` found wrong with `current`, and what it did."""
+
+    #: the generation `current` named (None: `current` itself was unreadable)
+    damaged: int | None
+    reason: str
+    #: the generation made current again, or None: nothing usable left, enroll afresh
+    fell_back_to: int | None
+
+    def describe(self) -> str:
+        what = "current identity" if self.damaged is None else f"identity generation {self.damaged}"
+        done = (
+            f"fell back to generation {self.fell_back_to}"
+            if self.fell_back_to is not None
+            else "no other generation can serve: enrolling afresh"
+        )
+        return f"{what} was damaged ({self.reason}); {done}"
+
+
 KEY_FILE_NAMES = ("key.tss2.pem", "key.pem")
 LOCK_FILE_NAME = "enroll.lock"
 
@@ -115,6 +137,45 @@ class IdentityStore:
         """The identity `current` points at, or None before the first enrollment."""
         generation = self.current_generation()
         return None if generation is None else self._load(generation)
+
+    def usable(self, check: Callable[[Identity], None]) -> tuple[Identity | None, Repair | None]:
+        """The current identity if it loads and passes `check` (which raises AgentError when it
+        cannot serve); else the newest other generation that does, made current (self-repair);
+        else None, so that the caller enrolls afresh with its bootstrap credential. A damaged
+        generation is left on disk for diagnosis. Call while holding `exclusive()`."""
+        try:
+            current = self.current()
+            if current is None:
+                return None, None
+            check(current)
+            return current, None
+        except AgentError as e:
+            reason = str(e)
+        damaged = self._generation_current_names()
+        for generation in sorted(self.generations(), reverse=True):
+            if generation == damaged:
+                continue
+            try:
+                candidate = self._load(generation)
+                check(candidate)
+            except AgentError:
+                continue
+            atomic_symlink(f"gen-{generation}", self.current_link)
+            log.warning(
+                "identity generation %s is damaged (%s); generation %d is current again",
+                damaged, reason, generation,
+            )  # fmt: skip
+            return candidate, Repair(damaged=damaged, reason=reason, fell_back_to=generation)
+        log.warning(
+            "identity generation %s is damaged (%s) and no other can serve", damaged, reason
+        )
+        return None, Repair(damaged=damaged, reason=reason, fell_back_to=None)
+
+    def _generation_current_names(self) -> int | None:
+        try:
+            return self.current_generation()
+        except AgentError:
+            return None
 
     def _load(self, generation: int) -> Identity:
         directory = self.root / f"gen-{generation}"

@@ -61,6 +61,8 @@ def describe(result: EnrollResult, headline: str) -> str:
         f"key:      {where}: {identity.key_file}",
         f"cert:     {identity.cert_file}",
     ]
+    if result.repair is not None:
+        lines.append(f"repaired: {result.repair.describe()}")
     if result.changed:
         detail = "new key" if result.new_key else "same key"
         pop = ", proof-of-possession" if result.proof_of_possession else ""
