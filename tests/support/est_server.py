@@ -18,6 +18,7 @@ import argparse
 import base64
 import binascii
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -42,7 +43,7 @@ from pyasn1.codec.der import encoder as der_encoder
 from pyasn1.type import univ
 from pyasn1_modules import rfc5280, rfc7030
 
-from tests.support.ca import TestCA, key_pem, pem, utcnow
+from tests.support.ca import CaShape, LeafProfile, TestCA, key_pem, pem, utcnow
 
 FAULTS = (
     "5xx",  # HTTP 500
@@ -64,6 +65,12 @@ FAULTS = (
     "bad-extensions",  # the issued certificate carries an extension twice
     "drip",  # the body one byte at a time, each well within the read timeout
     "drip-headers",  # the same with the header lines
+    "server-eku",  # the issued certificate's extendedKeyUsage is serverAuth only
+    "issuer-not-ca",  # signed by a certificate with basicConstraints cA=FALSE (sent along)
+    "pop-401",  # 401 "Proof of Possession Mismatch." with a Basic challenge, like some servers
+    "pop-403",  # 403 naming proof-of-possession in the body
+    "csr-attribute-400",  # 400 naming a missing CSR attribute
+    "policy-403",  # 403 naming a policy refusal
 )
 AUTH_MODES = ("none", "basic", "cert", "both")
 #: a degenerate SignedData without certificates (cryptography will not serialize one)
@@ -128,6 +135,17 @@ class EstOptions:
 
 
 @dataclass
+class Pki:
+    """The CA hierarchy behind the server: `issuing` (with its `parent`s up to the root the
+    agent is given as anchor) signs the device certificates, `tls_issuer` the server's TLS
+    certificate (default: `issuing`); /cacerts sends `issuing` and the CAs above it."""
+
+    issuing: TestCA
+    tls_issuer: TestCA | None = None
+    leaf: LeafProfile = field(default_factory=LeafProfile)
+
+
+@dataclass
 class Record:
     method: str
     path: str
@@ -144,17 +162,30 @@ class EstServer:
     """The EST CA (`ca`), the IDevID manufacturer CA (`idevid_ca`), and an HTTPS server."""
 
     def __init__(
-        self, directory: Path, options: EstOptions | None = None, *, port: int = 0
+        self,
+        directory: Path,
+        options: EstOptions | None = None,
+        *,
+        port: int = 0,
+        pki: Pki | None = None,
     ) -> None:
         self.directory = directory
         self.options = options or EstOptions()
-        self.ca = TestCA(name="devid test EST CA")
+        self.pki = pki or Pki(issuing=TestCA(name="devid test EST CA"))
+        self.ca = self.pki.issuing  # issues the device certificates
+        self.root = self.ca.root()  # the anchor the agent is given
         self.idevid_ca = TestCA(name="devid test manufacturer CA")
         self.rogue_ca = TestCA(name="devid rogue CA")
+        #: a certificate the EST CA issued with cA=FALSE, signing anyway (fault issuer-not-ca)
+        self.not_a_ca = TestCA(name="devid not a CA", parent=self.ca, shape=CaShape(bc_ca=False))
         directory.mkdir(parents=True, exist_ok=True)
-        self.ca_file = self.ca.write_cert(directory / "est-ca.pem")
+        self.ca_file = self.root.write_cert(directory / "est-ca.pem")
         self.idevid_ca_file = self.idevid_ca.write_cert(directory / "idevid-ca.pem")
-        self.server_cert, self.server_key = self.ca.server_identity(directory)
+        tls_issuer = self.pki.tls_issuer or self.ca
+        self.server_cert, self.server_key = tls_issuer.server_identity(directory)
+        if tls_issuer is not self.root:  # the server sends its chain, as servers do
+            with open(self.server_cert, "ab") as f:
+                f.write(b"".join(pem(c) for c in tls_issuer.chain()[:-1]))
         self.records: list[Record] = []
         self.issued: list[x509.Certificate] = []
         self._pending_counts: dict[bytes, int] = {}
@@ -174,7 +205,7 @@ class EstServer:
 
     @property
     def ca_fingerprint(self) -> str:
-        return hashlib.sha256(self.ca.cert.public_bytes(serialization.Encoding.DER)).hexdigest()
+        return hashlib.sha256(self.root.cert.public_bytes(serialization.Encoding.DER)).hexdigest()
 
     def start(self) -> EstServer:
         self._thread.start()
@@ -195,7 +226,9 @@ class EstServer:
     def ssl_context(self) -> ssl.SSLContext:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.load_cert_chain(self.server_cert, self.server_key)
-        ctx.load_verify_locations(cadata=(pem(self.ca.cert) + pem(self.idevid_ca.cert)).decode())
+        anchors = b"".join(pem(c) for c in self.ca.chain()) + pem(self.idevid_ca.cert)
+        ctx.load_verify_locations(cadata=anchors.decode())
+        ctx.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
         ctx.verify_mode = ssl.CERT_OPTIONAL
         if self.options.tls12_only:
             ctx.maximum_version = ssl.TLSVersion.TLSv1_2
@@ -242,10 +275,15 @@ class EstServer:
             not_before = now + timedelta(days=2)
         if options.fault in ("no-digital-signature", "bad-extensions"):
             return self._issue_odd(csr, options.fault)
+        profile = self.pki.leaf
+        if options.fault == "server-eku":
+            profile = dataclasses.replace(profile, eku=(ExtendedKeyUsageOID.SERVER_AUTH,))
+        elif options.fault == "issuer-not-ca":
+            ca = self.not_a_ca
         cert = ca.issue(
             key,  # type: ignore[arg-type]
             subject=csr.subject,
-            eku=[ExtendedKeyUsageOID.CLIENT_AUTH],
+            profile=profile,
             sans=sans,
             ca=options.fault == "ca-cert",
             not_before=not_before,
@@ -438,7 +476,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _cacerts(self, operation: str, body: bytes, record: Record) -> int:
         # A real-server variation: no smime-type parameter on /cacerts.
-        return self._certs([self.est.ca.cert], smime=False)
+        return self._certs(self.est.ca.chain(), smime=False)
 
     def _csrattrs(self, operation: str, body: bytes, record: Record) -> int:
         der = self.est.options.csrattrs
@@ -517,6 +555,19 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _fault_or_issue(self, csr: x509.CertificateSigningRequest) -> int:
         fault = self.est.options.fault
+        if fault == "pop-401":  # what a deployed server answers, credentials accepted or not
+            challenge = {"WWW-Authenticate": 'Basic realm="estrealm"'}
+            return self._send(401, b"401 Unauthorized\nProof of Possession Mismatch.\n",
+                              "text/plain", challenge)  # fmt: skip
+        if fault == "pop-403":
+            return self._send(403, b"proof-of-possession required: the CSR has no "
+                              b"challengePassword bound to this TLS session\n", "text/plain")  # fmt: skip
+        if fault == "csr-attribute-400":
+            return self._send(400, b"CSR attribute missing: serialNumber (2.5.4.5) is required"
+                              b" in the subject\n", "text/plain")  # fmt: skip
+        if fault == "policy-403":
+            return self._send(403, b"Request denied by policy: end entity profile does not "
+                              b"allow this subject\n", "text/plain")  # fmt: skip
         if fault == "5xx":
             retry = self.est.options.retry_after_503
             if retry is not None:
@@ -563,6 +614,8 @@ class _Handler(BaseHTTPRequestHandler):
                 "application/pkcs7-mime; smime-type=certs-only",
                 length=len(body),
             )
+        if fault == "issuer-not-ca":
+            return self._issued([cert, self.est.not_a_ca.cert])
         return self._issued([cert])
 
     def _drip(self, *, headers: bool) -> int:
