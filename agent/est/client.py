@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import logging
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,7 +22,13 @@ from agent.errors import EnrollmentError, TransportError
 from agent.est import wire
 from agent.est.auth import BasicCredentials
 from agent.est.response import parse_certs_only
-from agent.est.transport import ClientIdentity, Connection, HttpResponse, Transport
+from agent.est.transport import (
+    ERROR_BODY_BYTES,
+    ClientIdentity,
+    Connection,
+    HttpResponse,
+    Transport,
+)
 
 log = logging.getLogger(__name__)
 
@@ -205,9 +212,15 @@ class EstClient:
         if status < 300 or (status in (404, 501) and what == "/csrattrs"):
             return
         detail = _snippet(response.body)
+        cause = refusal_cause(response)
+        if cause is not None and 400 <= status < 500:
+            raise EnrollmentError(
+                f"{what}: HTTP {status} {_printable(response.reason)}: {cause}" + detail,
+                status=status,
+            )
         if status == 401:
             challenge = _printable(response.header("www-authenticate") or "no WWW-Authenticate")
-            if credentials_sent:
+            if credentials_sent and _basic_challenge(response):
                 message = f"{what}: HTTP 401: the server rejected our Basic credentials"
             elif self._credentials is None and "basic" in challenge.lower():
                 message = (
@@ -236,6 +249,39 @@ class EstClient:
                 status=status,
             )
         raise EnrollmentError(f"{what}: unexpected HTTP {status} {response.reason}", status=status)
+
+
+#: what a refusal's status text, body or WWW-Authenticate says when it is not about credentials
+_CAUSES = (
+    (
+        re.compile(r"proof[\s_-]*of[\s_-]*possession|\bpop\b|tls[\s_-]*unique", re.I),
+        "the server refused the proof-of-possession (the CSR's challengePassword must carry this "
+        "TLS connection's tls-unique: est.proof_of_possession 'always' makes sure it does; a "
+        "TLS-terminating proxy in between breaks it)",
+    ),
+    (
+        re.compile(r"csr[\s_-]*attr|attribute|\bcsrattrs\b", re.I),
+        "the server refused an attribute of the CSR (see what /csrattrs asks for, and the "
+        "[subject] settings)",
+    ),
+    (
+        re.compile(r"\bpolic(y|ies)\b|\bprofile\b", re.I),
+        "the server's policy refused the request (the credentials were not the problem)",
+    ),
+)
+
+
+def refusal_cause(response: HttpResponse) -> str | None:
+    """What a 4xx is about when its status text, body or WWW-Authenticate names a cause other
+    than credentials: proof-of-possession, a CSR attribute, a policy (None: it names none)."""
+    text = " ".join(
+        (response.reason, response.header("www-authenticate") or "",
+         response.body[:ERROR_BODY_BYTES].decode("utf-8", "replace"))
+    )  # fmt: skip
+    for pattern, cause in _CAUSES:
+        if pattern.search(text):
+            return cause
+    return None
 
 
 def _accept(media_type: str) -> dict[str, str]:
