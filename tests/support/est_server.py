@@ -128,6 +128,7 @@ class EstOptions:
     csrattrs: bytes | None = field(default_factory=csrattrs_der)  # None: 404
     csrattrs_trailing_garbage: bool = True
     csrattrs_status: int = 200  # answer /csrattrs with this status instead (500, 403, ...)
+    csrattrs_suffix: bytes = b""  # appended after the base64 text (b"\x00", b"\r\n  ", ...)
     copy_san: bool = True  # copy subjectAltName from the CSR (False: drop CSR extensions)
     label: str | None = None  # when set, only /.well-known/est/<label>/ is served
     content_length: str | None = None  # sent as the issuing 200's Content-Length (e.g. "²")
@@ -487,6 +488,7 @@ class _Handler(BaseHTTPRequestHandler):
         payload = b64_lines(der)
         if self.est.options.csrattrs_trailing_garbage:
             payload = b64_lines(der + b"\x00\x00garbage")
+        payload += self.est.options.csrattrs_suffix
         return self._send(
             200, payload, "application/csrattrs", {"Content-Transfer-Encoding": "base64"}
         )
