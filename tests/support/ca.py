@@ -282,7 +282,8 @@ class TestCA:
             .not_valid_after(not_after or start + lifetime)
             .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
         )
-        if leaf.key_ids and self.shape.key_ids:
+        shape = getattr(self, "shape", CaShape())  # tests/support/firmware.py skips __init__
+        if leaf.key_ids and shape.key_ids:
             builder = builder.add_extension(
                 x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()),  # type: ignore[arg-type]
                 critical=False,
@@ -294,7 +295,7 @@ class TestCA:
             builder = builder.add_extension(x509.ExtendedKeyUsage(eku), critical=False)
         if sans:
             builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
-        for ext, critical in _profile_extensions(leaf.profile or self.shape.profile, self.name):
+        for ext, critical in _profile_extensions(leaf.profile or shape.profile, self.name):
             builder = builder.add_extension(ext, critical)
         return builder.sign(self.key, _hash_for(self.key))
 
