@@ -9,10 +9,11 @@ key store only then.
 from __future__ import annotations
 
 import base64
+import contextlib
 import logging
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from cryptography import x509
@@ -62,23 +63,102 @@ class EstClient:
         credentials: BasicCredentials | None = None,
         send_credentials_upfront: bool = False,
         client_identity: ClientIdentity | None = None,
+        max_tls_version: str | None = None,
     ) -> None:
         self._transport = transport
         self._base = f"{prefix}/.well-known/est" + (f"/{label}" if label else "")
         self._credentials = credentials
         self._upfront = send_credentials_upfront
         self._identity = client_identity
+        self._max_tls = max_tls_version
+        self._session: bool = False
+        self._open: tuple[tuple[object, ...], Connection, contextlib.ExitStack] | None = None
+        #: counted for `enroll -v` and the bench
+        self.requests = 0
+        self.connections = 0
+        #: a request of ours was answered with a Basic challenge (remembered by the caller)
+        self.basic_demanded = False
 
     def path(self, operation: str) -> str:
         return f"{self._base}/{operation}"
+
+    # -- one kept-alive connection per operation ----------------------------------------------
+
+    def __enter__(self) -> EstClient:
+        """Within `with client:` requests share one TLS connection while the server keeps it
+        open (and its parameters fit); outside, each request has its own."""
+        self._session = True
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._session = False
+        self._close_open()
+
+    def _close_open(self) -> None:
+        if self._open is not None:
+            _key, _conn, stack = self._open
+            self._open = None
+            stack.close()
+
+    @contextlib.contextmanager
+    def _connection(
+        self,
+        *,
+        client_identity: ClientIdentity | None,
+        max_tls_version: str | None,
+        provisional: bool = False,
+    ) -> Iterator[Connection]:
+        if not self._session:
+            with self._transport.connect(
+                client_identity=client_identity,
+                max_tls_version=max_tls_version,
+                provisional=provisional,
+            ) as conn:
+                self.connections += 1
+                yield conn
+            return
+        key: tuple[object, ...] = (client_identity, max_tls_version, provisional)
+        if self._open is not None and self._open[0] == key and _reusable(self._open[1]):
+            log.debug("EST: reusing the kept-alive TLS connection")
+            conn = self._open[1]
+        else:
+            self._close_open()
+            stack = contextlib.ExitStack()
+            conn = stack.enter_context(
+                self._transport.connect(
+                    client_identity=client_identity,
+                    max_tls_version=max_tls_version,
+                    provisional=provisional,
+                )
+            )
+            self.connections += 1
+            self._open = (key, conn, stack)
+        try:
+            yield conn
+        except BaseException:
+            self._close_open()  # never reuse a connection a request failed on
+            raise
+        if not _reusable(conn):
+            self._close_open()
+
+    def _request(
+        self, conn: Connection, method: str, operation: str, headers: dict[str, str],
+        body: bytes | None,
+    ) -> HttpResponse:  # fmt: skip
+        self.requests += 1
+        return conn.request(method, self.path(operation), headers=headers, body=body)
 
     # -- the operations ------------------------------------------------------------------------
 
     def cacerts(self, *, provisional: bool = False) -> list[x509.Certificate]:
         """GET /cacerts: the EST CA certificates. `provisional`: bootstrap, server unverified."""
         what = "/cacerts"
-        with self._transport.connect(provisional=provisional) as conn:
-            response = conn.request("GET", self.path("cacerts"), headers=_accept(wire.PKCS7_MIME))
+        identity = None if provisional or not self._session else self._identity
+        max_tls = None if provisional or not self._session else self._max_tls
+        with self._connection(
+            client_identity=identity, max_tls_version=max_tls, provisional=provisional
+        ) as conn:
+            response = self._request(conn, "GET", "cacerts", _accept(wire.PKCS7_MIME), None)
         self._raise_for_status(response, what, credentials_sent=False)
         wire.check_media_type(response.headers, wire.PKCS7_TYPES, what)
         return parse_certs_only(wire.decode_body(response.body, response.headers, what), what)
@@ -87,7 +167,7 @@ class EstClient:
         """GET /csrattrs: DER CsrAttrs, or None when the server has none (204/404/501)."""
         what = "/csrattrs"
         response, _conn_info, _ = self._exchange(
-            "GET", "csrattrs", what, body=None, max_tls_version=None, accept=wire.CSRATTRS
+            "GET", "csrattrs", what, body=None, max_tls_version=self._max_tls, accept=wire.CSRATTRS
         )
         if response.status in (204, 404, 501) or (response.status == 200 and not response.body):
             return None
@@ -105,7 +185,7 @@ class EstClient:
         """POST /simpleenroll (or /simplereenroll). Returns the certificates or `pending`."""
         operation = "simplereenroll" if reenroll else "simpleenroll"
         what = f"/{operation}"
-        max_tls = "1.2" if proof_of_possession is ProofOfPossession.ALWAYS else None
+        max_tls = "1.2" if proof_of_possession is ProofOfPossession.ALWAYS else self._max_tls
         response, conn_info, sent = self._exchange(
             "POST",
             operation,
@@ -173,13 +253,14 @@ class EstClient:
         """One request, plus one retry with Basic credentials after a 401 Basic challenge.
 
         Credentials go only over a connection whose server certificate was verified, and only
-        after a challenge unless `send_credentials_upfront`. Each attempt is a new connection
-        (a server may close after a 401), so a proof-of-possession CSR is rebuilt for it.
+        after a challenge unless `send_credentials_upfront`. The retry goes over the same
+        connection when the server kept it open (within `with client:`), else a new one; the
+        body (a proof-of-possession CSR) is rebuilt for the connection that carries it.
         """
         identity = client_identity or self._identity
         send_credentials = self._credentials is not None and self._upfront
         while True:
-            with self._transport.connect(
+            with self._connection(
                 client_identity=identity, max_tls_version=max_tls_version
             ) as conn:
                 headers = _accept(accept)
@@ -191,7 +272,7 @@ class EstClient:
                     headers["Content-Transfer-Encoding"] = "base64"
                 if send_credentials and self._credentials is not None:
                     headers["Authorization"] = self._credentials.header()
-                response = conn.request(method, self.path(operation), headers=headers, body=payload)
+                response = self._request(conn, method, operation, headers, payload)
                 conn_info = (conn.tls_version, conn.handshake_seconds)
             if (
                 response.status == 401
@@ -201,6 +282,7 @@ class EstClient:
             ):
                 log.info("%s: server asked for HTTP Basic; retrying with credentials", what)
                 send_credentials = True
+                self.basic_demanded = True
                 continue
             self._raise_for_status(response, what, credentials_sent=send_credentials)
             return response, conn_info, sent
@@ -282,6 +364,10 @@ def refusal_cause(response: HttpResponse) -> str | None:
         if pattern.search(text):
             return cause
     return None
+
+
+def _reusable(conn: Connection) -> bool:
+    return bool(getattr(conn, "reusable", False))
 
 
 def _accept(media_type: str) -> dict[str, str]:

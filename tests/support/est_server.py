@@ -133,6 +133,7 @@ class EstOptions:
     label: str | None = None  # when set, only /.well-known/est/<label>/ is served
     content_length: str | None = None  # sent as the issuing 200's Content-Length (e.g. "²")
     retry_after_503: str | None = None  # with fault 5xx: answer 503 with this Retry-After
+    keep_alive: bool = False  # HTTP/1.1 persistent connections (else Connection: close)
 
 
 @dataclass
@@ -157,6 +158,7 @@ class Record:
     tls_version: str
     challenge_password: str | None = None
     csr: bytes | None = None  # DER of the CSR received
+    connection: int = 0  # which TLS connection carried it (1, 2, ... per server)
 
 
 class EstServer:
@@ -188,6 +190,7 @@ class EstServer:
             with open(self.server_cert, "ab") as f:
                 f.write(b"".join(pem(c) for c in tls_issuer.chain()[:-1]))
         self.records: list[Record] = []
+        self.connections = 0  # TLS connections accepted
         self.issued: list[x509.Certificate] = []
         self._pending_counts: dict[bytes, int] = {}
         self._lock = threading.Lock()
@@ -353,8 +356,11 @@ class _HttpServer(ThreadingHTTPServer):
             tls = self.est.ssl_context().wrap_socket(request, server_side=True)
         except (ssl.SSLError, OSError):
             return
+        with self.est._lock:
+            self.est.connections += 1
+            number = self.est.connections
         try:
-            _Handler(tls, client_address, self)
+            _Handler(tls, client_address, self, number)
         finally:
             tls.close()
 
@@ -363,6 +369,10 @@ class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server: _HttpServer
     _record: Record
+
+    def __init__(self, request: Any, client_address: Any, server: _HttpServer, number: int) -> None:
+        self.number = number
+        super().__init__(request, client_address, server)
 
     def log_message(self, format: str, *args: Any) -> None:  # quiet
         pass
@@ -392,7 +402,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._dispatch()
 
     def _dispatch(self) -> None:
-        self.close_connection = True
+        self.close_connection = not self.est.options.keep_alive
         operation = self._operation() or "?"
         tls: ssl.SSLSocket = self.connection  # type: ignore[assignment]
         peer = tls.getpeercert()
@@ -407,6 +417,7 @@ class _Handler(BaseHTTPRequestHandler):
             authorization="Authorization" in self.headers,
             client_cert=subject,
             tls_version=tls.version() or "?",
+            connection=self.number,
         )
         self._record = record
         with self.est._lock:
@@ -443,9 +454,12 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("Content-Type", content_type)
         for name, value in (headers or {}).items():
             self.send_header(name, value)
-        if length is not None or body:
+        keep = self.est.options.keep_alive and status != 202  # a 202 without length ends at close
+        if length is not None or body or keep:
             self.send_header("Content-Length", str(len(body) if length is None else length))
-        self.send_header("Connection", "close")
+        if not keep:
+            self.close_connection = True
+            self.send_header("Connection", "close")
         self.end_headers()
         with contextlib.suppress(OSError):
             self.wfile.write(body)
@@ -469,6 +483,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", "application/pkcs7-mime; smime-type=certs-only")
         self.send_header("Content-Transfer-Encoding", "base64")
         self.send_header("Content-Length", override)
+        self.close_connection = True
         self.send_header("Connection", "close")
         self.end_headers()
         with contextlib.suppress(OSError):
@@ -598,6 +613,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("Content-Type", "application/pkcs7-mime")
             if fault == "oversized":
                 self.send_header("Content-Length", str(64 * len(chunk)))
+            self.close_connection = True
             self.send_header("Connection", "close")
             self.end_headers()
             try:
@@ -631,6 +647,7 @@ class _Handler(BaseHTTPRequestHandler):
             trickle = b"X-Padding: " + b"A" * 1200 + b"\r\n"
         else:
             self.send_header("Content-Length", "1200")
+            self.close_connection = True
             self.send_header("Connection", "close")
             self.end_headers()
             trickle = b"A" * 1200

@@ -1,0 +1,175 @@
+"""Fewer round trips: one kept-alive connection per operation, the stored CA set instead of
+/cacerts, the /csrattrs answer reused, Basic remembered per server. Real server, software keys."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent.config import parse_config
+from agent.enroll import Enroller
+from agent.errors import TransportError
+from agent.est.memory import FILE_NAME, ServerMemory
+from agent.est.transport import HttpsTransport
+from hal.softkeys import SoftwareKeyStore
+from tests.support.ca import TestCA, pem, utcnow
+from tests.support.enroll_env import config_text, password_file
+from tests.support.est_server import EstOptions, EstServer
+from tests.test_enroll_flow import FakeClock
+
+
+@pytest.fixture
+def est(tmp_path: Path) -> Iterator[EstServer]:
+    with EstServer(tmp_path / "est", EstOptions(auth="basic", keep_alive=True)) as server:
+        yield server
+
+
+class Device:
+    def __init__(self, tmp_path: Path, est: EstServer) -> None:
+        self.tmp_path, self.est = tmp_path, est
+        self.state_dir = tmp_path / "state"
+        self.clock = FakeClock()
+        self.password = password_file(tmp_path)
+
+    def enroller(self, **keys: Any) -> Enroller:
+        text = config_text(
+            state_dir=self.state_dir,
+            est=self.est,
+            store="software",
+            username="device",
+            password_file=str(self.password),
+            **keys,
+        )
+        config = parse_config(text, source=self.tmp_path / "config.toml")
+        return Enroller(config=config, key_store=SoftwareKeyStore(), clock=self.clock)
+
+    def wire(self) -> list[tuple[str, int, bool, int]]:
+        records = [(r.operation, r.status, r.authorization, r.connection) for r in self.est.records]
+        self.est.records.clear()
+        return records
+
+
+@pytest.fixture
+def device(tmp_path: Path, est: EstServer) -> Device:
+    return Device(tmp_path, est)
+
+
+def test_first_enroll_is_one_connection_then_one_request(device: Device) -> None:
+    enroller = device.enroller()
+    enroller.enroll()
+    assert device.wire() == [
+        ("cacerts", 200, False, 1),
+        ("csrattrs", 200, False, 1),
+        ("simpleenroll", 401, False, 1),
+        ("simpleenroll", 200, True, 1),  # the retry on the same connection
+    ]
+    assert enroller.last_counts == (4, 1)
+    # stored CA set, cached /csrattrs, Basic remembered: one request
+    again = device.enroller()
+    again.enroll(force=True)
+    assert device.wire() == [("simpleenroll", 200, True, 2)]
+    assert again.last_counts == (1, 1)
+    renewer = device.enroller()
+    renewer.renew()
+    assert device.wire() == [("simplereenroll", 200, True, 3)]
+    assert renewer.last_counts == (1, 1)
+
+
+def test_savings_are_visible_in_the_log(device: Device, caplog: pytest.LogCaptureFixture) -> None:
+    device.enroller().enroll()
+    with caplog.at_level(logging.INFO):
+        device.enroller().enroll(force=True)
+    text = caplog.text
+    assert "this server demanded HTTP Basic before" in text
+    assert "/csrattrs: reusing the answer fetched at" in text
+    assert "1 request(s) over 1 TLS connection(s); /cacerts not fetched (stored CA set)" in text
+
+
+def test_proof_of_possession_on_the_kept_alive_connection(device: Device) -> None:
+    device.est.options.tls12_only = True
+    device.est.options.pop_required = True
+    result = device.enroller(proof_of_possession="always").enroll()
+    assert result.proof_of_possession
+    wire = device.wire()
+    assert [w[3] for w in wire] == [1, 1, 1, 1]  # the CSR carries this connection's tls-unique
+    assert wire[-1][:2] == ("simpleenroll", 200)
+
+
+def test_a_server_that_closes_gets_one_connection_per_request(device: Device) -> None:
+    device.est.options.keep_alive = False
+    enroller = device.enroller()
+    enroller.enroll()
+    assert [w[3] for w in device.wire()] == [1, 2, 3, 4]
+    assert enroller.last_counts == (4, 4)
+
+
+def test_csrattrs_refetched_after_max_age(device: Device) -> None:
+    device.enroller(csrattrs_max_age_seconds=60).enroll()
+    device.wire()
+    device.clock.sleep(30)
+    device.enroller(csrattrs_max_age_seconds=60).enroll(force=True)
+    assert [w[0] for w in device.wire()] == ["simpleenroll"]
+    device.clock.sleep(31)
+    device.enroller(csrattrs_max_age_seconds=60).enroll(force=True)
+    assert [w[0] for w in device.wire()] == ["csrattrs", "simpleenroll"]
+    device.enroller(csrattrs_max_age_seconds=0).enroll(force=True)
+    assert [w[0] for w in device.wire()] == ["csrattrs", "simpleenroll"]
+
+
+def test_a_stale_stored_ca_set_is_refreshed_once(device: Device) -> None:
+    device.enroller().enroll()
+    device.wire()
+    stored = device.state_dir / "cacerts.pem"
+    stored.write_bytes(pem(TestCA(name="an old EST CA").cert))  # as after a CA rollover
+    device.enroller().enroll(force=True)
+    wire = [w[0] for w in device.wire()]
+    # the CA set changed: /csrattrs is asked again, the issued certificate checked against
+    # the fetched set
+    assert wire == ["csrattrs", "simpleenroll", "cacerts"]
+    assert stored.read_bytes() == device.est.ca_file.read_bytes()
+
+
+def test_memory_is_forgotten_when_the_anchor_changes(device: Device, tmp_path: Path) -> None:
+    device.enroller().enroll()
+    device.wire()
+    memory = json.loads((device.state_dir / FILE_NAME).read_text())
+    assert memory["basic"] is True
+    anchor = tmp_path / "anchor-copy.pem"
+    anchor.write_bytes(device.est.ca_file.read_bytes() + b"\n")
+    device.enroller(trust_anchor=str(anchor)).enroll(force=True)
+    assert [(w[0], w[2]) for w in device.wire()] == [
+        ("csrattrs", False),
+        ("simpleenroll", False),  # the Basic memory was for another anchor file
+        ("simpleenroll", True),
+    ]
+
+
+def test_csrattrs_cache_decision_is_pure() -> None:
+    now = utcnow()
+    memory = ServerMemory(
+        server="s", anchor_sha256="a", csrattrs=b"\x30\x00", csrattrs_fetched=now,
+        ca_set_sha256="ca",
+    )  # fmt: skip
+    hour = timedelta(hours=1)
+    assert memory.csrattrs_for(ca_set_sha256="ca", now=now, max_age=hour) == b"\x30\x00"
+    assert memory.csrattrs_for(ca_set_sha256="other", now=now, max_age=hour) is None
+    assert memory.csrattrs_for(ca_set_sha256="ca", now=now + 2 * hour, max_age=hour) is None
+    assert memory.csrattrs_for(ca_set_sha256="ca", now=now - hour, max_age=hour) is None
+    assert memory.csrattrs_for(ca_set_sha256="ca", now=now, max_age=timedelta(0)) is None
+
+
+def test_a_closed_connection_is_never_reopened_in_plain_tcp(device: Device) -> None:
+    device.est.options.keep_alive = False
+    transport = HttpsTransport(url=device.est.url, ca_file=device.est.ca_file)
+    with transport.connect() as conn:
+        conn.request("GET", "/.well-known/est/cacerts", headers={})
+        assert not conn.reusable
+        with pytest.raises(TransportError, match="closed this connection before"):
+            conn.request("GET", "/.well-known/est/cacerts", headers={})
+    assert len(device.est.records) == 1
