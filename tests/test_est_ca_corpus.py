@@ -256,3 +256,20 @@ def test_name_constraints_refuse_a_device_name_outside_them(tmp_path: Path) -> N
         with pytest.raises(ChainValidationError, match="excluded by the nameConstraints"):
             _enroller(tmp_path, est, subject).enroll()
     assert snapshot(tmp_path / "state") == {}
+
+
+@pytest.mark.parametrize("shape", ["v1-root", "est-example-like-root", "sha1-signed-root-anchor"])
+def test_fingerprint_bootstrap_of_the_shape(tmp_path: Path, shape: str) -> None:
+    pki = SHAPES[shape](tmp_path / "pki")
+    with EstServer(tmp_path / "est", EstOptions(), pki=pki) as est:
+        text = config_text(
+            state_dir=tmp_path / "state",
+            est=est,
+            store="software",
+            trust_anchor="",
+            bootstrap_fingerprint_sha256=est.ca_fingerprint,
+        )
+        config = parse_config(text, source=tmp_path / "config.toml")
+        enroller = Enroller(config=config, key_store=SoftwareKeyStore(), clock=_Clock())
+        assert enroller.enroll().changed
+        assert (tmp_path / "state" / "est-anchor.pem").read_bytes() == est.ca_file.read_bytes()

@@ -52,7 +52,10 @@ def select_bootstrap_anchor(certs: Sequence[x509.Certificate], expected: str) ->
     for cert in certs:
         if fingerprint(cert) == want:
             constraints = _extension(cert, x509.BasicConstraints, "the bootstrap CA certificate")
-            if constraints is None or not constraints.ca:
+            # RFC 5280: a v3 CA says so in basicConstraints; a self-signed v1 certificate can
+            # only be a root (the anchor is an input, agent.pkix)
+            v1_root = cert.version is x509.Version.v1 and cert.subject == cert.issuer
+            if (constraints is None and not v1_root) or (constraints and not constraints.ca):
                 raise ChainValidationError(
                     "bootstrap: the certificate with the configured SHA-256 fingerprint "
                     f"({_subject(cert)!r}) is not a CA certificate; configure the EST CA's"
