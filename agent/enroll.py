@@ -215,7 +215,7 @@ class Enroller:
         max_tls = "1.2" if pop is ProofOfPossession.ALWAYS else None
         client = self._client(anchor, client_identity, upfront=upfront, max_tls_version=max_tls)
         with client:
-            ca_certs = self._stored_ca_certs(skew)
+            ca_certs = self._stored_ca_certs(skew, memory)
             fetched_ca = ca_certs is None
             if ca_certs is None:
                 ca_certs = validate_ca_certs(
@@ -280,7 +280,11 @@ class Enroller:
             ca_certs=ca_certs,
         )
         self.pending.clear()
-        memory = replace(memory, basic=memory.basic or client.basic_demanded)
+        memory = replace(
+            memory,
+            basic=memory.basic or client.basic_demanded,
+            cacerts_sha256=ca_set_sha256(ca_certs),
+        )
         try:
             self.memory.save(memory)
         except AgentError as e:  # it only saves round trips
@@ -353,14 +357,19 @@ class Enroller:
     def _server_name(self) -> str:
         return f"{self._est.url} label={self._est.label}"
 
-    def _stored_ca_certs(self, skew: timedelta) -> list[x509.Certificate] | None:
-        """The EST CA certificates a successful enrollment stored (fetched over verified TLS),
-        valid now; None when there are none (then /cacerts is fetched)."""
+    def _stored_ca_certs(
+        self, skew: timedelta, memory: ServerMemory
+    ) -> list[x509.Certificate] | None:
+        """The EST CA certificates a successful enrollment with this server and anchor stored
+        (fetched over verified TLS), valid now; None otherwise (then /cacerts is fetched)."""
         path = self.store.cacerts_file
         try:
-            if not path.exists():
+            if not memory.cacerts_sha256 or not path.exists():
                 return None
             certs = x509.load_pem_x509_certificates(read_bytes(path, limit=1024 * 1024))
+            if ca_set_sha256(certs) != memory.cacerts_sha256:
+                log.info("EST: %s is not the CA set this server sent: fetching /cacerts", path)
+                return None
             return validate_ca_certs(certs, now=self._clock.now(), clock_skew=skew)
         except (AgentError, ValueError, OSError) as e:
             log.info("EST: not using %s (%s); fetching /cacerts", path, e)

@@ -122,17 +122,26 @@ def test_csrattrs_refetched_after_max_age(device: Device) -> None:
     assert [w[0] for w in device.wire()] == ["csrattrs", "simpleenroll"]
 
 
-def test_a_stale_stored_ca_set_is_refreshed_once(device: Device) -> None:
+def test_a_stored_ca_set_not_from_this_server_is_not_used(device: Device) -> None:
     device.enroller().enroll()
     device.wire()
     stored = device.state_dir / "cacerts.pem"
-    stored.write_bytes(pem(TestCA(name="an old EST CA").cert))  # as after a CA rollover
+    stored.write_bytes(pem(TestCA(name="planted CA").cert))
     device.enroller().enroll(force=True)
-    wire = [w[0] for w in device.wire()]
-    # the CA set changed: /csrattrs is asked again, the issued certificate checked against
-    # the fetched set
-    assert wire == ["csrattrs", "simpleenroll", "cacerts"]
-    assert stored.read_bytes() == device.est.ca_file.read_bytes()
+    assert [w[0] for w in device.wire()] == ["cacerts", "simpleenroll"]
+    assert stored.read_bytes() == pem(device.est.ca.cert)
+
+
+def test_a_ca_rollover_refreshes_the_stored_set_once(device: Device) -> None:
+    device.enroller().enroll()
+    device.wire()
+    device.est.ca = TestCA(name="EST CA 2", parent=device.est.root)  # a new issuing CA
+    result = device.enroller().enroll(force=True)
+    assert result.identity.certificate.issuer == device.est.ca.cert.subject
+    # the stored set did not validate the new certificate: /cacerts asked once, then it did
+    assert [w[0] for w in device.wire()] == ["simpleenroll", "cacerts"]
+    device.enroller().enroll(force=True)
+    assert [w[0] for w in device.wire()] == ["csrattrs", "simpleenroll"]  # new CA set
 
 
 def test_memory_is_forgotten_when_the_anchor_changes(device: Device, tmp_path: Path) -> None:
@@ -144,8 +153,9 @@ def test_memory_is_forgotten_when_the_anchor_changes(device: Device, tmp_path: P
     anchor.write_bytes(device.est.ca_file.read_bytes() + b"\n")
     device.enroller(trust_anchor=str(anchor)).enroll(force=True)
     assert [(w[0], w[2]) for w in device.wire()] == [
+        ("cacerts", False),  # the stored set came under another anchor file
         ("csrattrs", False),
-        ("simpleenroll", False),  # the Basic memory was for another anchor file
+        ("simpleenroll", False),  # and so did the Basic memory
         ("simpleenroll", True),
     ]
 

@@ -3,6 +3,8 @@
 
 - `basic`: the server demanded HTTP Basic, so the next request carries the credentials at once
   (still only over a TLS connection whose server certificate was verified);
+- which EST CA set (in state_dir/cacerts.pem) came from this server under this anchor, so it
+  replaces /cacerts;
 - the last /csrattrs answer (or that there was none), with when it was fetched and the EST CA
   set it was fetched under: reused until that set changes or `est.csrattrs_max_age_seconds`
   passes.
@@ -45,6 +47,9 @@ class ServerMemory:
     csrattrs: bytes | None = None
     csrattrs_fetched: datetime | None = None
     ca_set_sha256: str = ""
+    #: the EST CA set the last success stored in cacerts.pem (fetched from this server under
+    #: this anchor): only a stored set with this fingerprint replaces /cacerts
+    cacerts_sha256: str = ""
 
     def csrattrs_for(
         self, *, ca_set_sha256: str, now: datetime, max_age: timedelta
@@ -105,6 +110,7 @@ class MemoryStore:
                 else None,
                 csrattrs_fetched=datetime.fromisoformat(fetched) if fetched else None,
                 ca_set_sha256=str(data.get("ca_set_sha256", "")),
+                cacerts_sha256=str(data.get("cacerts_sha256", "")),
             )
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             log.warning("ignoring %s: not a server memory file (%s)", self.path, e)
@@ -125,6 +131,7 @@ class MemoryStore:
                 memory.csrattrs_fetched.isoformat() if memory.csrattrs_fetched else None
             ),
             "ca_set_sha256": memory.ca_set_sha256,
+            "cacerts_sha256": memory.cacerts_sha256,
         }
         ensure_private_dir(self.state_dir)
         atomic_write(self.path, json.dumps(data, indent=1).encode() + b"\n")
