@@ -101,6 +101,20 @@ def test_proof_of_possession_on_the_kept_alive_connection(device: Device) -> Non
     assert wire[-1][:2] == ("simpleenroll", 200)
 
 
+@pytest.mark.parametrize("limit", [1, 2, 3])
+def test_a_connection_the_server_dropped_is_replaced_once(device: Device, limit: int) -> None:
+    device.est.options.keep_alive_requests = limit  # closed without Connection: close
+    device.est.options.tls12_only = True
+    device.est.options.pop_required = True
+    result = device.enroller(proof_of_possession="always").enroll()
+    assert result.proof_of_possession  # the CSR rebuilt for the new connection's tls-unique
+    wire = device.wire()
+    assert [w[:2] for w in wire] == [
+        ("cacerts", 200), ("csrattrs", 200), ("simpleenroll", 401), ("simpleenroll", 200),
+    ]  # fmt: skip
+    assert [w[3] for w in wire] == [1 + i // limit for i in range(4)]
+
+
 def test_a_server_that_closes_gets_one_connection_per_request(device: Device) -> None:
     device.est.options.keep_alive = False
     enroller = device.enroller()

@@ -72,6 +72,7 @@ class EstClient:
         self._identity = client_identity
         self._max_tls = max_tls_version
         self._session: bool = False
+        self._reused = False
         self._open: tuple[tuple[object, ...], Connection, contextlib.ExitStack] | None = None
         #: counted for `enroll -v` and the bench
         self.requests = 0
@@ -118,9 +119,11 @@ class EstClient:
                 yield conn
             return
         key: tuple[object, ...] = (client_identity, max_tls_version, provisional)
+        self._reused = False
         if self._open is not None and self._open[0] == key and _reusable(self._open[1]):
             log.debug("EST: reusing the kept-alive TLS connection")
             conn = self._open[1]
+            self._reused = True
         else:
             self._close_open()
             stack = contextlib.ExitStack()
@@ -146,7 +149,16 @@ class EstClient:
         body: bytes | None,
     ) -> HttpResponse:  # fmt: skip
         self.requests += 1
-        return conn.request(method, self.path(operation), headers=headers, body=body)
+        reused = self._reused
+        try:
+            return conn.request(method, self.path(operation), headers=headers, body=body)
+        except TransportError as e:
+            if reused and e.status is None:
+                # a server may close an idle kept-alive connection at any time (Apache after
+                # 5 s; a slow TPM key generation takes longer): once more on a new one
+                log.info("EST: the kept-alive connection failed (%s); reconnecting", e)
+                raise _StaleConnection(str(e)) from e
+            raise
 
     # -- the operations ------------------------------------------------------------------------
 
@@ -155,10 +167,15 @@ class EstClient:
         what = "/cacerts"
         identity = None if provisional or not self._session else self._identity
         max_tls = None if provisional or not self._session else self._max_tls
-        with self._connection(
-            client_identity=identity, max_tls_version=max_tls, provisional=provisional
-        ) as conn:
-            response = self._request(conn, "GET", "cacerts", _accept(wire.PKCS7_MIME), None)
+        while True:  # once more after a stale kept-alive connection (never twice: a new one)
+            try:
+                with self._connection(
+                    client_identity=identity, max_tls_version=max_tls, provisional=provisional
+                ) as conn:
+                    response = self._request(conn, "GET", "cacerts", _accept(wire.PKCS7_MIME), None)
+                break
+            except _StaleConnection:
+                continue
         self._raise_for_status(response, what, credentials_sent=False)
         wire.check_media_type(response.headers, wire.PKCS7_TYPES, what)
         return parse_certs_only(wire.decode_body(response.body, response.headers, what), what)
@@ -260,20 +277,23 @@ class EstClient:
         identity = client_identity or self._identity
         send_credentials = self._credentials is not None and self._upfront
         while True:
-            with self._connection(
-                client_identity=identity, max_tls_version=max_tls_version
-            ) as conn:
-                headers = _accept(accept)
-                payload: bytes | None = None
-                sent: tuple[bytes, bool, float] = (b"", False, 0.0)
-                if body is not None:
-                    payload, sent = body(conn)
-                    headers["Content-Type"] = wire.PKCS10
-                    headers["Content-Transfer-Encoding"] = "base64"
-                if send_credentials and self._credentials is not None:
-                    headers["Authorization"] = self._credentials.header()
-                response = self._request(conn, method, operation, headers, payload)
-                conn_info = (conn.tls_version, conn.handshake_seconds)
+            try:
+                with self._connection(
+                    client_identity=identity, max_tls_version=max_tls_version
+                ) as conn:
+                    headers = _accept(accept)
+                    payload: bytes | None = None
+                    sent: tuple[bytes, bool, float] = (b"", False, 0.0)
+                    if body is not None:
+                        payload, sent = body(conn)
+                        headers["Content-Type"] = wire.PKCS10
+                        headers["Content-Transfer-Encoding"] = "base64"
+                    if send_credentials and self._credentials is not None:
+                        headers["Authorization"] = self._credentials.header()
+                    response = self._request(conn, method, operation, headers, payload)
+                    conn_info = (conn.tls_version, conn.handshake_seconds)
+            except _StaleConnection:
+                continue  # on a new connection, the body rebuilt for it
             if (
                 response.status == 401
                 and self._credentials is not None
@@ -364,6 +384,10 @@ def refusal_cause(response: HttpResponse) -> str | None:
         if pattern.search(text):
             return cause
     return None
+
+
+class _StaleConnection(TransportError):
+    """A request on a reused kept-alive connection failed before any answer."""
 
 
 def _reusable(conn: Connection) -> bool:

@@ -134,6 +134,9 @@ class EstOptions:
     content_length: str | None = None  # sent as the issuing 200's Content-Length (e.g. "²")
     retry_after_503: str | None = None  # with fault 5xx: answer 503 with this Retry-After
     keep_alive: bool = False  # HTTP/1.1 persistent connections (else Connection: close)
+    #: with keep_alive: after this many requests a connection is closed without saying so
+    #: (as servers close idle connections)
+    keep_alive_requests: int | None = None
 
 
 @dataclass
@@ -372,6 +375,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def __init__(self, request: Any, client_address: Any, server: _HttpServer, number: int) -> None:
         self.number = number
+        self.served = 0
         super().__init__(request, client_address, server)
 
     def log_message(self, format: str, *args: Any) -> None:  # quiet
@@ -460,6 +464,10 @@ class _Handler(BaseHTTPRequestHandler):
         if not keep:
             self.close_connection = True
             self.send_header("Connection", "close")
+        self.served += 1
+        limit = self.est.options.keep_alive_requests
+        if keep and limit is not None and self.served >= limit:
+            self.close_connection = True  # silently: the client learns it on its next request
         self.end_headers()
         with contextlib.suppress(OSError):
             self.wfile.write(body)
