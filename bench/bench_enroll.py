@@ -107,6 +107,7 @@ def process_comparison(work: Path, tpm: Swtpm, runs: int) -> None:
         env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
         agent = str(ROOT / ".venv" / "bin" / "devid-agent")
         configs = {}
+        first: list[str] = []
         for store in ("software", "tpm"):
             path = work / "proc" / f"{store}.toml"
             path.write_text(
@@ -123,8 +124,11 @@ def process_comparison(work: Path, tpm: Swtpm, runs: int) -> None:
             )
             configs[store] = str(path)
             # the first enrollment (it fetches /cacerts, /csrattrs, learns Basic)
+            est.records.clear()
+            before = est.connections
             subprocess.run([agent, "--config", configs[store], "enroll"], env=env, check=True,
                            capture_output=True)  # fmt: skip
+            first.append(f"{store}: {len(est.records)} requests on {est.connections - before}")
         key = ec.generate_private_key(ec.SECP256R1())
         csr = build_csr(key, SubjectSpec(common_name="curl-0001"))
         body = work / "proc" / "csr.b64"
@@ -144,8 +148,11 @@ def process_comparison(work: Path, tpm: Swtpm, runs: int) -> None:
              [agent, "--config", configs["tpm"], "enroll", "--force"]),
             ("devid-agent renew (software)", [agent, "--config", configs["software"], "renew"]),
             ("devid-agent renew (TPM)", [agent, "--config", configs["tpm"], "renew"]),
+            ("(start-up floor) python -c pass", [sys.executable, "-c", "pass"]),
+            ("(start-up floor) devid-agent --version", [agent, "--version"]),
         ]  # fmt: skip
         print(f"\nwhole processes, median of {runs} (ms), keep-alive server, Basic after 401")
+        print(f"first enrollment (empty state): {'; '.join(first)} connection(s)")
         reference = None
         for label, command in rows:
             median, requests, connections = _process_runs(label, command, est, runs, env)
