@@ -41,6 +41,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID, NameOID
 from agent.errors import ChainValidationError
 
 MAX_DEPTH = 8  # certificates between the end entity and the anchor, at most
+MAX_SIGNATURE_CHECKS = 256  # per validation: many same-named certificates cannot make it slow
 MIN_RSA_BITS = 2048
 _HASHES = (hashes.SHA256, hashes.SHA384, hashes.SHA512)
 
@@ -102,6 +103,7 @@ def validate_path(
     anchor_set = [a for a in anchors]
     pool = _unique([*anchor_set, *intermediates])
     reasons: list[tuple[int, str]] = []
+    budget = [MAX_SIGNATURE_CHECKS]
 
     def is_anchor(cert: x509.Certificate) -> bool:
         return any(cert == a for a in anchor_set)
@@ -114,6 +116,9 @@ def validate_path(
             missing = f"no issuer {_name(child.issuer)!r} among the CA certificates"
             reasons.append((len(path), missing))
         for issuer in candidates:
+            budget[0] -= 1
+            if budget[0] < 0:
+                raise PathError(f"no path found within {MAX_SIGNATURE_CHECKS} signature checks")
             problem = _signed_by(child, issuer)
             if problem is not None:
                 reasons.append((len(path), problem))

@@ -298,3 +298,15 @@ def test_constraint_on_a_name_type_that_cannot_be_checked_refuses() -> None:
     )
     with pytest.raises(PathError, match="constrains RegisteredID names, which this agent cannot"):
         _validate(leaf, root)
+
+
+def test_many_same_named_candidates_are_bounded() -> None:
+    root = TestCA(name="root")
+    decoys = [TestCA(name="sub", parent=root, shape=CaShape(key_ids=False)) for _ in range(20)]
+    real = TestCA(name="sub", parent=root, shape=CaShape(key_ids=False))
+    leaf = real.issue(_key().public_key(), subject="gw")
+    path = _validate(leaf, root, *decoys, real)  # found among 21 candidates
+    assert path.above == (real.cert, root.cert)
+    many = [TestCA(name="sub", parent=root, shape=CaShape(key_ids=False)) for _ in range(300)]
+    with pytest.raises(PathError, match="within 256 signature checks"):
+        _validate(leaf, root, *many)
