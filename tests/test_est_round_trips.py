@@ -197,3 +197,16 @@ def test_a_closed_connection_is_never_reopened_in_plain_tcp(device: Device) -> N
         with pytest.raises(TransportError, match="closed this connection before"):
             conn.request("GET", "/.well-known/est/cacerts", headers={})
     assert len(device.est.records) == 1
+
+
+def test_a_202_without_length_ends_the_kept_alive_connection(device: Device) -> None:
+    from agent.errors import EnrollmentPending
+
+    device.est.options.pending = 1
+    with pytest.raises(EnrollmentPending):
+        device.enroller(retry_after_min_seconds=0).enroll()
+    assert [w[:2] for w in device.wire()][-1] == ("simpleenroll", 202)
+    device.clock.sleep(5)
+    result = device.enroller(retry_after_min_seconds=0).enroll()
+    assert result.changed
+    assert [w[:2] for w in device.wire()][-1] == ("simpleenroll", 200)
