@@ -247,6 +247,8 @@ class EstConfig:
     proof_of_possession: ProofOfPossession = ProofOfPossession.AUTO
     #: fetch /csrattrs and honour key type, hash and subject attributes it asks for
     use_csrattrs: bool = True
+    #: a /csrattrs answer is reused this long (and while the CA set is the same); 0 = never
+    csrattrs_max_age_seconds: float = checked(86400.0, check=_non_negative)
     connect_timeout_seconds: float = checked(10.0, check=_positive)
     read_timeout_seconds: float = checked(30.0, check=_positive)
     max_response_bytes: int = checked(1024 * 1024, check=_positive)

@@ -12,16 +12,19 @@ import dataclasses
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
 from typing import NoReturn
 from urllib.parse import urlsplit
 
+from cryptography import x509
+
 from agent.clock import Clock
 from agent.config import Config, ProofOfPossession
 from agent.errors import (
     AgentError,
+    ChainValidationError,
     ConfigError,
     EnrollmentError,
     EnrollmentPending,
@@ -33,13 +36,16 @@ from agent.est.auth import BasicCredentials, load_basic_credentials
 from agent.est.client import CsrFactory, EstClient
 from agent.est.csr import make_csr, rebind, subject_of
 from agent.est.csrattrs import CsrAttrsHints, CsrPlan, parse_csrattrs, plan_csr
+from agent.est.memory import MemoryStore, ServerMemory, ca_set_sha256, file_sha256
 from agent.est.pending import PendingRequest, PendingStore
-from agent.est.response import validate_ca_certs, validate_issued
+from agent.est.response import IssuedCertificate, validate_ca_certs, validate_issued
 from agent.est.transport import ClientIdentity, HttpsTransport, Transport
 from agent.est.wire import clamp_retry_after, parse_retry_after
 from agent.identity import Identity, IdentityStore, Repair
 from agent.pki import SubjectSpec
+from agent.tls import is_tpm_key_file
 from hal.interfaces import KeyStore
+from hal.storage import read_bytes
 
 log = logging.getLogger(__name__)
 
@@ -75,13 +81,14 @@ class EnrollResult:
 
 
 def _signed_ahead(factory: CsrFactory) -> CsrFactory:
-    """Sign the CSR without a challengePassword before any connection is open.
+    """Sign the CSR without a challengePassword while no connection with a TPM client key is open.
 
     A TPM without a resource manager (swtpm, /dev/tpm0: 3 object slots) cannot load the CSR's key
     (2 slots while loading) beside the EST connection's client key (1) and a long-lived TLS
-    context such as the MQTT channel's (1). Signing first keeps every renewal within 3. Only a
-    proof-of-possession CSR, bound to the very connection's tls-unique, is signed inside it
-    (docs/tpm.md)."""
+    context such as the MQTT channel's (1). So the caller closes a kept-alive connection that
+    holds a TPM client key (after /cacerts or /csrattrs), this signs, and the enrollment opens a
+    new one: every renewal stays within 3. Only a proof-of-possession CSR, bound to the very
+    connection's tls-unique, is signed inside it (docs/tpm.md)."""
     ahead = factory(None)
 
     def sign(challenge: str | None) -> bytes:
@@ -161,6 +168,9 @@ class Enroller:
         state_dir = config.paths.state_dir
         self.store = IdentityStore(state_dir=state_dir, generations_kept=self._est.generations_kept)
         self.pending = PendingStore(path=state_dir / PENDING_FILE_NAME)
+        self.memory = MemoryStore(state_dir=state_dir)
+        #: (requests, TLS connections) of the last successful enroll or renew
+        self.last_counts = (0, 0)
 
     # -- commands ------------------------------------------------------------------------------
 
@@ -211,50 +221,87 @@ class Enroller:
             self._check_pending(pending, operation)
         if client_identity is not None:
             self._tls_setup(client_identity.key_file)
-        client = self._client(self._anchor(), client_identity)
+        anchor = self._anchor()
+        memory = self.memory.load(server=self._server_name(), anchor_sha256=file_sha256(anchor))
+        upfront = self._est.send_credentials_upfront
+        if memory.basic and self._credentials is not None and not upfront:
+            log.info("EST: this server demanded HTTP Basic before: sending the credentials with "
+                     "the first request (verified TLS only)")  # fmt: skip
+            upfront = True
         skew = timedelta(seconds=self._est.clock_skew_seconds)
-        ca_certs = validate_ca_certs(client.cacerts(), now=self._clock.now(), clock_skew=skew)
-        keygen = 0.0
         pop = self._est.proof_of_possession
         if pending is not None:
-            key_blob = pending.key_blob
-            new_key = not pending.reused_key
-            csr_factory = self._resubmission(pending)
             # as it was sent: with proof-of-possession (so on TLS 1.2, whose tls-unique the CSR
             # is rebound to; on TLS 1.3 the stale challengePassword would go out), or exactly
             # the CSR that was sent
             pop = (
                 ProofOfPossession.ALWAYS if pending.proof_of_possession else ProofOfPossession.NEVER
             )
-        else:
-            plan = self._plan(client, current)
-            new_key = not reuse_key
-            if current is not None and reuse_key:
-                key_blob = current.key_blob()
+        # one connection for the whole operation: its TLS version must suit the enrollment
+        max_tls = "1.2" if pop is ProofOfPossession.ALWAYS else None
+        client = self._client(anchor, client_identity, upfront=upfront, max_tls_version=max_tls)
+        with client:
+            ca_certs = self._stored_ca_certs(skew, memory)
+            fetched_ca = ca_certs is None
+            if ca_certs is None:
+                ca_certs = validate_ca_certs(
+                    client.cacerts(), now=self._clock.now(), clock_skew=skew
+                )
+            keygen = 0.0
+            if pending is not None:
+                key_blob = pending.key_blob
+                new_key = not pending.reused_key
+                csr_factory = self._resubmission(pending)
             else:
-                t = time.monotonic()
-                key_blob = self._keys.generate(plan.algorithm)
-                keygen = time.monotonic() - t
-            csr_factory = self._fresh(key_blob, plan)
-        if pop is not ProofOfPossession.ALWAYS:
-            csr_factory = _signed_ahead(csr_factory)
-        try:
-            outcome = client.enroll(csr_factory, reenroll=reenroll, proof_of_possession=pop)
-        except EnrollmentError as e:
-            if pending is not None and e.status is not None and 400 <= e.status < 500:
-                log.warning("the EST server refused the pending request; it is dropped")
-                self.pending.clear()
-            raise
-        if outcome.pending:
-            self._park(pending, operation, key_blob, outcome.csr_der, outcome.proof_of_possession,
-                       reused_key=not new_key, retry_after=outcome.retry_after)  # fmt: skip
-        issued = validate_issued(
-            outcome.certificates,
-            requested_key=self._keys.public_key(key_blob),
-            ca_certs=ca_certs,
-            now=self._clock.now(),
-            clock_skew=skew,
-        )
+                plan, memory = self._plan(client, current, memory, ca_set_sha256(ca_certs))
+                new_key = not reuse_key
+                if current is not None and reuse_key:
+                    key_blob = current.key_blob()
+                else:
+                    t = time.monotonic()
+                    key_blob = self._keys.generate(plan.algorithm)
+                    keygen = time.monotonic() - t
+                csr_factory = self._fresh(key_blob, plan)
+            if pop is not ProofOfPossession.ALWAYS:
+                if client_identity is not None and is_tpm_key_file(client_identity.key_file):
+                    client.close_connection()  # its TPM client key holds a slot: see below
+                csr_factory = _signed_ahead(csr_factory)
+            try:
+                outcome = client.enroll(csr_factory, reenroll=reenroll, proof_of_possession=pop)
+            except EnrollmentError as e:
+                if pending is not None and e.status is not None and 400 <= e.status < 500:
+                    log.warning("the EST server refused the pending request; it is dropped")
+                    self.pending.clear()
+                raise
+            if outcome.pending:
+                self._park(pending, operation, key_blob, outcome.csr_der,
+                           outcome.proof_of_possession, reused_key=not new_key,
+                           retry_after=outcome.retry_after)  # fmt: skip
+
+            def validate(ca_certs: list[x509.Certificate]) -> IssuedCertificate:
+                return validate_issued(
+                    outcome.certificates,
+                    requested_key=self._keys.public_key(key_blob),
+                    ca_certs=ca_certs,
+                    now=self._clock.now(),
+                    clock_skew=skew,
+                )
+
+            try:
+                issued = validate(ca_certs)
+            except ChainValidationError as e:
+                if fetched_ca:
+                    raise
+                # the stored CA set may be out of date (a CA rollover): ask the server once
+                log.info("EST: the stored CA certificates do not validate the issued one (%s); "
+                         "fetching /cacerts", e)  # fmt: skip
+                ca_certs = validate_ca_certs(
+                    client.cacerts(), now=self._clock.now(), clock_skew=skew
+                )
+                issued = validate(ca_certs)
+        saved = "" if fetched_ca else "; /cacerts not fetched (stored CA set)"
+        log.info("EST: %d request(s) over %d TLS connection(s)%s", client.requests,
+                 client.connections, saved)  # fmt: skip
         installed = self.store.install(
             key_blob=key_blob,
             key_file_name=self._keys.key_file_name,
@@ -263,6 +310,16 @@ class Enroller:
             ca_certs=ca_certs,
         )
         self.pending.clear()
+        memory = replace(
+            memory,
+            basic=memory.basic or client.basic_demanded,
+            cacerts_sha256=ca_set_sha256(ca_certs),
+        )
+        try:
+            self.memory.save(memory)
+        except AgentError as e:  # it only saves round trips
+            log.warning("could not remember the EST server's answers: %s", e)
+        self.last_counts = (client.requests, client.connections)
         return EnrollResult(
             identity=installed,
             changed=True,
@@ -317,17 +374,54 @@ class Enroller:
             state_dir=state_dir,
         )
 
-    def _client(self, anchor: Path | None, identity: ClientIdentity | None) -> EstClient:
+    def _client(
+        self,
+        anchor: Path | None,
+        identity: ClientIdentity | None,
+        *,
+        upfront: bool | None = None,
+        max_tls_version: str | None = None,
+    ) -> EstClient:
         return EstClient(
             transport=self._transport_factory(anchor),
             prefix=self._prefix,
             label=self._est.label,
             credentials=self._credentials,
-            send_credentials_upfront=self._est.send_credentials_upfront,
+            send_credentials_upfront=(
+                self._est.send_credentials_upfront if upfront is None else upfront
+            ),
             client_identity=identity,
+            max_tls_version=max_tls_version,
         )
 
-    def _plan(self, client: EstClient, current: Identity | None) -> CsrPlan:
+    def _server_name(self) -> str:
+        return f"{self._est.url} label={self._est.label}"
+
+    def _stored_ca_certs(
+        self, skew: timedelta, memory: ServerMemory
+    ) -> list[x509.Certificate] | None:
+        """The EST CA certificates a successful enrollment with this server and anchor stored
+        (fetched over verified TLS), valid now; None otherwise (then /cacerts is fetched)."""
+        path = self.store.cacerts_file
+        try:
+            if not memory.cacerts_sha256 or not path.exists():
+                return None
+            certs = x509.load_pem_x509_certificates(read_bytes(path, limit=1024 * 1024))
+            if ca_set_sha256(certs) != memory.cacerts_sha256:
+                log.info("EST: %s is not the CA set this server sent: fetching /cacerts", path)
+                return None
+            return validate_ca_certs(certs, now=self._clock.now(), clock_skew=skew)
+        except (AgentError, ValueError, OSError) as e:
+            log.info("EST: not using %s (%s); fetching /cacerts", path, e)
+            return None
+
+    def _plan(
+        self,
+        client: EstClient,
+        current: Identity | None,
+        memory: ServerMemory,
+        ca_fingerprint: str,
+    ) -> tuple[CsrPlan, ServerMemory]:
         subject: SubjectSpec = (
             subject_of(current.certificate)
             if current is not None
@@ -335,8 +429,22 @@ class Enroller:
         )
         hints = CsrAttrsHints()
         if self._est.use_csrattrs:
+            now = self._clock.now()
+            cached = memory.csrattrs_for(
+                ca_set_sha256=ca_fingerprint,
+                now=now,
+                max_age=timedelta(seconds=self._est.csrattrs_max_age_seconds),
+            )
             try:
-                der = client.csrattrs()
+                if cached is not None:
+                    log.info("/csrattrs: reusing the answer fetched at %s (not older than "
+                             "est.csrattrs_max_age_seconds, same CA set)",
+                             memory.csrattrs_fetched)  # fmt: skip
+                    der: bytes | None = cached
+                else:
+                    der = client.csrattrs()
+                    memory = replace(memory, csrattrs=der or b"", csrattrs_fetched=now,
+                                     ca_set_sha256=ca_fingerprint)  # fmt: skip
                 hints = parse_csrattrs(der) if der else hints
             except EnrollmentError as e:
                 if e.status is not None and 400 <= e.status < 500:
@@ -355,7 +463,7 @@ class Enroller:
         if plan.ignored:
             log.warning("/csrattrs: ignoring what the agent cannot honour: %s",
                         "; ".join(plan.ignored))  # fmt: skip
-        return plan
+        return plan, memory
 
     def _fresh(self, key_blob: bytes, plan: CsrPlan) -> CsrFactory:
         def factory(challenge: str | None) -> bytes:

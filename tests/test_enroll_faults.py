@@ -41,6 +41,12 @@ EXPECTED: dict[str, tuple[type[AgentError], str, int]] = {
     "bad-extensions": (EnrollmentError, "malformed extensions", 76),
     "drip": (TransportError, "no complete response within 0.5 s", 69),
     "drip-headers": (TransportError, "no complete response within 0.5 s", 69),
+    "server-eku": (EnrollmentError, "extendedKeyUsage does not allow clientAuth", 76),
+    "issuer-not-ca": (ChainValidationError, r"not a CA \(basicConstraints cA=FALSE\)", 65),
+    "pop-401": (EnrollmentError, "HTTP 401 Unauthorized: the server refused the proof-of-poss", 77),
+    "pop-403": (EnrollmentError, "HTTP 403 Forbidden: the server refused the proof-of-poss", 77),
+    "csr-attribute-400": (EnrollmentError, "HTTP 400 Bad Request: the server refused an attr", 77),
+    "policy-403": (EnrollmentError, "HTTP 403 Forbidden: the server's policy refused", 77),
 }
 
 

@@ -22,7 +22,7 @@ def test_rfc7030_csrattrs_example() -> None:
     assert hints.key_algorithm is KeyAlgorithm.EC_P384
     assert hints.hash_name == "sha384"
     # a MAC address extension is something the agent cannot vouch for: ignored, and said so
-    assert hints.ignored == ("attribute extensionRequest (1.2.840.113549.1.9.14)",)
+    assert hints.ignored == ("extensionRequest for macAddress (1.3.6.1.1.1.1.22)",)
     plan = plan_csr(hints, KeyAlgorithm.EC_P256, SubjectSpec(common_name="gw-1"))
     assert (plan.algorithm, plan.hash_name) == (KeyAlgorithm.EC_P384, "sha384")
 

@@ -17,11 +17,11 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 from cryptography.hazmat.primitives.serialization import pkcs7
-from cryptography.x509 import verification
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from agent.errors import ChainValidationError, EnrollmentError
 from agent.pki import public_key_der
+from agent.pkix import UNDERSTOOD, PathError, validate_path
 
 _E = TypeVar("_E", bound=x509.ExtensionType)
 
@@ -52,7 +52,10 @@ def select_bootstrap_anchor(certs: Sequence[x509.Certificate], expected: str) ->
     for cert in certs:
         if fingerprint(cert) == want:
             constraints = _extension(cert, x509.BasicConstraints, "the bootstrap CA certificate")
-            if constraints is None or not constraints.ca:
+            # RFC 5280: a v3 CA says so in basicConstraints; a self-signed v1 certificate can
+            # only be a root (the anchor is an input, agent.pkix)
+            v1_root = cert.version is x509.Version.v1 and cert.subject == cert.issuer
+            if (constraints is None and not v1_root) or (constraints and not constraints.ca):
                 raise ChainValidationError(
                     "bootstrap: the certificate with the configured SHA-256 fingerprint "
                     f"({_subject(cert)!r}) is not a CA certificate; configure the EST CA's"
@@ -87,9 +90,10 @@ def validate_issued(
 ) -> IssuedCertificate:
     """Pick the certificate for `requested_key` out of an enrollment response and check it.
 
-    It must carry the CSR's public key, chain to the EST CA certificates (cryptography's
-    verifier, at `now`), be valid now give or take `clock_skew`, allow digitalSignature, not be a
-    CA, and (if it has an extendedKeyUsage) allow clientAuth.
+    It must carry the CSR's public key, chain to the EST CA certificates (RFC 5280 path
+    validation, agent.pkix, the self-signed ones as anchors), be valid now give or take
+    `clock_skew`, allow digitalSignature, not be a CA, carry no critical extension we do not
+    understand, and (if it has an extendedKeyUsage) allow clientAuth.
     """
     wanted = public_key_der(requested_key)
     mine = [c for c in certs if _spki(c) == wanted]
@@ -102,29 +106,24 @@ def validate_issued(
     others = [c for c in certs if c is not leaf]
     _check_validity(leaf, now, clock_skew)
     _check_usage(leaf)
-    when = min(max(now, leaf.not_valid_before_utc), leaf.not_valid_after_utc)
+    _check_critical(leaf)
     roots = ca_roots(ca_certs)
     intermediates = [c for c in [*others, *ca_certs] if c not in roots]
     try:
-        verifier = (
-            verification.PolicyBuilder()
-            .store(verification.Store(roots))
-            .time(when)
-            .extension_policies(
-                ca_policy=verification.ExtensionPolicy.webpki_defaults_ca(),
-                # the leaf profile is the CA's business; we check what we rely on ourselves
-                ee_policy=verification.ExtensionPolicy.permit_all(),
-            )
-            .build_client_verifier()
+        path = validate_path(
+            leaf,
+            anchors=roots,
+            intermediates=intermediates,
+            now=now,
+            skew=clock_skew,
+            purpose=ExtendedKeyUsageOID.CLIENT_AUTH,
         )
-        verified = verifier.verify(leaf, intermediates)
-    except (verification.VerificationError, *_MALFORMED) as e:
+    except PathError as e:
         raise ChainValidationError(
             f"the issued certificate {_subject(leaf)!r} (issuer {_issuer(leaf)!r}) does not "
             f"chain to the EST CA certificates: {e}"
         ) from e
-    chain = tuple(verified.chain[1:])
-    return IssuedCertificate(certificate=leaf, chain=chain)
+    return IssuedCertificate(certificate=leaf, chain=path.above)
 
 
 def _check_validity(cert: x509.Certificate, now: datetime, skew: timedelta) -> None:
@@ -150,6 +149,19 @@ def _check_usage(cert: x509.Certificate) -> None:
     allowed = {ExtendedKeyUsageOID.CLIENT_AUTH, ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE}
     if eku is not None and not allowed.intersection(eku):
         raise EnrollmentError("the issued certificate's extendedKeyUsage does not allow clientAuth")
+
+
+def _check_critical(cert: x509.Certificate) -> None:
+    try:
+        extensions = list(cert.extensions)
+    except _MALFORMED as e:
+        raise EnrollmentError(f"the issued certificate has malformed extensions: {e}") from e
+    for ext in extensions:
+        if ext.critical and ext.oid not in UNDERSTOOD:
+            raise EnrollmentError(
+                "the issued certificate carries a critical extension this agent does not "
+                f"understand ({ext.oid.dotted_string})"
+            )
 
 
 # cryptography parses a certificate's key, names and extensions lazily: a malformed one raises

@@ -70,6 +70,9 @@ class Connection(Protocol):
     #: True when the server certificate was NOT verified (bootstrap only): send no secrets
     provisional: bool
     handshake_seconds: float
+    #: the server kept the connection open after the last response, whose body was read whole:
+    #: another request may follow on it
+    reusable: bool
 
     def request(
         self, method: str, path: str, *, headers: Mapping[str, str], body: bytes | None = None
@@ -222,6 +225,7 @@ class _HttpsConnection:
         self._tls = tls
         self._http = http.client.HTTPConnection(host, port, timeout=read_timeout_seconds)
         self._http.sock = tls  # already connected and handshaken: http.client will not connect
+        self._http.auto_open = 0  # and once closed, never again (it would connect in plain TCP)
         self._where = f"{host}:{port}"
         self.tls_version = tls.version() or "?"
         self.tls_unique = (
@@ -231,6 +235,8 @@ class _HttpsConnection:
         self.handshake_seconds = handshake_seconds
         self._read_timeout = read_timeout_seconds
         self._max_bytes = max_response_bytes
+        self.reusable = True
+        self._kept_alive = False
 
     def close(self) -> None:
         self._http.close()  # closes the TLS socket and forgets it
@@ -249,6 +255,8 @@ class _HttpsConnection:
         if self.provisional and any(k.lower() == "authorization" for k in headers):
             raise AssertionError("credentials must not go over a provisional connection")
         what = f"{method} https://{self._where}{path}"
+        if self._http.sock is None:  # closed by the server after the last response
+            raise TransportError(f"{what}: the server closed this connection before")
         expired = threading.Event()
 
         def expire() -> None:
@@ -260,6 +268,7 @@ class _HttpsConnection:
         watchdog.daemon = True
         watchdog.start()
         timed_out = f"{what}: no complete response within {self._read_timeout:g} s"
+        self.reusable = False  # until this round trip has ended cleanly
         try:
             response = self._round_trip(method, path, headers, body, what)
         except AgentError as e:
@@ -270,6 +279,7 @@ class _HttpsConnection:
             watchdog.cancel()
         if expired.is_set():  # a shutdown can also pass for the end of the headers or the body
             raise TransportError(timed_out)
+        self.reusable = self._kept_alive
         return response
 
     def _round_trip(
@@ -292,6 +302,11 @@ class _HttpsConnection:
                     data = b""  # may come without Content-Length: reading would wait for a close
                 else:
                     data = self._read_body(response, ERROR_BODY_BYTES, what, strict=False)
+                # HTTP/1.1 keep-alive: the server did not say close, and the body was read to
+                # its end (a 202 without Content-Length ends only at the close)
+                self._kept_alive = not response.will_close and (
+                    response.isclosed() or response.length == 0
+                )
             finally:
                 response.close()  # releases its file object's hold on the socket
         except TimeoutError as e:

@@ -31,6 +31,8 @@ PKCS7_TYPES = frozenset(
 TOLERATED_TYPES = frozenset({"application/octet-stream", ""})
 
 _BASE64_LINE = 64
+#: what may follow a base64 body and is dropped: NUL and ASCII whitespace
+_TRAILING = b"\x00 \t\r\n\x0b\x0c"
 #: delta-seconds (RFC 9110 10.2.3): ASCII digits only; str.isdigit() also takes "²",
 #: which int() then refuses
 _DELTA_SECONDS = re.compile(r"[0-9]+")
@@ -77,7 +79,8 @@ def decode_body(body: bytes, headers: Mapping[str, str], what: str) -> bytes:
     encoding = headers.get("content-transfer-encoding", "").strip().lower()
     if encoding == "binary" or (body[:1] == b"\x30" and not _looks_base64(body)):
         return body
-    compact = b"".join(body.split())
+    # trailing NULs (C servers counting their terminator) and whitespace after the base64
+    compact = b"".join(body.rstrip(_TRAILING).split())
     try:
         der = base64.b64decode(compact, validate=True)
     except (binascii.Error, ValueError) as e:

@@ -18,6 +18,7 @@ import argparse
 import base64
 import binascii
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -42,7 +43,7 @@ from pyasn1.codec.der import encoder as der_encoder
 from pyasn1.type import univ
 from pyasn1_modules import rfc5280, rfc7030
 
-from tests.support.ca import TestCA, key_pem, pem, utcnow
+from tests.support.ca import CaShape, LeafProfile, TestCA, key_pem, pem, utcnow
 
 FAULTS = (
     "5xx",  # HTTP 500
@@ -64,6 +65,12 @@ FAULTS = (
     "bad-extensions",  # the issued certificate carries an extension twice
     "drip",  # the body one byte at a time, each well within the read timeout
     "drip-headers",  # the same with the header lines
+    "server-eku",  # the issued certificate's extendedKeyUsage is serverAuth only
+    "issuer-not-ca",  # signed by a certificate with basicConstraints cA=FALSE (sent along)
+    "pop-401",  # 401 "Proof of Possession Mismatch." with a Basic challenge, like some servers
+    "pop-403",  # 403 naming proof-of-possession in the body
+    "csr-attribute-400",  # 400 naming a missing CSR attribute
+    "policy-403",  # 403 naming a policy refusal
 )
 AUTH_MODES = ("none", "basic", "cert", "both")
 #: a degenerate SignedData without certificates (cryptography will not serialize one)
@@ -121,10 +128,26 @@ class EstOptions:
     csrattrs: bytes | None = field(default_factory=csrattrs_der)  # None: 404
     csrattrs_trailing_garbage: bool = True
     csrattrs_status: int = 200  # answer /csrattrs with this status instead (500, 403, ...)
+    csrattrs_suffix: bytes = b""  # appended after the base64 text (b"\x00", b"\r\n  ", ...)
     copy_san: bool = True  # copy subjectAltName from the CSR (False: drop CSR extensions)
     label: str | None = None  # when set, only /.well-known/est/<label>/ is served
     content_length: str | None = None  # sent as the issuing 200's Content-Length (e.g. "²")
     retry_after_503: str | None = None  # with fault 5xx: answer 503 with this Retry-After
+    keep_alive: bool = False  # HTTP/1.1 persistent connections (else Connection: close)
+    #: with keep_alive: after this many requests a connection is closed without saying so
+    #: (as servers close idle connections)
+    keep_alive_requests: int | None = None
+
+
+@dataclass
+class Pki:
+    """The CA hierarchy behind the server: `issuing` (with its `parent`s up to the root the
+    agent is given as anchor) signs the device certificates, `tls_issuer` the server's TLS
+    certificate (default: `issuing`); /cacerts sends `issuing` and the CAs above it."""
+
+    issuing: TestCA
+    tls_issuer: TestCA | None = None
+    leaf: LeafProfile = field(default_factory=LeafProfile)
 
 
 @dataclass
@@ -138,24 +161,39 @@ class Record:
     tls_version: str
     challenge_password: str | None = None
     csr: bytes | None = None  # DER of the CSR received
+    connection: int = 0  # which TLS connection carried it (1, 2, ... per server)
 
 
 class EstServer:
     """The EST CA (`ca`), the IDevID manufacturer CA (`idevid_ca`), and an HTTPS server."""
 
     def __init__(
-        self, directory: Path, options: EstOptions | None = None, *, port: int = 0
+        self,
+        directory: Path,
+        options: EstOptions | None = None,
+        *,
+        port: int = 0,
+        pki: Pki | None = None,
     ) -> None:
         self.directory = directory
         self.options = options or EstOptions()
-        self.ca = TestCA(name="devid test EST CA")
+        self.pki = pki or Pki(issuing=TestCA(name="devid test EST CA"))
+        self.ca = self.pki.issuing  # issues the device certificates
+        self.root = self.ca.root()  # the anchor the agent is given
         self.idevid_ca = TestCA(name="devid test manufacturer CA")
         self.rogue_ca = TestCA(name="devid rogue CA")
+        #: a certificate the EST CA issued with cA=FALSE, signing anyway (fault issuer-not-ca)
+        self.not_a_ca = TestCA(name="devid not a CA", parent=self.ca, shape=CaShape(bc_ca=False))
         directory.mkdir(parents=True, exist_ok=True)
-        self.ca_file = self.ca.write_cert(directory / "est-ca.pem")
+        self.ca_file = self.root.write_cert(directory / "est-ca.pem")
         self.idevid_ca_file = self.idevid_ca.write_cert(directory / "idevid-ca.pem")
-        self.server_cert, self.server_key = self.ca.server_identity(directory)
+        tls_issuer = self.pki.tls_issuer or self.ca
+        self.server_cert, self.server_key = tls_issuer.server_identity(directory)
+        if tls_issuer is not self.root:  # the server sends its chain, as servers do
+            with open(self.server_cert, "ab") as f:
+                f.write(b"".join(pem(c) for c in tls_issuer.chain()[:-1]))
         self.records: list[Record] = []
+        self.connections = 0  # TLS connections accepted
         self.issued: list[x509.Certificate] = []
         self._pending_counts: dict[bytes, int] = {}
         self._lock = threading.Lock()
@@ -174,7 +212,7 @@ class EstServer:
 
     @property
     def ca_fingerprint(self) -> str:
-        return hashlib.sha256(self.ca.cert.public_bytes(serialization.Encoding.DER)).hexdigest()
+        return hashlib.sha256(self.root.cert.public_bytes(serialization.Encoding.DER)).hexdigest()
 
     def start(self) -> EstServer:
         self._thread.start()
@@ -195,7 +233,9 @@ class EstServer:
     def ssl_context(self) -> ssl.SSLContext:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.load_cert_chain(self.server_cert, self.server_key)
-        ctx.load_verify_locations(cadata=(pem(self.ca.cert) + pem(self.idevid_ca.cert)).decode())
+        anchors = b"".join(pem(c) for c in self.ca.chain()) + pem(self.idevid_ca.cert)
+        ctx.load_verify_locations(cadata=anchors.decode())
+        ctx.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
         ctx.verify_mode = ssl.CERT_OPTIONAL
         if self.options.tls12_only:
             ctx.maximum_version = ssl.TLSVersion.TLSv1_2
@@ -242,10 +282,15 @@ class EstServer:
             not_before = now + timedelta(days=2)
         if options.fault in ("no-digital-signature", "bad-extensions"):
             return self._issue_odd(csr, options.fault)
+        profile = self.pki.leaf
+        if options.fault == "server-eku":
+            profile = dataclasses.replace(profile, eku=(ExtendedKeyUsageOID.SERVER_AUTH,))
+        elif options.fault == "issuer-not-ca":
+            ca = self.not_a_ca
         cert = ca.issue(
             key,  # type: ignore[arg-type]
             subject=csr.subject,
-            eku=[ExtendedKeyUsageOID.CLIENT_AUTH],
+            profile=profile,
             sans=sans,
             ca=options.fault == "ca-cert",
             not_before=not_before,
@@ -314,8 +359,11 @@ class _HttpServer(ThreadingHTTPServer):
             tls = self.est.ssl_context().wrap_socket(request, server_side=True)
         except (ssl.SSLError, OSError):
             return
+        with self.est._lock:
+            self.est.connections += 1
+            number = self.est.connections
         try:
-            _Handler(tls, client_address, self)
+            _Handler(tls, client_address, self, number)
         finally:
             tls.close()
 
@@ -324,6 +372,11 @@ class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server: _HttpServer
     _record: Record
+
+    def __init__(self, request: Any, client_address: Any, server: _HttpServer, number: int) -> None:
+        self.number = number
+        self.served = 0
+        super().__init__(request, client_address, server)
 
     def log_message(self, format: str, *args: Any) -> None:  # quiet
         pass
@@ -353,7 +406,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._dispatch()
 
     def _dispatch(self) -> None:
-        self.close_connection = True
+        self.close_connection = not self.est.options.keep_alive
         operation = self._operation() or "?"
         tls: ssl.SSLSocket = self.connection  # type: ignore[assignment]
         peer = tls.getpeercert()
@@ -368,6 +421,7 @@ class _Handler(BaseHTTPRequestHandler):
             authorization="Authorization" in self.headers,
             client_cert=subject,
             tls_version=tls.version() or "?",
+            connection=self.number,
         )
         self._record = record
         with self.est._lock:
@@ -404,9 +458,16 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("Content-Type", content_type)
         for name, value in (headers or {}).items():
             self.send_header(name, value)
-        if length is not None or body:
+        keep = self.est.options.keep_alive and status != 202  # a 202 without length ends at close
+        if length is not None or body or keep:
             self.send_header("Content-Length", str(len(body) if length is None else length))
-        self.send_header("Connection", "close")
+        if not keep:
+            self.close_connection = True
+            self.send_header("Connection", "close")
+        self.served += 1
+        limit = self.est.options.keep_alive_requests
+        if keep and limit is not None and self.served >= limit:
+            self.close_connection = True  # silently: the client learns it on its next request
         self.end_headers()
         with contextlib.suppress(OSError):
             self.wfile.write(body)
@@ -430,6 +491,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", "application/pkcs7-mime; smime-type=certs-only")
         self.send_header("Content-Transfer-Encoding", "base64")
         self.send_header("Content-Length", override)
+        self.close_connection = True
         self.send_header("Connection", "close")
         self.end_headers()
         with contextlib.suppress(OSError):
@@ -438,7 +500,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _cacerts(self, operation: str, body: bytes, record: Record) -> int:
         # A real-server variation: no smime-type parameter on /cacerts.
-        return self._certs([self.est.ca.cert], smime=False)
+        return self._certs(self.est.ca.chain(), smime=False)
 
     def _csrattrs(self, operation: str, body: bytes, record: Record) -> int:
         der = self.est.options.csrattrs
@@ -449,6 +511,7 @@ class _Handler(BaseHTTPRequestHandler):
         payload = b64_lines(der)
         if self.est.options.csrattrs_trailing_garbage:
             payload = b64_lines(der + b"\x00\x00garbage")
+        payload += self.est.options.csrattrs_suffix
         return self._send(
             200, payload, "application/csrattrs", {"Content-Transfer-Encoding": "base64"}
         )
@@ -517,6 +580,19 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _fault_or_issue(self, csr: x509.CertificateSigningRequest) -> int:
         fault = self.est.options.fault
+        if fault == "pop-401":  # what a deployed server answers, credentials accepted or not
+            challenge = {"WWW-Authenticate": 'Basic realm="estrealm"'}
+            return self._send(401, b"401 Unauthorized\nProof of Possession Mismatch.\n",
+                              "text/plain", challenge)  # fmt: skip
+        if fault == "pop-403":
+            return self._send(403, b"proof-of-possession required: the CSR has no "
+                              b"challengePassword bound to this TLS session\n", "text/plain")  # fmt: skip
+        if fault == "csr-attribute-400":
+            return self._send(400, b"CSR attribute missing: serialNumber (2.5.4.5) is required"
+                              b" in the subject\n", "text/plain")  # fmt: skip
+        if fault == "policy-403":
+            return self._send(403, b"Request denied by policy: end entity profile does not "
+                              b"allow this subject\n", "text/plain")  # fmt: skip
         if fault == "5xx":
             retry = self.est.options.retry_after_503
             if retry is not None:
@@ -545,6 +621,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("Content-Type", "application/pkcs7-mime")
             if fault == "oversized":
                 self.send_header("Content-Length", str(64 * len(chunk)))
+            self.close_connection = True
             self.send_header("Connection", "close")
             self.end_headers()
             try:
@@ -563,6 +640,8 @@ class _Handler(BaseHTTPRequestHandler):
                 "application/pkcs7-mime; smime-type=certs-only",
                 length=len(body),
             )
+        if fault == "issuer-not-ca":
+            return self._issued([cert, self.est.not_a_ca.cert])
         return self._issued([cert])
 
     def _drip(self, *, headers: bool) -> int:
@@ -576,6 +655,7 @@ class _Handler(BaseHTTPRequestHandler):
             trickle = b"X-Padding: " + b"A" * 1200 + b"\r\n"
         else:
             self.send_header("Content-Length", "1200")
+            self.close_connection = True
             self.send_header("Connection", "close")
             self.end_headers()
             trickle = b"A" * 1200
