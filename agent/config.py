@@ -280,6 +280,10 @@ def _boot_tries(value: int) -> str | None:
     return None if 1 <= value <= 99 else "an integer from 1 to 99"
 
 
+def _required_signers(value: int) -> str | None:
+    return None if 1 <= value <= 4 else "an integer from 1 to 4 (a bundle carries at most 4)"
+
+
 def _buffer_kib(value: int) -> str | None:
     return None if 4 <= value <= 65536 else "an integer from 4 to 65536"
 
@@ -292,6 +296,8 @@ class FirmwareConfig:
     trust_anchors: Path = checked(Path("/etc/devid-agent/firmware-ca.pem"), check=_absolute_path)
     #: CRL files (PEM or DER) checked against every certificate of the signer chain
     crl_files: tuple[Path, ...] = checked(())
+    #: distinct signer keys (each chaining to a trust anchor) that must sign a bundle
+    required_signers: int = checked(1, check=_required_signers)
     #: per-slot records, the lock, the TPM counter baseline, the file counter
     state_dir: Path = checked(Path("/var/lib/devid-agent/firmware"), check=_absolute_path)
     #: "uboot" (fw_setenv), "grub" (grub-editenv) or "file" (development)

@@ -24,6 +24,7 @@ def trust_policy(config: Config) -> TrustPolicy:
     return TrustPolicy(
         anchors=tuple(load_certificates(fw.trust_anchors)),
         crls=tuple(load_crl(path) for path in fw.crl_files),
+        required_signers=fw.required_signers,
     )
 
 
