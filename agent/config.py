@@ -306,6 +306,10 @@ class FirmwareConfig:
     uboot_env_config: Path = checked(Path("/etc/fw_env.config"), check=_absolute_path)
     #: GRUB environment block
     grub_env: Path = checked(Path("/boot/grub/grubenv"), check=_absolute_path)
+    #: the bootloader tools, by absolute path (run with a fixed PATH and LC_ALL=C)
+    fw_printenv: Path = checked(Path("/usr/bin/fw_printenv"), check=_absolute_path)
+    fw_setenv: Path = checked(Path("/usr/bin/fw_setenv"), check=_absolute_path)
+    grub_editenv: Path = checked(Path("/usr/bin/grub-editenv"), check=_absolute_path)
     #: environment file of the "file" bootloader
     file_env: Path = checked(Path("/var/lib/devid-agent/firmware/bootenv"), check=_absolute_path)
     #: slot A and slot B: block devices (or files)

@@ -23,6 +23,9 @@ from agent.config import Config, config_path, load_config
 from agent.errors import ConfigError, StorageError
 from hal.storage import read_bytes, temp_name
 
+#: a bundle is public (it is signed, not secret) and nobody else may change it
+BUNDLE_MODE = 0o644
+
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     fw = subparsers.add_parser("firmware", help="signed A/B firmware: sign, verify, install, ...")
@@ -121,7 +124,9 @@ def run_sign(args: argparse.Namespace) -> int:
     out: Path = args.output
     tmp = temp_name(out)
     try:
-        with open(tmp, "xb") as f:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        with os.fdopen(os.open(tmp, flags, BUNDLE_MODE), "wb") as f:
+            os.fchmod(f.fileno(), BUNDLE_MODE)  # whatever the umask
             write_bundle(args.image, f, manifest, signers)
         os.replace(tmp, out)
     except OSError as e:

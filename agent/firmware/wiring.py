@@ -33,11 +33,16 @@ def boot_control(config: Config) -> BootControl:
     if fw.bootloader is BootloaderKind.UBOOT:
         from hal.bootloader.uboot import UBootBootControl
 
-        return UBootBootControl(config=fw.uboot_env_config, max_tries=fw.boot_tries)
+        return UBootBootControl(
+            config=fw.uboot_env_config,
+            max_tries=fw.boot_tries,
+            printenv=str(fw.fw_printenv),
+            setenv=str(fw.fw_setenv),
+        )
     if fw.bootloader is BootloaderKind.GRUB:
         from hal.bootloader.grub import GrubBootControl
 
-        return GrubBootControl(env_file=fw.grub_env)
+        return GrubBootControl(env_file=fw.grub_env, editenv=str(fw.grub_editenv))
     from hal.bootloader.file import FileBootControl
 
     return FileBootControl(path=fw.file_env, max_tries=fw.boot_tries)

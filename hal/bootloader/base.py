@@ -21,6 +21,9 @@ log = logging.getLogger(__name__)
 
 DEFAULT_SLOTS = ("A", "B")
 TOOL_TIMEOUT_S = 30.0
+#: the whole environment a bootloader tool gets: root runs these from OTA hooks, whose PATH,
+#: locale and LD_* variables are the caller's, not ours (the tools themselves are absolute paths)
+TOOL_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C"}
 Env = Mapping[str, str]
 _DECIMAL = re.compile(r"[0-9]{1,3}\Z")
 
@@ -65,8 +68,11 @@ def corrupt(where: str, what: str) -> BootControlError:
 def run_tool(
     args: Sequence[str], where: str, *, stdin: str | None = None
 ) -> subprocess.CompletedProcess[str]:
-    """Run a bootloader tool (an argument list: no shell) on `where`; a failure is one
+    """Run a bootloader tool (an argument list: no shell; args[0] an absolute path, so no
+    PATH lookup) on `where` with TOOL_ENV as its whole environment; a failure is one
     BootControlError line with the tool's last line of stderr."""
+    if not args[0].startswith("/"):
+        raise BootControlError(f"bootloader tool {args[0]!r} is not an absolute path")
     try:
         done = subprocess.run(
             list(args),
@@ -78,6 +84,7 @@ def run_tool(
             encoding="utf-8",
             errors="surrogateescape",
             timeout=TOOL_TIMEOUT_S,
+            env=dict(TOOL_ENV),
         )
     except (OSError, subprocess.TimeoutExpired) as e:
         raise BootControlError(f"cannot run {args[0]} for {where}: {e}") from e

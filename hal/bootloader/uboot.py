@@ -69,8 +69,8 @@ class UBootBootControl(EnvBootControl):
         config: Path,
         slots: Sequence[str] = DEFAULT_SLOTS,
         max_tries: int = 3,
-        printenv: str = "fw_printenv",
-        setenv: str = "fw_setenv",
+        printenv: str = "/usr/bin/fw_printenv",
+        setenv: str = "/usr/bin/fw_setenv",
     ) -> None:
         super().__init__(scheme=UBootScheme(slots=slots, max_tries=max_tries))
         self.config = config
