@@ -78,8 +78,9 @@ class MonotonicCounter(Protocol):
 class BootState:
     """What the bootloader will do next, as read from its environment.
 
-    `order` lists slot names in the order the bootloader tries them; `tries_left` is how many more
-    boots each slot may be tried before the bootloader skips it (0: it will be skipped).
+    `order` lists slot names in the order the bootloader tries them (it may name slots that are
+    not ours, such as a recovery slot "R"); `tries_left` is how many more boots each of our slots
+    may be tried before the bootloader skips it (0: it will be skipped).
     """
 
     order: tuple[str, ...]
@@ -91,6 +92,11 @@ class BootState:
             if self.tries_left.get(slot, 0) > 0:
                 return slot
         return None
+
+    def bootable(self, slot: str) -> bool:
+        """The bootloader's verdict, as RAUC reads it ("good" in `rauc status`): the slot is in
+        the order and has tries left. It overrides any record of ours."""
+        return slot in self.order and self.tries_left.get(slot, 0) > 0
 
 
 @runtime_checkable

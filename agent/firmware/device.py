@@ -61,6 +61,15 @@ def _same_storage(a: str, b: str) -> bool:
     return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
 
 
+def _verdict(recorded: str, bootable: bool) -> str:
+    """A slot's state: our record, unless the bootloader says it will not boot it (RAUC's
+    `mark-bad`, tries used up): then "bad", whatever we recorded. "writing" and "failed" are
+    already not bootable and say more."""
+    if not bootable and recorded in ("good", "installed", "unknown"):
+        return "bad"
+    return recorded
+
+
 class FirmwareDevice:
     def __init__(
         self,
@@ -260,7 +269,7 @@ class FirmwareDevice:
             pending = state.pending
             fell_back_from = None
             if pending is not None and pending != booted:
-                if boot_state.tries_left.get(pending, 0) > 0:
+                if boot_state.bootable(pending):
                     log.info("slot %s is installed, not booted yet; committing %s", pending, booted)
                 else:
                     fell_back_from = pending
@@ -290,7 +299,7 @@ class FirmwareDevice:
         with self._locked():
             booted = self._booted()
             other = self._other(booted)
-            self.boot.state()
+            boot_state = self.boot.state()
             state = load_state(self.state_path)
             if state.pending == other:
                 # Not booted yet (or the bootloader already fell back): cancel the install.
@@ -305,6 +314,13 @@ class FirmwareDevice:
                 what = "no record" if record is None else f"state {record.state!r}"
                 raise BootControlError(
                     f"slot {other} holds no committed image ({what}); nothing to roll back to"
+                )
+            if not boot_state.bootable(other):
+                # The bootloader's verdict wins over our record: RAUC's `mark-bad` (or the
+                # bootloader) took it out of the order or used up its tries.
+                raise BootControlError(
+                    f"slot {other} is marked bad in the bootloader ({self.boot.kind}: not in "
+                    "the boot order, or no tries left); not rolling back to it"
                 )
             committed = self.counter.read()
             if record.security_version < committed:
@@ -322,17 +338,20 @@ class FirmwareDevice:
         state = load_state(self.state_path)
         pending = state.pending
         fell_back = state.fell_back_from is not None or (
-            pending is not None and pending != booted and boot_state.tries_left.get(pending, 0) == 0
+            pending is not None and pending != booted and not boot_state.bootable(pending)
         )
         slots = []
         for name, slot in self.slots.items():
             record = state.slots.get(name)
+            bootable = boot_state.bootable(name)
+            recorded = record.state if record else "unknown"
             slots.append(
                 SlotStatus(
                     name=name,
                     path=slot.path,
                     booted=name == booted,
-                    state=record.state if record else "unknown",
+                    state=_verdict(recorded, bootable),
+                    bootable=bootable,
                     version=record.version if record else "unknown",
                     security_version=record.security_version if record else None,
                     tries_left=boot_state.tries_left.get(name, 0),

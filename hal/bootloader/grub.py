@@ -2,7 +2,9 @@
 
 `ORDER` ("A B"), `A_OK`/`B_OK` (1: the slot may boot), `A_TRY`/`B_TRY` (1: it was tried and not
 marked good since). RAUC's grub.cfg boots the first slot of ORDER with OK=1 and TRY=0 and sets
-its TRY=1 before booting it, so each slot gets one try until marked good.
+its TRY=1 before booting it, so each slot gets one try until marked good. A variable missing
+from the block takes the value RAUC's grub.conf sets before `load_env`: ORDER="A B", A_OK=0,
+B_OK=0, A_TRY=0, B_TRY=0 (an empty grubenv boots nothing, and we say so).
 
 grub-editenv rewrites its file in place, so we edit a copy next to it and rename the copy over
 the original (atomic on the same filesystem); the copy gets the original's owner and mode
@@ -47,7 +49,7 @@ class GrubScheme(Scheme):
         order = self.order(env, "ORDER", where)
         left = {}
         for s in self.slots:
-            ok = self._flag(env, f"{s}_OK", 1, where)
+            ok = self._flag(env, f"{s}_OK", 0, where)  # RAUC's grub.conf: A_OK=0 B_OK=0
             tried = self._flag(env, f"{s}_TRY", 0, where)
             left[s] = 1 if ok and not tried else 0
         return BootState(order=order, tries_left=left)
