@@ -24,12 +24,11 @@ import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 from agent.clock import Clock
 from agent.errors import BootControlError, FirmwareVerificationError, RollbackError, StorageError
 from agent.firmware.bundle import DEFAULT_LIMITS, BundleLimits, read_header
-from agent.firmware.chain import TrustPolicy
 from agent.firmware.manifest import HASH_ALGORITHMS, Manifest
 from agent.firmware.state import FirmwareState, SlotRecord, load_state, save_state
 from agent.firmware.status import FirmwareStatus, SlotStatus
@@ -37,6 +36,9 @@ from agent.firmware.verify import DEFAULT_BUFFER_BYTES, DeviceFacts, stream_payl
 from hal.interfaces import BootControl, MonotonicCounter, Slot
 from hal.lock import exclusive_lock
 from hal.storage import ensure_private_dir
+
+if TYPE_CHECKING:
+    from agent.firmware.chain import TrustPolicy
 
 log = logging.getLogger(__name__)
 

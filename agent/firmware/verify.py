@@ -15,16 +15,14 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import BinaryIO
-
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from typing import TYPE_CHECKING, BinaryIO
 
 from agent.errors import ChainValidationError, FirmwareVerificationError, RollbackError
-from agent.firmware import sigalg
 from agent.firmware.bundle import BundleHeader, read_some
-from agent.firmware.chain import TrustPolicy, verify_signer
 from agent.firmware.manifest import Manifest
+
+if TYPE_CHECKING:
+    from agent.firmware.chain import TrustPolicy
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +42,14 @@ def verify_header(
 ) -> Manifest:
     """Check signatures, signer chains, the signer threshold, compatibility and anti-rollback;
     return the manifest."""
+    # cryptography is imported here, not at the top: status, commit and rollback use this
+    # module's streaming half and start without it (a firmware command runs once per boot).
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    from agent.firmware import sigalg
+    from agent.firmware.chain import verify_signer
+
     keys: dict[bytes, int] = {}
     for i, block in enumerate(header.signatures):
         try:

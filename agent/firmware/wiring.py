@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from agent.clock import Clock, SystemClock
 from agent.config import BootloaderKind, Config, CounterKind
 from agent.errors import ConfigError
-from agent.firmware.chain import TrustPolicy
 from agent.firmware.device import FirmwareDevice
-from agent.firmware.pem import load_certificates, load_crl
 from hal.interfaces import BootControl, MonotonicCounter
+
+if TYPE_CHECKING:
+    from agent.firmware.chain import TrustPolicy
 from hal.slots import DeviceSlot, booted_slot
 from hal.storage import read_bytes
 
@@ -20,6 +22,10 @@ FILE_COUNTER_FILE = "security-version"
 
 
 def trust_policy(config: Config) -> TrustPolicy:
+    # Imported here: only verify and install need X.509 (status, commit, rollback start faster).
+    from agent.firmware.chain import TrustPolicy
+    from agent.firmware.pem import load_certificates, load_crl
+
     fw = config.firmware
     return TrustPolicy(
         anchors=tuple(load_certificates(fw.trust_anchors)),
