@@ -30,7 +30,8 @@ python=${PYTHON:-python3}
 
 packages=(swtpm swtpm-tools libtss2-dev tpm2-tools pkg-config gcc libc6-dev libffi-dev
           python3-venv python3-dev openssl mosquitto u-boot-tools grub-common ca-certificates
-          systemd libubootenv-tool rauc dbus-daemon)
+          systemd libubootenv-tool rauc dbus-daemon squashfs-tools swupdate mender-client
+          mender-artifact)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

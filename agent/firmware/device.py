@@ -311,6 +311,21 @@ class FirmwareDevice:
                 save_state(self.state_path, state.with_slot(other, cancelled, pending=None))
                 log.info("cancelled the pending install in slot %s", other)
                 return booted
+            if state.pending == booted:
+                # Booted into an install not committed yet (Mender's ArtifactRollback after its
+                # reboot): go back to the slot that ran before it, whatever our record of it (a
+                # factory image has none); the counter was not raised for the new one.
+                if not boot_state.bootable(other):
+                    raise BootControlError(
+                        f"slot {other} is marked bad in the bootloader ({self.boot.kind}); "
+                        "not rolling back to it"
+                    )
+                self.boot.mark_bad(booted)
+                self.boot.set_primary(other, tries=self.boot_tries)
+                failed = replace(state.slots[booted], state="failed", updated=self._now_text())
+                save_state(self.state_path, state.with_slot(booted, failed, pending=None))
+                log.info("rolled back the uncommitted install in slot %s to slot %s", booted, other)
+                return other
             record = state.slots.get(other)
             if record is None or record.state != "good":
                 what = "no record" if record is None else f"state {record.state!r}"

@@ -1,16 +1,20 @@
 #!/bin/sh
 # SWUpdate shellscript: called with "preinst" before and "postinst" after the files are copied.
 set -eu
-BUNDLE=/var/tmp/devid/rootfs.fw
+# Only root can create entries in /run, so no other user can have made this directory first (a
+# directory under /var/tmp or /tmp could be anyone's, and the bundle would be theirs to swap).
+DIR=/run/devid-install
+BUNDLE=$DIR/rootfs.fw
 
 case "${1:-}" in
 preinst)
-    mkdir -p /var/tmp/devid
+    rm -rf "$DIR"
+    mkdir -m 0700 "$DIR"
     ;;
 postinst)
     status=0
     devid-agent firmware install "$BUNDLE" || status=$?
-    rm -f "$BUNDLE"
+    rm -rf "$DIR"
     case "$status" in
     0) ;;
     65) echo "devid-agent refused the bundle" >&2 ;;
