@@ -28,12 +28,25 @@ def _mtimes(paths: list[Path]) -> list[int]:
     return [p.stat().st_mtime_ns if p.exists() else 0 for p in paths]
 
 
+def _writing(state_file: Path) -> bool:
+    with contextlib.suppress(OSError):
+        return '"writing"' in state_file.read_text()
+    return False
+
+
 def run_install(
-    rig: Rig, bundle: Path, kill_after: float | None, *, after_first_write: bool = False
+    rig: Rig,
+    bundle: Path,
+    kill_after: float | None,
+    *,
+    after_first_write: bool = False,
+    while_writing: bool = False,
 ) -> float:
     """Run the CLI; SIGKILL its process group `kill_after` seconds after start, or after its
     first write to the env or the state file when `after_first_write` (the CLI spends most of
-    its life importing and verifying; the writes are the last few milliseconds)."""
+    its life importing and verifying; the writes are the last few milliseconds), or once the
+    state file says the slot is being written when `while_writing` (that phase lasts about as
+    long as the 128 KiB take to write and read back: random cuts alone rarely land in it)."""
     watched = [*rig.env_files, rig.state_dir / "state.json"]
     before = _mtimes(watched)
     started = time.monotonic()
@@ -48,6 +61,9 @@ def run_install(
     if after_first_write:
         while proc.poll() is None and _mtimes(watched) == before:
             time.sleep(0.0002)
+    if while_writing:
+        while proc.poll() is None and not _writing(rig.state_dir / "state.json"):
+            time.sleep(0.0001)
     try:
         proc.wait(kill_after)
     except subprocess.TimeoutExpired:
@@ -94,6 +110,8 @@ def test_kill_install_at_random_moments(tmp_path: Path) -> None:
         bundle = bundles[i % 2]  # alternate, so a half-written slot differs from both
         if i % 4 == 0:
             run_install(rig, bundle, rng.uniform(0.5 * full, 1.1 * full))
+        elif i % 4 == 1:
+            run_install(rig, bundle, rng.uniform(0, 0.002), while_writing=True)
         else:
             run_install(rig, bundle, rng.uniform(0, 0.006), after_first_write=True)
         outcomes[check_intact(rig, slot_a)] += 1
@@ -101,8 +119,8 @@ def test_kill_install_at_random_moments(tmp_path: Path) -> None:
         assert code == 0, err
         check_intact(rig, slot_a)
     print("power cut outcomes:", dict(outcomes))
-    # The cuts must have hit the slot write itself, not only the steps around it (about 1 in
-    # 10 does; all 100 missing it has a probability near 1e-4).
+    # The cuts must have hit the slot write itself, not only the steps around it (the cuts
+    # made while the state file says "writing" are there for that).
     assert any(outcome.startswith("writing") for outcome in outcomes), outcomes
     assert rig.reboot() == "B"
     assert cli(rig.config, "commit")[0] == 0
