@@ -113,3 +113,19 @@ def test_empty_grubenv_boots_nothing(tmp_path: Path) -> None:
     code, out, err = cli(rig.config, "status")
     assert code == 0, err
     assert "next boot:          none" in out
+
+
+@pytest.mark.parametrize("bootloader", ["uboot", "grub"])
+def test_rollback_from_an_uncommitted_booted_install(tmp_path: Path, bootloader: str) -> None:
+    # Mender's ArtifactRollback after the reboot into the new slot: back to the factory image,
+    # which has no record of ours (it failed with "nothing to roll back to", exit 74).
+    rig = Rig(tmp_path / "dev", bootloader=bootloader)
+    bundle = rig.write_bundle(make_bundle(image(8192), [rig.vendor.signer], version="2.0"))
+    assert cli(rig.config, "install", str(bundle))[0] == 0
+    assert rig.reboot() == "B"
+    code, out, err = cli(rig.config, "rollback")
+    assert code == 0, err
+    assert out.strip() == "slot A boots next"
+    code, out, _ = cli(rig.config, "status")
+    assert "slot B: failed" in out and "pending install:    none" in out
+    assert rig.reboot() == "A"

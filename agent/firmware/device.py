@@ -320,6 +320,13 @@ class FirmwareDevice:
                         f"slot {other} is marked bad in the bootloader ({self.boot.kind}); "
                         "not rolling back to it"
                     )
+                previous = state.slots.get(other)
+                committed = self.counter.read()
+                if previous is not None and previous.security_version < committed:
+                    raise RollbackError(
+                        f"slot {other} has security_version {previous.security_version}, below "
+                        f"the committed {committed}: rollback refused"
+                    )
                 self.boot.mark_bad(booted)
                 self.boot.set_primary(other, tries=self.boot_tries)
                 failed = replace(state.slots[booted], state="failed", updated=self._now_text())
