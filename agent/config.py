@@ -282,6 +282,10 @@ def _boot_tries(value: int) -> str | None:
     return None if 1 <= value <= 99 else "an integer from 1 to 99"
 
 
+def _required_signers(value: int) -> str | None:
+    return None if 1 <= value <= 4 else "an integer from 1 to 4 (a bundle carries at most 4)"
+
+
 def _buffer_kib(value: int) -> str | None:
     return None if 4 <= value <= 65536 else "an integer from 4 to 65536"
 
@@ -294,6 +298,8 @@ class FirmwareConfig:
     trust_anchors: Path = checked(Path("/etc/devid-agent/firmware-ca.pem"), check=_absolute_path)
     #: CRL files (PEM or DER) checked against every certificate of the signer chain
     crl_files: tuple[Path, ...] = checked(())
+    #: distinct signer keys (each chaining to a trust anchor) that must sign a bundle
+    required_signers: int = checked(1, check=_required_signers)
     #: root's per-slot records, lock, TPM counter baseline and file counter (0700). Must lie
     #: outside every directory the service user owns: root's firmware commands refuse a path
     #: with an ancestor another user could write (docs/security.md)
@@ -309,6 +315,10 @@ class FirmwareConfig:
     uboot_env_config: Path = checked(Path("/etc/fw_env.config"), check=_absolute_path)
     #: GRUB environment block
     grub_env: Path = checked(Path("/boot/grub/grubenv"), check=_absolute_path)
+    #: the bootloader tools, by absolute path (run with a fixed PATH and LC_ALL=C)
+    fw_printenv: Path = checked(Path("/usr/bin/fw_printenv"), check=_absolute_path)
+    fw_setenv: Path = checked(Path("/usr/bin/fw_setenv"), check=_absolute_path)
+    grub_editenv: Path = checked(Path("/usr/bin/grub-editenv"), check=_absolute_path)
     #: environment file of the "file" bootloader
     file_env: Path = checked(
         Path("/var/lib/devid-agent-firmware/private/bootenv"), check=_absolute_path

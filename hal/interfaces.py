@@ -10,12 +10,13 @@ from collections.abc import Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, BinaryIO, Protocol, runtime_checkable
 
-from cryptography.hazmat.primitives.asymmetric.types import (
-    CertificateIssuerPrivateKeyTypes,
-    PublicKeyTypes,
-)
+if TYPE_CHECKING:  # annotations only: firmware commands start without loading cryptography
+    from cryptography.hazmat.primitives.asymmetric.types import (
+        CertificateIssuerPrivateKeyTypes,
+        PublicKeyTypes,
+    )
 
 
 class KeyAlgorithm(enum.Enum):
@@ -79,8 +80,9 @@ class MonotonicCounter(Protocol):
 class BootState:
     """What the bootloader will do next, as read from its environment.
 
-    `order` lists slot names in the order the bootloader tries them; `tries_left` is how many more
-    boots each slot may be tried before the bootloader skips it (0: it will be skipped).
+    `order` lists slot names in the order the bootloader tries them (it may name slots that are
+    not ours, such as a recovery slot "R"); `tries_left` is how many more boots each of our slots
+    may be tried before the bootloader skips it (0: it will be skipped).
     """
 
     order: tuple[str, ...]
@@ -92,6 +94,11 @@ class BootState:
             if self.tries_left.get(slot, 0) > 0:
                 return slot
         return None
+
+    def bootable(self, slot: str) -> bool:
+        """The bootloader's verdict, as RAUC reads it ("good" in `rauc status`): the slot is in
+        the order and has tries left. It overrides any record of ours."""
+        return slot in self.order and self.tries_left.get(slot, 0) > 0
 
 
 @runtime_checkable

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
 from agent.cli.config_cmd import add_config_option
-from agent.clock import SystemClock
 from agent.config import config_path, load_config
-from agent.enroll import Enroller, EnrollResult
-from agent.wiring import key_store
+
+if TYPE_CHECKING:  # imported where used: other commands must not pay for EST's modules
+    from agent.enroll import Enroller, EnrollResult
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -31,6 +32,10 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 def _enroller(args: argparse.Namespace) -> Enroller:
+    from agent.clock import SystemClock
+    from agent.enroll import Enroller
+    from agent.wiring import key_store
+
     config = load_config(config_path(args.config))
     return Enroller(config=config, key_store=key_store(config), clock=SystemClock())
 

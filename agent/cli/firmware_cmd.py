@@ -20,8 +20,11 @@ from typing import BinaryIO
 from agent.cli.config_cmd import add_config_option
 from agent.clock import SystemClock
 from agent.config import Config, config_path, load_config
-from agent.errors import StorageError
+from agent.errors import ConfigError, StorageError
 from hal.storage import read_bytes, temp_name
+
+#: a bundle is public (it is signed, not secret) and nobody else may change it
+BUNDLE_MODE = 0o644
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -29,9 +32,16 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     actions = fw.add_subparsers(dest="firmware_command", metavar="ACTION", required=True)
 
     sign = actions.add_parser("sign", help="(vendor) sign IMAGE into a bundle")
-    sign.add_argument("--key", required=True, type=Path, help="signer private key (PEM)")
-    sign.add_argument("--cert", required=True, type=Path, help="signer certificate (PEM)")
-    sign.add_argument("--chain", type=Path, help="intermediate certificates (PEM)")
+    sign.add_argument(
+        "--key", required=True, type=Path, action="append",
+        help="signer private key (PEM); repeat --key/--cert for each signer",
+    )  # fmt: skip
+    sign.add_argument("--cert", required=True, type=Path, action="append",
+                      help="signer certificate (PEM), one per --key")  # fmt: skip
+    sign.add_argument(
+        "--chain", type=Path, action="append",
+        help="intermediate certificates (PEM): once for all signers, or once per signer",
+    )  # fmt: skip
     sign.add_argument(
         "--key-password-file", type=Path, help="file holding the key's passphrase (encrypted PEM)"
     )
@@ -87,7 +97,20 @@ def run_sign(args: argparse.Namespace) -> int:
     password = None
     if args.key_password_file is not None:
         password = read_bytes(args.key_password_file, limit=4096).rstrip(b"\n")
-    signer = Signer.from_files(args.key, args.cert, args.chain, password=password)
+    keys: list[Path] = args.key
+    certs: list[Path] = args.cert
+    chains: list[Path] = args.chain or []
+    if len(certs) != len(keys) or len(chains) not in (0, 1, len(keys)):
+        raise ConfigError(
+            f"firmware sign: {len(keys)} --key, {len(certs)} --cert and {len(chains)} --chain: "
+            "give one --cert per --key, and --chain once or once per --key"
+        )
+    signers = [
+        Signer.from_files(
+            key, cert, (chains[i if len(chains) > 1 else 0] if chains else None), password=password
+        )
+        for i, (key, cert) in enumerate(zip(keys, certs, strict=True))
+    ]
     manifest = make_manifest(
         args.image,
         compatible=args.compatible,
@@ -101,8 +124,10 @@ def run_sign(args: argparse.Namespace) -> int:
     out: Path = args.output
     tmp = temp_name(out)
     try:
-        with open(tmp, "xb") as f:
-            write_bundle(args.image, f, manifest, [signer])
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        with os.fdopen(os.open(tmp, flags, BUNDLE_MODE), "wb") as f:
+            os.fchmod(f.fileno(), BUNDLE_MODE)  # whatever the umask
+            write_bundle(args.image, f, manifest, signers)
         os.replace(tmp, out)
     except OSError as e:
         raise StorageError(f"cannot write {out}: {e.strerror}") from e

@@ -9,19 +9,14 @@ from __future__ import annotations
 
 import argparse
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent.cli.config_cmd import add_config_option
-from agent.clock import SystemClock
 from agent.config import Config, config_path, load_config
 from agent.errors import AgentError
-from agent.status import (
-    AgentStatus,
-    IdentityStatus,
-    PendingStatus,
-    identity_status,
-    pending_status,
-)
+
+if TYPE_CHECKING:  # imported where used: other commands must not pay for these modules
+    from agent.status import AgentStatus, PendingStatus
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -32,9 +27,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 def collect(config: Config) -> AgentStatus:
+    from agent.clock import SystemClock
     from agent.enroll import PENDING_FILE_NAME
     from agent.est.pending import PendingStore
     from agent.identity import IdentityStore
+    from agent.status import AgentStatus, IdentityStatus, identity_status, pending_status
 
     errors: list[str] = []
     state_dir = config.paths.state_dir

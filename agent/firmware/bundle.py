@@ -9,6 +9,8 @@
 All integers are big-endian. Every length is checked against `BundleLimits` before anything is
 read or allocated, and the header is read in one bounded read, so no field can make the parser
 read or allocate without limit. The payload comes last so it can be streamed from a pipe.
+One encoding per bundle: a signature block or certificate given twice is refused, and the
+header re-encoded from what was parsed must equal the bytes read.
 docs/firmware-format.md is the full description.
 """
 
@@ -109,14 +111,16 @@ class _Cursor:
 
 def read_header(stream: BinaryIO, limits: BundleLimits = DEFAULT_LIMITS) -> BundleHeader:
     """Read and parse the header; leaves `stream` at the first payload byte."""
-    magic, version, header_len = _PRELUDE.unpack(_read_exact(stream, _PRELUDE.size, "prelude"))
+    prelude = _read_exact(stream, _PRELUDE.size, "prelude")
+    magic, version, header_len = _PRELUDE.unpack(prelude)
     if magic != MAGIC:
         raise _fail("not a devid-agent firmware bundle (bad magic)")
     if version != FORMAT_VERSION:
         raise _fail(f"format version {version} is not supported (expected {FORMAT_VERSION})")
     if not 0 < header_len <= limits.max_header_bytes:
         raise _fail(f"header length {header_len} is outside 1..{limits.max_header_bytes}")
-    cursor = _Cursor(_read_exact(stream, header_len, "header"))
+    raw = _read_exact(stream, header_len, "header")
+    cursor = _Cursor(raw)
     manifest_bytes = cursor.sized("manifest", limits.max_manifest_bytes)
     count = cursor.u8("signature count")
     if not 0 < count <= limits.max_signatures:
@@ -133,17 +137,39 @@ def read_header(stream: BinaryIO, limits: BundleLimits = DEFAULT_LIMITS) -> Bund
             cursor.sized(f"signature {i} certificate {j}", limits.max_cert_bytes)
             for j in range(cert_count)
         )
+        if len(set(certs)) != len(certs):
+            raise _fail(f"signature {i} carries the same certificate twice")
         signature = cursor.sized(f"signature {i}", limits.max_signature_bytes)
         blocks.append(SignatureBlock(certs=certs, signature=signature))
     if cursor.pos != len(cursor.data):
         raise _fail(f"{len(cursor.data) - cursor.pos} unexpected bytes at the end of the header")
+    _no_duplicate_blocks(blocks)
     manifest = parse_manifest(manifest_bytes, max_payload_bytes=limits.max_payload_bytes)
+    if encode_header(manifest.to_bytes(), blocks) != prelude + raw:
+        raise _fail("does not re-encode to the same bytes (one encoding per bundle)")
     return BundleHeader(
         manifest_bytes=manifest_bytes,
         manifest=manifest,
         signatures=tuple(blocks),
         payload_offset=_PRELUDE.size + header_len,
     )
+
+
+def _no_duplicate_blocks(blocks: list[SignatureBlock]) -> None:
+    """The same block, signature or signer certificate twice adds no signer: refuse it, so
+    a bundle has one encoding and no signer is counted twice."""
+    seen_sig: dict[bytes, int] = {}
+    seen_signer: dict[bytes, int] = {}
+    for i, block in enumerate(blocks):
+        if block.signature in seen_sig:
+            raise _fail(f"signature {i} repeats signature {seen_sig[block.signature]}")
+        if block.certs[0] in seen_signer:
+            raise _fail(
+                f"signature {i} is by the same signer certificate as signature "
+                f"{seen_signer[block.certs[0]]}"
+            )
+        seen_sig[block.signature] = i
+        seen_signer[block.certs[0]] = i
 
 
 def encode_header(manifest_bytes: bytes, signatures: list[SignatureBlock]) -> bytes:

@@ -36,6 +36,9 @@ class NamedCrl:
 class TrustPolicy:
     anchors: tuple[x509.Certificate, ...]
     crls: tuple[NamedCrl, ...] = field(default=())
+    #: distinct signer keys, each chaining to an anchor, that must sign a bundle (TUF's
+    #: threshold); a bundle may carry more, and every one it carries must verify
+    required_signers: int = 1
 
 
 def _who(cert: x509.Certificate) -> str:

@@ -25,12 +25,11 @@ import os
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 from agent.clock import Clock
 from agent.errors import BootControlError, FirmwareVerificationError, RollbackError, StorageError
 from agent.firmware.bundle import DEFAULT_LIMITS, BundleLimits, read_header
-from agent.firmware.chain import TrustPolicy
 from agent.firmware.manifest import HASH_ALGORITHMS, Manifest
 from agent.firmware.state import (
     MAX_STATE_BYTES,
@@ -42,6 +41,9 @@ from agent.firmware.state import (
 from agent.firmware.status import FirmwareStatus, SlotStatus
 from agent.firmware.verify import DEFAULT_BUFFER_BYTES, DeviceFacts, stream_payload, verify_header
 from hal.interfaces import BootControl, FileStore, MonotonicCounter, Slot
+
+if TYPE_CHECKING:
+    from agent.firmware.chain import TrustPolicy
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +67,15 @@ def _same_storage(a: str, b: str) -> bool:
     if sa.st_rdev and sa.st_rdev == sb.st_rdev:
         return True
     return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
+
+
+def _verdict(recorded: str, bootable: bool) -> str:
+    """A slot's state: our record, unless the bootloader says it will not boot it (RAUC's
+    `mark-bad`, tries used up): then "bad", whatever we recorded. "writing" and "failed" are
+    already not bootable and say more."""
+    if not bootable and recorded in ("good", "installed", "unknown"):
+        return "bad"
+    return recorded
 
 
 class FirmwareDevice:
@@ -288,7 +299,7 @@ class FirmwareDevice:
             pending = state.pending
             fell_back_from = None
             if pending is not None and pending != booted:
-                if boot_state.tries_left.get(pending, 0) > 0:
+                if boot_state.bootable(pending):
                     log.info("slot %s is installed, not booted yet; committing %s", pending, booted)
                 else:
                     fell_back_from = pending
@@ -318,7 +329,7 @@ class FirmwareDevice:
         with self._locked():
             booted = self._booted()
             other = self._other(booted)
-            self.boot.state()
+            boot_state = self.boot.state()
             state = self._load()
             if state.pending == other:
                 # Not booted yet (or the bootloader already fell back): cancel the install.
@@ -328,11 +339,40 @@ class FirmwareDevice:
                 self._save(state.with_slot(other, cancelled, pending=None))
                 log.info("cancelled the pending install in slot %s", other)
                 return booted
+            if state.pending == booted:
+                # Booted into an install not committed yet (Mender's ArtifactRollback after its
+                # reboot): go back to the slot that ran before it, whatever our record of it (a
+                # factory image has none); the counter was not raised for the new one.
+                if not boot_state.bootable(other):
+                    raise BootControlError(
+                        f"slot {other} is marked bad in the bootloader ({self.boot.kind}); "
+                        "not rolling back to it"
+                    )
+                previous = state.slots.get(other)
+                committed = self.counter.read()
+                if previous is not None and previous.security_version < committed:
+                    raise RollbackError(
+                        f"slot {other} has security_version {previous.security_version}, below "
+                        f"the committed {committed}: rollback refused"
+                    )
+                self.boot.mark_bad(booted)
+                self.boot.set_primary(other, tries=self.boot_tries)
+                failed = replace(state.slots[booted], state="failed", updated=self._now_text())
+                self._save(state.with_slot(booted, failed, pending=None))
+                log.info("rolled back the uncommitted install in slot %s to slot %s", booted, other)
+                return other
             record = state.slots.get(other)
             if record is None or record.state != "good":
                 what = "no record" if record is None else f"state {record.state!r}"
                 raise BootControlError(
                     f"slot {other} holds no committed image ({what}); nothing to roll back to"
+                )
+            if not boot_state.bootable(other):
+                # The bootloader's verdict wins over our record: RAUC's `mark-bad` (or the
+                # bootloader) took it out of the order or used up its tries.
+                raise BootControlError(
+                    f"slot {other} is marked bad in the bootloader ({self.boot.kind}: not in "
+                    "the boot order, or no tries left); not rolling back to it"
                 )
             committed = self.counter.read()
             if record.security_version < committed:
@@ -350,17 +390,20 @@ class FirmwareDevice:
         state = self._load()
         pending = state.pending
         fell_back = state.fell_back_from is not None or (
-            pending is not None and pending != booted and boot_state.tries_left.get(pending, 0) == 0
+            pending is not None and pending != booted and not boot_state.bootable(pending)
         )
         slots = []
         for name, slot in self.slots.items():
             record = state.slots.get(name)
+            bootable = boot_state.bootable(name)
+            recorded = record.state if record else "unknown"
             slots.append(
                 SlotStatus(
                     name=name,
                     path=slot.path,
                     booted=name == booted,
-                    state=record.state if record else "unknown",
+                    state=_verdict(recorded, bootable),
+                    bootable=bootable,
                     version=record.version if record else "unknown",
                     security_version=record.security_version if record else None,
                     tries_left=boot_state.tries_left.get(name, 0),

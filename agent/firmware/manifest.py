@@ -1,8 +1,12 @@
 """The signed manifest: what a bundle claims, as canonical JSON bytes.
 
-The signatures cover these exact bytes. Parsing re-encodes the parsed object canonically and
-requires the result to equal the input, so there is one byte string per manifest: no
-whitespace, key-order or escaping variants, no duplicate keys, no unknown keys.
+The signatures cover these exact bytes. There is one byte string per manifest: before
+parsing, the nesting depth is bounded by a scan of the bytes (a 3000-deep array must not reach
+the recursive JSON parser); after parsing, every field has its exact JSON type (a boolean or a
+float is not an integer), `created` has exactly the form `YYYY-MM-DDTHH:MM:SSZ`, and the
+manifest re-encoded from the parsed fields (`Manifest.to_bytes`) must equal the input. So no
+whitespace, key-order, escaping, number-spelling or timestamp variants, no duplicate keys, no
+unknown keys.
 """
 
 from __future__ import annotations
@@ -23,6 +27,10 @@ MAX_STRING_CHARS = 256
 _KEYS = {"compatible", "created", "format", "payload", "security_version", "version"}
 _PAYLOAD_KEYS = {"digest", "hash_algorithm", "size"}
 _PRINTABLE = re.compile(r"[\x21-\x7e](?:[\x20-\x7e]*[\x21-\x7e])?\Z")
+_CREATED = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}Z\Z")
+#: the manifest is an object holding one object ("payload"): nothing deeper is ever valid
+MAX_DEPTH = 2
+MAX_MANIFEST_BYTES = 16 * 1024
 
 
 @dataclass(frozen=True)
@@ -59,6 +67,29 @@ def canonical_json(value: Any) -> bytes:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
 
 
+def _check_depth(data: bytes) -> None:
+    """Refuse nesting deeper than MAX_DEPTH by scanning the bytes (strings skipped), before the
+    JSON parser, which recurses once per level, ever sees them."""
+    depth = 0
+    in_string = escaped = False
+    for byte in data:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:  # backslash
+                escaped = True
+            elif byte == 0x22:  # quote
+                in_string = False
+        elif byte == 0x22:
+            in_string = True
+        elif byte in b"[{":
+            depth += 1
+            if depth > MAX_DEPTH:
+                raise _fail(f"nested deeper than {MAX_DEPTH} levels")
+        elif byte in b"]}":
+            depth -= 1
+
+
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     keys = [k for k, _ in pairs]
     if len(set(keys)) != len(keys):
@@ -79,7 +110,7 @@ def _string(table: dict[str, Any], key: str) -> str:
 
 def _integer(table: dict[str, Any], key: str, maximum: int, label: str = "") -> int:
     value = table[key]
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= maximum:
+    if type(value) is not int or not 0 <= value <= maximum:  # bool and float are not int
         raise _fail(f"{label or key} must be an integer from 0 to {maximum}")
     return value
 
@@ -95,15 +126,18 @@ def _payload_size(payload: dict[str, Any], maximum: int) -> int:
 
 def parse_manifest(data: bytes, *, max_payload_bytes: int) -> Manifest:
     """Parse and validate manifest bytes; raise FirmwareVerificationError naming the field."""
+    if len(data) > MAX_MANIFEST_BYTES:
+        raise _fail(f"{len(data)} bytes is more than {MAX_MANIFEST_BYTES}")
+    _check_depth(data)
     try:
         table = json.loads(data.decode("ascii"), object_pairs_hook=_no_duplicates)
-    except (UnicodeDecodeError, ValueError) as e:
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise _fail(f"not canonical JSON ({e})") from e
     if not isinstance(table, dict):
         raise _fail("not a JSON object")
     if canonical_json(table) != data:
         raise _fail("not in canonical form (sorted keys, no whitespace, ASCII escapes)")
-    if table.get("format") != MANIFEST_FORMAT:
+    if type(table.get("format")) is not int or table.get("format") != MANIFEST_FORMAT:
         raise _fail(f"format {table.get('format')!r} is not supported (expected 1)")
     if set(table) != _KEYS:
         raise _fail(f"expected keys {sorted(_KEYS)}, got {sorted(table)}")
@@ -111,7 +145,7 @@ def parse_manifest(data: bytes, *, max_payload_bytes: int) -> Manifest:
     if not isinstance(payload, dict) or set(payload) != _PAYLOAD_KEYS:
         raise _fail(f"payload must be an object with keys {sorted(_PAYLOAD_KEYS)}")
     algorithm = payload["hash_algorithm"]
-    if algorithm not in HASH_ALGORITHMS:
+    if not isinstance(algorithm, str) or algorithm not in HASH_ALGORITHMS:
         raise _fail(f"payload.hash_algorithm must be one of {sorted(HASH_ALGORITHMS)}")
     digest_hex = payload["digest"]
     if not isinstance(digest_hex, str) or not re.fullmatch(
@@ -119,11 +153,13 @@ def parse_manifest(data: bytes, *, max_payload_bytes: int) -> Manifest:
     ):
         raise _fail(f"payload.digest must be {HASH_ALGORITHMS[algorithm]} bytes of lowercase hex")
     created_text = _string(table, "created")
+    if not _CREATED.match(created_text):
+        raise _fail("created must be a UTC time exactly like 2026-01-31T12:00:00Z")
     try:
         created = datetime.strptime(created_text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc)
     except ValueError as e:
         raise _fail("created must be a UTC time like 2026-01-31T12:00:00Z") from e
-    return Manifest(
+    manifest = Manifest(
         compatible=_string(table, "compatible"),
         version=_string(table, "version"),
         security_version=_integer(table, "security_version", MAX_SECURITY_VERSION),
@@ -132,3 +168,6 @@ def parse_manifest(data: bytes, *, max_payload_bytes: int) -> Manifest:
         hash_algorithm=algorithm,
         digest=bytes.fromhex(digest_hex),
     )
+    if manifest.to_bytes() != data:  # one encoding: what we believe is exactly what was signed
+        raise _fail("does not re-encode to the same bytes (one encoding per manifest)")
+    return manifest

@@ -13,8 +13,12 @@ class SlotStatus:
     name: str
     path: str
     booted: bool
-    #: "good", "installed", "writing", "failed" or "unknown" (no record: e.g. a factory image)
+    #: "good", "installed", "writing", "failed", "unknown" (no record: e.g. a factory image), or
+    #: "bad": the bootloader will not boot it (out of the boot order or no tries left), which
+    #: wins over any record
     state: str
+    #: the bootloader's verdict as `rauc status` shows it ("good" = in the order, tries left)
+    bootable: bool
     version: str
     security_version: int | None
     tries_left: int

@@ -3,6 +3,8 @@ check over any binary stream.
 
 Every signature in the bundle must verify and chain to a trust anchor (a bundle whose second
 signature is garbage is rejected, not accepted on the first: no byte of a bundle is unchecked).
+Signer policy (TUF's threshold): at least `policy.required_signers` distinct signer keys must
+sign; two blocks by the same key count once, so they are refused as a duplicate.
 Only then are the manifest's claims (compatible, security_version) believed.
 """
 
@@ -13,15 +15,14 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import BinaryIO
-
-from cryptography import x509
+from typing import TYPE_CHECKING, BinaryIO
 
 from agent.errors import ChainValidationError, FirmwareVerificationError, RollbackError
-from agent.firmware import sigalg
 from agent.firmware.bundle import BundleHeader, read_some
-from agent.firmware.chain import TrustPolicy, verify_signer
 from agent.firmware.manifest import Manifest
+
+if TYPE_CHECKING:
+    from agent.firmware.chain import TrustPolicy
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,17 @@ class DeviceFacts:
 def verify_header(
     header: BundleHeader, *, policy: TrustPolicy, device: DeviceFacts, now: datetime
 ) -> Manifest:
-    """Check signatures, signer chains, compatibility and anti-rollback; return the manifest."""
+    """Check signatures, signer chains, the signer threshold, compatibility and anti-rollback;
+    return the manifest."""
+    # cryptography is imported here, not at the top: status, commit and rollback use this
+    # module's streaming half and start without it (a firmware command runs once per boot).
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    from agent.firmware import sigalg
+    from agent.firmware.chain import verify_signer
+
+    keys: dict[bytes, int] = {}
     for i, block in enumerate(header.signatures):
         try:
             certs = [x509.load_der_x509_certificate(der) for der in block.certs]
@@ -56,8 +67,24 @@ def verify_header(
             raise FirmwareVerificationError(
                 f"signature {i} ({scheme}) does not verify over the manifest"
             )
-        chain = verify_signer(certs, policy, now)
+        try:
+            chain = verify_signer(certs, policy, now)
+        except ChainValidationError as e:
+            raise ChainValidationError(f"signature {i}: {e}") from e
+        spki = key.public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        if spki in keys:
+            raise FirmwareVerificationError(
+                f"signature {i} is by the same key as signature {keys[spki]} (a signer counts once)"
+            )
+        keys[spki] = i
         log.debug("signature %d (%s) by %s", i, scheme, chain[0].subject.rfc4514_string())
+    if len(keys) < policy.required_signers:
+        raise FirmwareVerificationError(
+            f"bundle is signed by {len(keys)} distinct signer key(s); "
+            f"firmware.required_signers is {policy.required_signers}"
+        )
     manifest = header.manifest
     if manifest.compatible != device.compatible:
         raise FirmwareVerificationError(

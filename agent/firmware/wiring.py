@@ -5,17 +5,19 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from agent.clock import Clock, SystemClock
 from agent.config import BootloaderKind, Config, CounterKind
 from agent.errors import ConfigError, StorageError
-from agent.firmware.chain import TrustPolicy
 from agent.firmware.device import FirmwareDevice
-from agent.firmware.pem import load_certificates, load_crl
 from agent.firmware.root_paths import check_root_paths
 from agent.firmware.status import FirmwareStatus
 from hal.interfaces import BootControl, MonotonicCounter
 from hal.secure_dir import DirStore
+
+if TYPE_CHECKING:
+    from agent.firmware.chain import TrustPolicy
 from hal.slots import DeviceSlot, booted_slot
 from hal.storage import read_bytes
 
@@ -23,10 +25,15 @@ SLOT_NAMES = ("A", "B")
 
 
 def trust_policy(config: Config) -> TrustPolicy:
+    # Imported here: only verify and install need X.509 (status, commit, rollback start faster).
+    from agent.firmware.chain import TrustPolicy
+    from agent.firmware.pem import load_certificates, load_crl
+
     fw = config.firmware
     return TrustPolicy(
         anchors=tuple(load_certificates(fw.trust_anchors)),
         crls=tuple(load_crl(path) for path in fw.crl_files),
+        required_signers=fw.required_signers,
     )
 
 
@@ -35,11 +42,16 @@ def boot_control(config: Config) -> BootControl:
     if fw.bootloader is BootloaderKind.UBOOT:
         from hal.bootloader.uboot import UBootBootControl
 
-        return UBootBootControl(config=fw.uboot_env_config, max_tries=fw.boot_tries)
+        return UBootBootControl(
+            config=fw.uboot_env_config,
+            max_tries=fw.boot_tries,
+            printenv=str(fw.fw_printenv),
+            setenv=str(fw.fw_setenv),
+        )
     if fw.bootloader is BootloaderKind.GRUB:
         from hal.bootloader.grub import GrubBootControl
 
-        return GrubBootControl(env_file=fw.grub_env)
+        return GrubBootControl(env_file=fw.grub_env, editenv=str(fw.grub_editenv))
     from hal.bootloader.file import FileBootControl
 
     return FileBootControl(path=fw.file_env, max_tries=fw.boot_tries)

@@ -1,28 +1,20 @@
 #!/bin/sh
 # SWUpdate shellscript: called with "preinst" before and "postinst" after the files are copied.
 set -eu
-# Inside root's own firmware tree (root 0755 above, this directory root 0700), never a shared
-# directory such as /var/tmp where any user could create the directory first and swap the file.
-PARENT=${DEVID_AGENT_FIRMWARE_DIR:-/var/lib/devid-agent-firmware}
-INCOMING=$PARENT/incoming
-BUNDLE=$INCOMING/rootfs.fw
+# Only root can create entries in /run, so no other user can have made this directory first (a
+# directory under /var/tmp or /tmp could be anyone's, and the bundle would be theirs to swap).
+DIR=/run/devid-install
+BUNDLE=$DIR/rootfs.fw
 
 case "${1:-}" in
 preinst)
-    umask 077
-    mkdir -p -m 0755 "$PARENT"
-    owner=$(stat -c %u "$PARENT")
-    if [ -L "$PARENT" ] || [ "$owner" != 0 ]; then
-        echo "refusing $PARENT: not a root-owned directory" >&2
-        exit 1
-    fi
-    rm -rf "$INCOMING"        # fresh each time: nothing left by an earlier run is trusted
-    mkdir -m 0700 "$INCOMING"
+    rm -rf "$DIR"
+    mkdir -m 0700 "$DIR"
     ;;
 postinst)
     status=0
     devid-agent firmware install "$BUNDLE" || status=$?
-    rm -f "$BUNDLE"
+    rm -rf "$DIR"
     case "$status" in
     0) ;;
     65) echo "devid-agent refused the bundle" >&2 ;;

@@ -22,8 +22,13 @@ log = logging.getLogger(__name__)
 
 DEFAULT_SLOTS = ("A", "B")
 TOOL_TIMEOUT_S = 30.0
+#: the whole environment a bootloader tool gets: root runs these from OTA hooks, whose PATH,
+#: locale and LD_* variables are the caller's, not ours (the tools themselves are absolute paths)
+TOOL_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C"}
 Env = Mapping[str, str]
 _DECIMAL = re.compile(r"[0-9]{1,3}\Z")
+_HEX = re.compile(r"[0-9a-fA-F]{1,4}\Z")
+_BOOTNAME = re.compile(r"[A-Za-z0-9_.-]{1,32}\Z")
 
 
 class Scheme(abc.ABC):
@@ -47,9 +52,11 @@ class Scheme(abc.ABC):
     def mark_bad(self, env: Env, slot: str) -> dict[str, str]: ...
 
     def order(self, env: Env, key: str, where: str) -> tuple[str, ...]:
+        """The boot order. Names that are not our slots (a recovery slot: "A B R") are kept
+        where they are; a name twice, or one that is no boot name, is corrupt."""
         order = tuple(env.get(key, " ".join(self.slots)).split())
-        if len(set(order)) != len(order) or not set(order) <= set(self.slots):
-            raise corrupt(where, f"{key}={env[key]!r} is not an order of slots {self.slots}")
+        if len(set(order)) != len(order) or not all(_BOOTNAME.match(name) for name in order):
+            raise corrupt(where, f"{key}={env[key]!r} is not an order of slot names")
         return order
 
     def number(self, env: Env, key: str, default: int, where: str) -> int:
@@ -57,6 +64,16 @@ class Scheme(abc.ABC):
         if not _DECIMAL.match(text):
             raise corrupt(where, f"{key}={text!r} is not a small decimal number")
         return int(text)
+
+    def hex_number(self, env: Env, key: str, default: int, where: str) -> int:
+        """A count as RAUC and U-Boot read it: hexadecimal without "0x" (RAUC writes `%x`,
+        its boot script tests `0x${BOOT_A_LEFT}`, U-Boot's setexpr counts down in hex). So
+        RAUC 1.8's `mark-active` write of "12" for boot-attempts-primary=12 is 0x12 = 18 tries
+        here too, as it is for RAUC and the bootloader."""
+        text = env.get(key, format(default, "x"))
+        if not _HEX.match(text):
+            raise corrupt(where, f"{key}={text!r} is not a small hexadecimal number")
+        return int(text, 16)
 
 
 def corrupt(where: str, what: str) -> BootControlError:
@@ -66,8 +83,11 @@ def corrupt(where: str, what: str) -> BootControlError:
 def run_tool(
     args: Sequence[str], where: str, *, stdin: str | None = None
 ) -> subprocess.CompletedProcess[str]:
-    """Run a bootloader tool (an argument list: no shell) on `where`; a failure is one
+    """Run a bootloader tool (an argument list: no shell; args[0] an absolute path, so no
+    PATH lookup) on `where` with TOOL_ENV as its whole environment; a failure is one
     BootControlError line with the tool's last line of stderr."""
+    if not args[0].startswith("/"):
+        raise BootControlError(f"bootloader tool {args[0]!r} is not an absolute path")
     faults.point(f"{args[0]} {where}")
     try:
         done = subprocess.run(
@@ -80,6 +100,7 @@ def run_tool(
             encoding="utf-8",
             errors="surrogateescape",
             timeout=TOOL_TIMEOUT_S,
+            env=dict(TOOL_ENV),
         )
     except (OSError, subprocess.TimeoutExpired) as e:
         raise BootControlError(f"cannot run {args[0]} for {where}: {e}") from e

@@ -1,8 +1,10 @@
 """U-Boot environment through libubootenv's fw_printenv/fw_setenv, with RAUC's variables.
 
-`BOOT_ORDER` ("A B": try A first), `BOOT_A_LEFT`/`BOOT_B_LEFT` (boots left before the slot is
-skipped). RAUC's boot script decrements `BOOT_x_LEFT` on every boot of a slot and takes the first
-slot of `BOOT_ORDER` with tries left; marking good refills the tries. All changes of one
+`BOOT_ORDER` ("A B": try A first; other names, such as a recovery slot in "A B R", are kept in
+place), `BOOT_A_LEFT`/`BOOT_B_LEFT` (boots left before the slot is skipped, in hexadecimal as
+RAUC writes and reads them: 10 tries is "a"). RAUC's boot script decrements `BOOT_x_LEFT` on
+every boot of a slot and takes the first slot of `BOOT_ORDER` with tries left; marking good
+refills the tries. All changes of one
 operation go to fw_setenv in one script, which libubootenv writes as one new copy of a
 redundant environment (the older copy survives a power cut). A missing variable takes the
 default RAUC's script sets ("A B", max tries). libubootenv checks the CRC: when no copy is
@@ -32,18 +34,20 @@ _USING_DEFAULT = "using default"
 class UBootScheme(Scheme):
     def state(self, env: Env, where: str) -> BootState:
         order = self.order(env, "BOOT_ORDER", where)
-        left = {s: self.number(env, f"BOOT_{s}_LEFT", self.max_tries, where) for s in self.slots}
+        left = {
+            s: self.hex_number(env, f"BOOT_{s}_LEFT", self.max_tries, where) for s in self.slots
+        }
         return BootState(order=order, tries_left=left)
 
     def set_primary(self, env: Env, slot: str, tries: int) -> dict[str, str]:
         order = [s for s in self.order(env, "BOOT_ORDER", "") if s != slot]
-        return {"BOOT_ORDER": " ".join([slot, *order]), f"BOOT_{slot}_LEFT": str(tries)}
+        return {"BOOT_ORDER": " ".join([slot, *order]), f"BOOT_{slot}_LEFT": format(tries, "x")}
 
     def mark_good(self, env: Env, slot: str) -> dict[str, str]:
         order = list(self.order(env, "BOOT_ORDER", ""))
         if slot not in order:
             order.append(slot)
-        return {"BOOT_ORDER": " ".join(order), f"BOOT_{slot}_LEFT": str(self.max_tries)}
+        return {"BOOT_ORDER": " ".join(order), f"BOOT_{slot}_LEFT": format(self.max_tries, "x")}
 
     def mark_bad(self, env: Env, slot: str) -> dict[str, str]:
         order = [s for s in self.order(env, "BOOT_ORDER", "") if s != slot]
@@ -69,8 +73,8 @@ class UBootBootControl(EnvBootControl):
         config: Path,
         slots: Sequence[str] = DEFAULT_SLOTS,
         max_tries: int = 3,
-        printenv: str = "fw_printenv",
-        setenv: str = "fw_setenv",
+        printenv: str = "/usr/bin/fw_printenv",
+        setenv: str = "/usr/bin/fw_setenv",
     ) -> None:
         super().__init__(scheme=UBootScheme(slots=slots, max_tries=max_tries))
         self.config = config

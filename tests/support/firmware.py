@@ -182,17 +182,18 @@ def uboot_boot_script(env: dict[str, str], max_tries: int = 3) -> tuple[str | No
     order = env.get("BOOT_ORDER", "A B").split()
     changes: dict[str, str] = {}
     for slot in order:
-        left = int(env.get(f"BOOT_{slot}_LEFT", str(max_tries)))
+        left = int(env.get(f"BOOT_{slot}_LEFT", format(max_tries, "x")), 16)  # 0x${...}
         if left > 0:
-            changes[f"BOOT_{slot}_LEFT"] = str(left - 1)
+            changes[f"BOOT_{slot}_LEFT"] = format(left - 1, "x")  # setexpr: hex
             return slot, changes
-    return None, {"BOOT_A_LEFT": str(max_tries), "BOOT_B_LEFT": str(max_tries)}
+    return None, {"BOOT_A_LEFT": format(max_tries, "x"), "BOOT_B_LEFT": format(max_tries, "x")}
 
 
 def grub_boot_script(env: dict[str, str]) -> tuple[str | None, dict[str, str]]:
-    """RAUC's grub.cfg: first slot of ORDER with OK=1 and TRY=0; set its TRY=1 and boot it."""
+    """RAUC's grub.cfg (A_OK=0 B_OK=0 before load_env): first slot of ORDER with OK=1 and
+    TRY=0; set its TRY=1 and boot it."""
     for slot in env.get("ORDER", "A B").split():
-        if env.get(f"{slot}_OK", "1") == "1" and env.get(f"{slot}_TRY", "0") == "0":
+        if env.get(f"{slot}_OK", "0") == "1" and env.get(f"{slot}_TRY", "0") == "0":
             return slot, {f"{slot}_TRY": "1"}
     return None, {}
 
