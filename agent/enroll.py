@@ -9,7 +9,6 @@ verified) and the pending request of a 202.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -20,10 +19,12 @@ from urllib.parse import urlsplit
 from agent.clock import Clock
 from agent.config import Config, ProofOfPossession
 from agent.errors import (
-    AgentError,
     ConfigError,
     EnrollmentError,
     EnrollmentPending,
+    IdentityExpired,
+    NotEnrolled,
+    StateConflict,
     TransportError,
 )
 from agent.est import trust
@@ -37,6 +38,7 @@ from agent.est.transport import ClientIdentity, HttpsTransport, Transport
 from agent.est.wire import clamp_retry_after, parse_retry_after
 from agent.identity import Identity, IdentityStore
 from agent.pki import SubjectSpec
+from agent.validity import State, Validity, validity
 from hal.interfaces import KeyStore
 
 log = logging.getLogger(__name__)
@@ -162,8 +164,15 @@ class Enroller:
         with self.store.exclusive():
             current = self.store.current()
             if current is None:
-                raise AgentError(
+                raise NotEnrolled(
                     f"no identity to renew under {self.store.root}; run `devid-agent enroll` first"
+                )
+            if self._expired(current):
+                end = current.certificate.not_valid_after_utc
+                raise IdentityExpired(
+                    f"{current.cert_file}: the identity expired at "
+                    f"{end.isoformat(timespec='seconds')} and cannot authenticate a renewal; "
+                    "run `devid-agent enroll` (bootstrap credentials)"
                 )
             identity = ClientIdentity(current.cert_file, current.key_file)
             return self._run(
@@ -180,7 +189,7 @@ class Enroller:
         current: Identity | None,
         reuse_key: bool,
     ) -> EnrollResult:
-        started = time.monotonic()
+        started = self._clock.monotonic()
         operation = "simplereenroll" if reenroll else "simpleenroll"
         pending = self.pending.load()
         if pending is not None:
@@ -208,9 +217,9 @@ class Enroller:
             if current is not None and reuse_key:
                 key_blob = current.key_blob()
             else:
-                t = time.monotonic()
+                t = self._clock.monotonic()
                 key_blob = self._keys.generate(plan.algorithm)
-                keygen = time.monotonic() - t
+                keygen = self._clock.monotonic() - t
             csr_factory = self._fresh(key_blob, plan)
         try:
             outcome = client.enroll(csr_factory, reenroll=reenroll, proof_of_possession=pop)
@@ -249,19 +258,21 @@ class Enroller:
                 csr=outcome.csr_seconds,
                 handshake=outcome.handshake_seconds,
                 server=outcome.server_seconds,
-                total=time.monotonic() - started,
+                total=self._clock.monotonic() - started,
             ),
         )
 
     # -- pieces --------------------------------------------------------------------------------
 
+    def _validity(self, identity: Identity) -> Validity:
+        skew = timedelta(seconds=self._est.clock_skew_seconds)
+        return validity(identity.certificate, self._clock.now(), skew)
+
     def _valid_now(self, identity: Identity) -> bool:
-        now = self._clock.now()
-        cert = identity.certificate
-        return (
-            cert.not_valid_before_utc <= now + timedelta(seconds=self._est.clock_skew_seconds)
-            and now < cert.not_valid_after_utc
-        )
+        return self._validity(identity).valid
+
+    def _expired(self, identity: Identity) -> bool:
+        return self._validity(identity).state is State.EXPIRED
 
     def _kind(self, identity: Identity) -> str:
         return "tpm" if identity.key_in_tpm else "software"
@@ -356,7 +367,7 @@ class Enroller:
             )
         if pending.operation != operation:
             command = "enroll" if pending.operation == "simpleenroll" else "renew"
-            raise AgentError(
+            raise StateConflict(
                 f"a /{pending.operation} request is pending; finish it with `devid-agent "
                 f"{command}` or delete {self.pending.path} to start over"
             )

@@ -6,7 +6,7 @@ Pure: built from what the stores return and `now`; rendered as text for people, 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from cryptography import x509
@@ -14,6 +14,7 @@ from cryptography import x509
 from agent import __version__
 from agent.est.pending import PendingRequest
 from agent.identity import Identity
+from agent.validity import validity
 
 
 @dataclass(frozen=True)
@@ -121,29 +122,25 @@ def _iso(moment: datetime) -> str:
     return moment.isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
-def identity_status(identity: Identity | None, *, now: datetime) -> IdentityStatus:
+def identity_status(
+    identity: Identity | None, *, now: datetime, skew: timedelta = timedelta(0)
+) -> IdentityStatus:
+    """The identity at `now` by the one validity rule (`agent.validity`), with the clock skew
+    that enroll and renew allow, so `status` calls valid what `enroll` would keep."""
     if identity is None:
         return IdentityStatus(state="none")
     cert: x509.Certificate = identity.certificate
-    start, end = cert.not_valid_before_utc, cert.not_valid_after_utc
-    if now < start:
-        state = "not_yet_valid"
-    elif now >= end:
-        state = "expired"
-    else:
-        state = "valid"
-    lifetime = (end - start).total_seconds()
-    left = (end - now).total_seconds()
+    v = validity(cert, now, skew)
     return IdentityStatus(
-        state=state,
+        state=v.state.value,
         generation=identity.generation,
         subject=cert.subject.rfc4514_string(),
         serial=f"{cert.serial_number:x}",
         issuer=cert.issuer.rfc4514_string(),
-        not_before=_iso(start),
-        not_after=_iso(end),
-        seconds_left=int(left),
-        lifetime_left=max(0.0, min(1.0, left / lifetime)) if lifetime > 0 else 0.0,
+        not_before=_iso(v.not_before),
+        not_after=_iso(v.not_after),
+        seconds_left=int(v.seconds_left),
+        lifetime_left=v.lifetime_left,
         key_store="tpm" if identity.key_in_tpm else "software",
         hardware_backed=identity.key_in_tpm,
         key_file=str(identity.key_file),

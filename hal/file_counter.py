@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from agent.errors import StorageError
+from hal.errors import StorageError
 from hal.storage import atomic_write, read_bytes
 
 log = logging.getLogger(__name__)

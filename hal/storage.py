@@ -10,7 +10,7 @@ import os
 import secrets
 from pathlib import Path
 
-from agent.errors import StorageError
+from hal.errors import StorageError
 
 FILE_MODE = 0o600
 DIR_MODE = 0o700

@@ -24,7 +24,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from agent.errors import StorageError
+from hal.errors import StorageError
 from hal.storage import atomic_write, read_bytes
 from hal.tpm import _pytss, open_esapi
 

@@ -24,11 +24,12 @@ from agent.cli import exit_code_for
 from agent.config import parse_config
 from agent.enroll import Enroller
 from agent.errors import (
-    AgentError,
+    Busy,
     ChainValidationError,
     ConfigError,
     EnrollmentError,
     EnrollmentPending,
+    NotEnrolled,
     TransportError,
 )
 from agent.est.transport import HttpsTransport
@@ -230,9 +231,9 @@ def test_renew_new_key_then_reuse_key(env: Env) -> None:
 
 
 def test_renew_without_identity(env: Env) -> None:
-    with pytest.raises(AgentError, match="run `devid-agent enroll` first") as info:
+    with pytest.raises(NotEnrolled, match="run `devid-agent enroll` first") as info:
         env.enroller().renew()
-    assert type(info.value) is AgentError  # exit 1, not a server or disk error
+    assert exit_code_for(info.value) == 81  # not enrolled, not a server or disk error
     assert env.est.records == []
 
 
@@ -361,9 +362,10 @@ def test_a_second_enrollment_at_once_is_refused_and_changes_nothing(env: Env) ->
     env.est.records.clear()
     with held_lock(env.state_dir):
         for attempt in (lambda: env.enroller().renew(), lambda: env.enroller().enroll(force=True)):
-            with pytest.raises(TransportError, match="another devid-agent process") as info:
+            with pytest.raises(Busy, match="another devid-agent process") as info:
                 attempt()
-            assert exit_code_for(info.value) == 69  # retry later
+            assert not isinstance(info.value, TransportError)  # nothing went over the network
+            assert exit_code_for(info.value) == 80  # busy: retry in a moment
     assert env.est.records == []
     assert snapshot(env.state_dir) == before
     assert env.enroller().renew().identity.generation == 2  # released with its holder

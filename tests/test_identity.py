@@ -10,7 +10,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from agent import identity
-from agent.errors import StorageError, TransportError
+from agent.errors import Busy, StorageError
 from agent.identity import IdentityStore
 from tests.support.ca import TestCA
 
@@ -95,7 +95,7 @@ def test_lock_is_exclusive_and_released(tmp_path: Path) -> None:
     with store.exclusive():
         assert store.lock_file.stat().st_mode & 0o777 == 0o600
         busy = f"another devid-agent process .* {store.lock_file}"
-        with pytest.raises(TransportError, match=busy), other.exclusive():
+        with pytest.raises(Busy, match=busy), other.exclusive():
             pass
     with other.exclusive():  # released on exit
         pass

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from datetime import timedelta
 from typing import Any
 
 from agent.cli.config_cmd import add_config_option
@@ -40,7 +41,8 @@ def collect(config: Config) -> AgentStatus:
     state_dir = config.paths.state_dir
     try:
         current = IdentityStore(state_dir=state_dir).current()
-        identity = identity_status(current, now=SystemClock().now())
+        skew = timedelta(seconds=config.est.clock_skew_seconds)
+        identity = identity_status(current, now=SystemClock().now(), skew=skew)
     except AgentError as e:
         identity = IdentityStatus(state="unreadable")
         errors.append(str(e))

@@ -14,7 +14,7 @@ import re
 import subprocess
 from collections.abc import Mapping, Sequence
 
-from agent.errors import BootControlError
+from hal.errors import BootControlError
 from hal.interfaces import BootState
 
 log = logging.getLogger(__name__)

@@ -16,7 +16,6 @@ import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from agent.errors import BootControlError
 from hal.bootloader.base import (
     DEFAULT_SLOTS,
     Env,
@@ -26,6 +25,7 @@ from hal.bootloader.base import (
     parse_lines,
     run_tool,
 )
+from hal.errors import BootControlError
 from hal.interfaces import BootState
 from hal.storage import fsync_dir, temp_name
 

@@ -125,6 +125,7 @@ class EstOptions:
     label: str | None = None  # when set, only /.well-known/est/<label>/ is served
     content_length: str | None = None  # sent as the issuing 200's Content-Length (e.g. "²")
     retry_after_503: str | None = None  # with fault 5xx: answer 503 with this Retry-After
+    reject_client_certs: bool = False  # trust no client CA: a presented certificate gets UNKNOWN_CA
 
 
 @dataclass
@@ -195,7 +196,11 @@ class EstServer:
     def ssl_context(self) -> ssl.SSLContext:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.load_cert_chain(self.server_cert, self.server_key)
-        ctx.load_verify_locations(cadata=(pem(self.ca.cert) + pem(self.idevid_ca.cert)).decode())
+        if self.options.reject_client_certs:
+            ctx.load_verify_locations(cadata=pem(self.rogue_ca.cert).decode())
+        else:
+            trusted = pem(self.ca.cert) + pem(self.idevid_ca.cert)
+            ctx.load_verify_locations(cadata=trusted.decode())
         ctx.verify_mode = ssl.CERT_OPTIONAL
         if self.options.tls12_only:
             ctx.maximum_version = ssl.TLSVersion.TLSv1_2
