@@ -17,7 +17,7 @@ from typing import NoReturn
 from urllib.parse import urlsplit
 
 from agent.clock import Clock
-from agent.config import Config, ProofOfPossession
+from agent.config import Config, ProofOfPossession, check_cross_keys
 from agent.errors import (
     ConfigError,
     EnrollmentError,
@@ -102,20 +102,10 @@ def provider_tls_setup(config: Config) -> Callable[[Path], None]:
 
 
 def check_est_config(config: Config) -> None:
-    """Cross-key rules the per-key checks cannot express."""
-    est = config.est
-    where = config.source
-    if not est.url:
-        raise ConfigError(f"{where}: est.url: not set, so EST enrollment is not configured")
-    if est.retry_after_min_seconds > est.retry_after_max_seconds:
-        raise ConfigError(f"{where}: est.retry_after_min_seconds exceeds retry_after_max_seconds")
-    if (est.idevid_cert is None) != (est.idevid_key is None):
-        raise ConfigError(f"{where}: est.idevid_cert and est.idevid_key must be set together")
-    if est.proof_of_possession is ProofOfPossession.ALWAYS and config.tls.min_version == "1.3":
-        raise ConfigError(
-            f"{where}: est.proof_of_possession = 'always' needs TLS 1.2 (tls-unique), but "
-            "tls.min_version is '1.3'"
-        )
+    """EST must be configured; and the cross-key rules (the config layer's) hold."""
+    if not config.est.url:
+        raise ConfigError(f"{config.source}: est.url: not set, so EST enrollment is not configured")
+    check_cross_keys(config)
 
 
 class Enroller:
