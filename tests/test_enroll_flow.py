@@ -11,7 +11,7 @@ import fcntl
 import logging
 import os
 from collections.abc import Iterator
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from agent.cli import exit_code_for
+from agent.clock import ManualClock
 from agent.config import parse_config
 from agent.enroll import Enroller
 from agent.errors import (
@@ -41,26 +42,12 @@ from tests.support.enroll_env import config_text, password_file, snapshot
 from tests.support.est_server import EstOptions, EstServer, csrattrs_der
 
 
-class FakeClock:
-    def __init__(self) -> None:
-        self.current = datetime.now(timezone.utc)
-
-    def now(self) -> datetime:
-        return self.current
-
-    def monotonic(self) -> float:
-        return self.current.timestamp()
-
-    def sleep(self, seconds: float) -> None:
-        self.current += timedelta(seconds=seconds)
-
-
 class Env:
     def __init__(self, tmp_path: Path, est: EstServer) -> None:
         self.tmp_path = tmp_path
         self.est = est
         self.state_dir = tmp_path / "state"
-        self.clock = FakeClock()
+        self.clock = ManualClock(datetime.now(timezone.utc))
         self.password = password_file(tmp_path)
 
     def enroller(self, **est_keys: Any) -> Enroller:
