@@ -39,7 +39,7 @@ from agent.est.wire import clamp_retry_after, parse_retry_after
 from agent.identity import Identity, IdentityStore
 from agent.pki import SubjectSpec
 from agent.validity import State, Validity, validity
-from hal.interfaces import KeyStore
+from hal.interfaces import KeyStore, Lock, Storage
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +115,8 @@ class Enroller:
         config: Config,
         key_store: KeyStore,
         clock: Clock,
+        storage: Storage,
+        lock: Lock,
         transport_factory: TransportFactory | None = None,
         tls_setup: Callable[[Path], None] | None = None,
         credentials: BasicCredentials | None = None,
@@ -131,7 +133,12 @@ class Enroller:
         )
         self._prefix = urlsplit(self._est.url).path.rstrip("/")
         state_dir = config.paths.state_dir
-        self.store = IdentityStore(state_dir=state_dir, generations_kept=self._est.generations_kept)
+        self.store = IdentityStore(
+            state_dir=state_dir,
+            storage=storage,
+            lock=lock,
+            generations_kept=self._est.generations_kept,
+        )
         self.pending = PendingStore(path=state_dir / PENDING_FILE_NAME)
 
     # -- commands ------------------------------------------------------------------------------
@@ -205,7 +212,7 @@ class Enroller:
             plan = self._plan(client, current)
             new_key = not reuse_key
             if current is not None and reuse_key:
-                key_blob = current.key_blob()
+                key_blob = self.store.key_blob(current)
             else:
                 t = self._clock.monotonic()
                 key_blob = self._keys.generate(plan.algorithm)

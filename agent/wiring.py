@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from agent.config import Config, KeyStoreKind
-from hal.interfaces import KeyStore
+from hal.interfaces import KeyStore, Lock, Storage
 from hal.openssl_provider import ProviderInfo, load_tpm2_provider
+
+if TYPE_CHECKING:
+    from agent.clock import Clock
+    from agent.enroll import Enroller
+    from agent.identity import IdentityStore
 
 
 def key_store(config: Config) -> KeyStore:
@@ -28,3 +35,41 @@ def prepare_tls(config: Config) -> ProviderInfo | None:
     if config.keys.store is not KeyStoreKind.TPM:
         return None
     return load_provider(config)
+
+
+def storage() -> Storage:
+    from hal.disk import FileStorage
+
+    return FileStorage()
+
+
+def lock() -> Lock:
+    from hal.disk import FlockLock
+
+    return FlockLock()
+
+
+def identity_store(config: Config) -> IdentityStore:
+    from agent.identity import IdentityStore
+
+    return IdentityStore(
+        state_dir=config.paths.state_dir,
+        storage=storage(),
+        lock=lock(),
+        generations_kept=config.est.generations_kept,
+    )
+
+
+def enroller(config: Config, *, clock: Clock | None = None) -> Enroller:
+    """The enroller for the CLI (and the daemon): the configured key store, the disk, the
+    system clock."""
+    from agent.clock import SystemClock
+    from agent.enroll import Enroller
+
+    return Enroller(
+        config=config,
+        key_store=key_store(config),
+        clock=clock or SystemClock(),
+        storage=storage(),
+        lock=lock(),
+    )

@@ -5,10 +5,9 @@ from __future__ import annotations
 import argparse
 
 from agent.cli.config_cmd import add_config_option
-from agent.clock import SystemClock
 from agent.config import config_path, load_config
 from agent.enroll import Enroller, EnrollResult
-from agent.wiring import key_store
+from agent.wiring import enroller
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -31,8 +30,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 def _enroller(args: argparse.Namespace) -> Enroller:
-    config = load_config(config_path(args.config))
-    return Enroller(config=config, key_store=key_store(config), clock=SystemClock())
+    return enroller(load_config(config_path(args.config)))
 
 
 def run_enroll(args: argparse.Namespace) -> int:

@@ -35,12 +35,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 def collect(config: Config) -> AgentStatus:
     from agent.enroll import PENDING_FILE_NAME
     from agent.est.pending import PendingStore
-    from agent.identity import IdentityStore
+    from agent.wiring import identity_store
 
     errors: list[str] = []
     state_dir = config.paths.state_dir
     try:
-        current = IdentityStore(state_dir=state_dir).current()
+        current = identity_store(config).current()
         skew = timedelta(seconds=config.est.clock_skew_seconds)
         identity = identity_status(current, now=SystemClock().now(), skew=skew)
     except AgentError as e:

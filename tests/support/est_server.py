@@ -303,6 +303,17 @@ class EstServer:
         return False
 
 
+def _drain(sock: socket.socket) -> None:
+    """After a failed handshake (its alert already sent), read until the client closes: closing
+    with its unread request in the buffer would send a RST, and the client could lose the alert
+    (in TLS 1.3 the client's request is on its way before the server rejects the certificate)."""
+    with contextlib.suppress(OSError):  # the plain socket's calls: no TLS state is left
+        socket.socket.shutdown(sock, socket.SHUT_WR)
+        sock.settimeout(5)
+        while socket.socket.recv(sock, 65536):
+            pass
+
+
 class _HttpServer(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
@@ -316,8 +327,16 @@ class _HttpServer(ThreadingHTTPServer):
         request.settimeout(10)
         request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # no 40 ms delayed-ACK stalls
         try:
-            tls = self.est.ssl_context().wrap_socket(request, server_side=True)
+            tls = self.est.ssl_context().wrap_socket(
+                request, server_side=True, do_handshake_on_connect=False
+            )
         except (ssl.SSLError, OSError):
+            return
+        try:
+            tls.do_handshake()
+        except (ssl.SSLError, OSError):
+            _drain(tls)
+            tls.close()
             return
         try:
             _Handler(tls, client_address, self)
