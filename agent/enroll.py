@@ -37,13 +37,13 @@ from agent.est.response import validate_ca_certs, validate_issued
 from agent.est.transport import ClientIdentity, HttpsTransport, Transport
 from agent.est.wire import clamp_retry_after, parse_retry_after
 from agent.identity import Identity, IdentityStore
+from agent.layout import PENDING_FILE_NAME
 from agent.pki import SubjectSpec
 from agent.validity import State, Validity, validity
 from hal.interfaces import KeyStore, Lock, Storage
 
 log = logging.getLogger(__name__)
 
-PENDING_FILE_NAME = "est-pending.json"
 
 #: a transport that trusts the given anchor file (None: only provisional connections)
 TransportFactory = Callable[[Path | None], Transport]

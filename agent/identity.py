@@ -28,12 +28,15 @@ import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from typing import TYPE_CHECKING
 
 from agent.errors import StorageError
 from hal.interfaces import Lock, Storage
+
+# cryptography is imported where certificates are read or written: `status` before the first
+# enrollment does not pay for it
+if TYPE_CHECKING:
+    from cryptography import x509
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +60,8 @@ class Identity:
 
 
 def _pem(certs: Sequence[x509.Certificate]) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
     return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certs)
 
 
@@ -121,6 +126,8 @@ class IdentityStore:
             raise StorageError(f"{directory}: no key file ({' or '.join(KEY_FILE_NAMES)})")
         cert_file = directory / "cert.pem"
         try:
+            from cryptography import x509
+
             cert = x509.load_pem_x509_certificate(
                 self._storage.read_bytes(cert_file, limit=256 * 1024)
             )

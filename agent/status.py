@@ -7,14 +7,15 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
-from typing import Any
-
-from cryptography import x509
+from typing import TYPE_CHECKING, Any
 
 from agent import __version__
 from agent.est.pending import PendingRequest
 from agent.identity import Identity
 from agent.validity import validity
+
+if TYPE_CHECKING:
+    from cryptography import x509
 
 
 @dataclass(frozen=True)

@@ -6,12 +6,12 @@ from typing import TYPE_CHECKING
 
 from agent.config import Config, KeyStoreKind
 from hal.interfaces import KeyStore, Lock, Storage
-from hal.openssl_provider import ProviderInfo, load_tpm2_provider
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # each builder imports what it builds: `status` must not pay for EST or TLS
     from agent.clock import Clock
     from agent.enroll import Enroller
     from agent.identity import IdentityStore
+    from hal.openssl_provider import ProviderInfo
 
 
 def key_store(config: Config) -> KeyStore:
@@ -26,6 +26,8 @@ def key_store(config: Config) -> KeyStore:
 
 def load_provider(config: Config) -> ProviderInfo:
     """Load the configured tpm2 OpenSSL provider for the configured TPM into this process."""
+    from hal.openssl_provider import load_tpm2_provider
+
     provider = str(config.tpm.openssl_provider) if config.tpm.openssl_provider else None
     return load_tpm2_provider(provider, tcti=config.tpm.tcti)
 

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
 from agent.cli.config_cmd import add_config_option
-from agent.config import config_path, load_config
-from agent.enroll import Enroller, EnrollResult
-from agent.wiring import enroller
+
+if TYPE_CHECKING:  # the enroll machinery is imported when a command runs, not to build --help
+    from agent.enroll import Enroller, EnrollResult
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -30,6 +31,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 def _enroller(args: argparse.Namespace) -> Enroller:
+    from agent.config import config_path, load_config
+    from agent.wiring import enroller
+
     return enroller(load_config(config_path(args.config)))
 
 

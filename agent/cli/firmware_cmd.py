@@ -15,13 +15,12 @@ import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 from agent.cli.config_cmd import add_config_option
-from agent.clock import SystemClock
-from agent.config import Config, config_path, load_config
-from agent.errors import StorageError
-from hal.storage import read_bytes, temp_name
+
+if TYPE_CHECKING:  # each command imports what it uses when it runs (start-up time)
+    from agent.config import Config
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -64,11 +63,15 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 def _config(args: argparse.Namespace) -> Config:
+    from agent.config import config_path, load_config
+
     return load_config(config_path(args.config))
 
 
 @contextlib.contextmanager
 def _open_bundle(name: str) -> Iterator[BinaryIO]:
+    from agent.errors import StorageError
+
     if name == "-":
         yield sys.stdin.buffer
         return
@@ -81,8 +84,11 @@ def _open_bundle(name: str) -> Iterator[BinaryIO]:
 
 
 def run_sign(args: argparse.Namespace) -> int:
+    from agent.clock import SystemClock
+    from agent.errors import StorageError
     from agent.firmware.manifest import parse_manifest
     from agent.firmware.sign import Signer, make_manifest, write_bundle
+    from hal.storage import read_bytes, temp_name
 
     password = None
     if args.key_password_file is not None:

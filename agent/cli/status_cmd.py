@@ -10,19 +10,13 @@ from __future__ import annotations
 import argparse
 import json
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent.cli.config_cmd import add_config_option
-from agent.clock import SystemClock
-from agent.config import Config, config_path, load_config
-from agent.errors import AgentError
-from agent.status import (
-    AgentStatus,
-    IdentityStatus,
-    PendingStatus,
-    identity_status,
-    pending_status,
-)
+
+if TYPE_CHECKING:  # imported when the command runs, not to build --help
+    from agent.config import Config
+    from agent.status import AgentStatus
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -33,8 +27,17 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 def collect(config: Config) -> AgentStatus:
-    from agent.enroll import PENDING_FILE_NAME
+    from agent.clock import SystemClock
+    from agent.errors import AgentError
     from agent.est.pending import PendingStore
+    from agent.layout import PENDING_FILE_NAME
+    from agent.status import (
+        AgentStatus,
+        IdentityStatus,
+        PendingStatus,
+        identity_status,
+        pending_status,
+    )
     from agent.wiring import identity_store
 
     errors: list[str] = []
@@ -70,6 +73,8 @@ def collect(config: Config) -> AgentStatus:
 
 
 def run(args: argparse.Namespace) -> int:
+    from agent.config import config_path, load_config
+
     status = collect(load_config(config_path(args.config)))
     if args.json:
         print(json.dumps(status.to_dict(), indent=2, sort_keys=True))
