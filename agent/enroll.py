@@ -28,19 +28,19 @@ from agent.errors import (
     TransportError,
 )
 from agent.est import trust
-from agent.est.auth import BasicCredentials, load_basic_credentials
+from agent.est.auth import BasicCredentials
 from agent.est.client import CsrFactory, EstClient
 from agent.est.csr import make_csr, rebind, subject_of
 from agent.est.csrattrs import CsrAttrsHints, CsrPlan, parse_csrattrs, plan_csr
 from agent.est.pending import PendingRequest, PendingStore
 from agent.est.response import validate_ca_certs, validate_issued
-from agent.est.transport import ClientIdentity, HttpsTransport, Transport
+from agent.est.transport import ClientIdentity, Transport
 from agent.est.wire import clamp_retry_after, parse_retry_after
 from agent.identity import Identity, IdentityStore
-from agent.layout import PENDING_FILE_NAME
+from agent.layout import PENDING_FILE_NAME  # noqa: F401 - re-exported
 from agent.pki import SubjectSpec
 from agent.validity import State, Validity, validity
-from hal.interfaces import KeyStore, Lock, Storage
+from hal.interfaces import KeyStore
 
 log = logging.getLogger(__name__)
 
@@ -72,35 +72,6 @@ class EnrollResult:
     timings: EnrollTimings = EnrollTimings()
 
 
-def https_transport_factory(config: Config) -> TransportFactory:
-    est = config.est
-
-    def factory(anchor: Path | None) -> Transport:
-        return HttpsTransport(
-            url=est.url,
-            ca_file=anchor,
-            min_tls_version=config.tls.min_version,
-            connect_timeout_seconds=est.connect_timeout_seconds,
-            read_timeout_seconds=est.read_timeout_seconds,
-            max_response_bytes=est.max_response_bytes,
-        )
-
-    return factory
-
-
-def provider_tls_setup(config: Config) -> Callable[[Path], None]:
-    """Before TLS with a TPM client key, load the tpm2 OpenSSL provider into this process."""
-
-    def setup(key_file: Path) -> None:
-        from agent.tls import is_tpm_key_file
-        from agent.wiring import load_provider
-
-        if is_tpm_key_file(key_file):  # an IDevID may be in the TPM even with software keys
-            load_provider(config)
-
-    return setup
-
-
 def check_est_config(config: Config) -> None:
     """EST must be configured; and the cross-key rules (the config layer's) hold."""
     if not config.est.url:
@@ -109,37 +80,32 @@ def check_est_config(config: Config) -> None:
 
 
 class Enroller:
+    """Enroll and renew. Every collaborator comes in (`agent.wiring.enroller` builds them from
+    the config; tests pass their own); none is built here."""
+
     def __init__(
         self,
         *,
         config: Config,
         key_store: KeyStore,
         clock: Clock,
-        storage: Storage,
-        lock: Lock,
-        transport_factory: TransportFactory | None = None,
-        tls_setup: Callable[[Path], None] | None = None,
-        credentials: BasicCredentials | None = None,
+        store: IdentityStore,
+        pending: PendingStore,
+        transport_factory: TransportFactory,
+        tls_setup: Callable[[Path], None],
+        credentials: BasicCredentials | None,
     ) -> None:
         check_est_config(config)
         self._config = config
         self._est = config.est
         self._keys = key_store
         self._clock = clock
-        self._transport_factory = transport_factory or https_transport_factory(config)
-        self._tls_setup = tls_setup or provider_tls_setup(config)
-        self._credentials = credentials or load_basic_credentials(
-            self._est.username, self._est.password_file
-        )
+        self._transport_factory = transport_factory
+        self._tls_setup = tls_setup
+        self._credentials = credentials
         self._prefix = urlsplit(self._est.url).path.rstrip("/")
-        state_dir = config.paths.state_dir
-        self.store = IdentityStore(
-            state_dir=state_dir,
-            storage=storage,
-            lock=lock,
-            generations_kept=self._est.generations_kept,
-        )
-        self.pending = PendingStore(path=state_dir / PENDING_FILE_NAME)
+        self.store = store
+        self.pending = pending
 
     # -- commands ------------------------------------------------------------------------------
 

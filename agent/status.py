@@ -1,21 +1,28 @@
 """One status model for the whole agent, shared by the CLI (and later the control socket and MQTT).
 
 Pure: built from what the stores return and `now`; rendered as text for people, JSON for tools.
+`StatusCollector` asks the stores it is given (`agent.wiring.status_collector` picks them) and
+turns a part that cannot be read into an error line, never a failure: status must work on a
+device that is half broken, because that is when people ask for it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from agent import __version__
-from agent.est.pending import PendingRequest
-from agent.identity import Identity
+from agent.errors import AgentError
 from agent.validity import validity
 
 if TYPE_CHECKING:
     from cryptography import x509
+
+    from agent.clock import Clock
+    from agent.est.pending import PendingRequest
+    from agent.identity import Identity
 
 
 @dataclass(frozen=True)
@@ -155,3 +162,71 @@ def pending_status(pending: PendingRequest | None) -> PendingStatus | None:
     return PendingStatus(
         operation=pending.operation, retry_at=_iso(pending.retry_at), attempts=pending.attempts
     )
+
+
+class IdentitySource(Protocol):
+    def current(self) -> Identity | None: ...
+
+
+class PendingSource(Protocol):
+    def load(self) -> PendingRequest | None: ...
+
+
+class FirmwareReport(Protocol):
+    def to_dict(self) -> dict[str, Any]: ...
+
+
+class FirmwareSource(Protocol):
+    def status(self) -> FirmwareReport: ...
+
+
+class StatusCollector:
+    """Collects an `AgentStatus` from the stores it is given."""
+
+    def __init__(
+        self,
+        *,
+        device_id: str,
+        config_source: str,
+        identities: IdentitySource,
+        pending: PendingSource,
+        firmware: Callable[[], FirmwareSource] | None,
+        clock: Clock,
+        skew: timedelta,
+    ) -> None:
+        self._device_id = device_id
+        self._config_source = config_source
+        self._identities = identities
+        self._pending = pending
+        self._firmware = firmware
+        self._clock = clock
+        self._skew = skew
+
+    def collect(self) -> AgentStatus:
+        errors: list[str] = []
+        try:
+            identity = identity_status(
+                self._identities.current(), now=self._clock.now(), skew=self._skew
+            )
+        except AgentError as e:
+            identity = IdentityStatus(state="unreadable")
+            errors.append(str(e))
+        pending: PendingStatus | None = None
+        try:
+            pending = pending_status(self._pending.load())
+        except AgentError as e:
+            errors.append(str(e))
+        firmware: dict[str, Any] | None = None
+        if self._firmware is not None:
+            try:
+                firmware = self._firmware().status().to_dict()
+            except AgentError as e:
+                errors.append(str(e))
+        return AgentStatus(
+            device_id=self._device_id,
+            config=self._config_source,
+            identity=identity,
+            est_pending=pending,
+            firmware=firmware,
+            errors=tuple(errors),
+        )

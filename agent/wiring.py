@@ -1,17 +1,31 @@
-"""The one place where implementations are chosen from the config."""
+"""The composition root: the one place where implementations are chosen from the config.
+
+Config in, collaborators out, for the CLI (and the daemon next); tests build their own or pass
+overrides. Each builder imports what it builds, so `status` does not pay for EST or TLS.
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from agent.config import Config, KeyStoreKind
-from hal.interfaces import KeyStore, Lock, Storage
+from agent.config import BootloaderKind, Config, CounterKind, KeyStoreKind
+from agent.errors import ConfigError
+from hal.interfaces import BootControl, KeyStore, Lock, MonotonicCounter, Storage
 
-if TYPE_CHECKING:  # each builder imports what it builds: `status` must not pay for EST or TLS
+if TYPE_CHECKING:
     from agent.clock import Clock
-    from agent.enroll import Enroller
+    from agent.enroll import Enroller, TransportFactory
+    from agent.est.pending import PendingStore
+    from agent.firmware.chain import TrustPolicy
+    from agent.firmware.device import FirmwareDevice
     from agent.identity import IdentityStore
+    from agent.status import StatusCollector
     from hal.openssl_provider import ProviderInfo
+
+TPM_BASELINE_FILE = "tpm-counter-baseline.json"
+FILE_COUNTER_FILE = "security-version"
 
 
 def key_store(config: Config) -> KeyStore:
@@ -62,16 +76,173 @@ def identity_store(config: Config) -> IdentityStore:
     )
 
 
-def enroller(config: Config, *, clock: Clock | None = None) -> Enroller:
-    """The enroller for the CLI (and the daemon): the configured key store, the disk, the
-    system clock."""
-    from agent.clock import SystemClock
-    from agent.enroll import Enroller
+def pending_store(config: Config) -> PendingStore:
+    from agent.est.pending import PendingStore
+    from agent.layout import PENDING_FILE_NAME
 
-    return Enroller(
-        config=config,
-        key_store=key_store(config),
-        clock=clock or SystemClock(),
-        storage=storage(),
-        lock=lock(),
+    return PendingStore(path=config.paths.state_dir / PENDING_FILE_NAME)
+
+
+def https_transport_factory(config: Config) -> TransportFactory:
+    """HTTPS to `est.url` with the configured limits, trusting the anchor it is given."""
+    from agent.est.transport import HttpsTransport, Transport
+
+    est = config.est
+
+    def factory(anchor: Path | None) -> Transport:
+        return HttpsTransport(
+            url=est.url,
+            ca_file=anchor,
+            min_tls_version=config.tls.min_version,
+            connect_timeout_seconds=est.connect_timeout_seconds,
+            read_timeout_seconds=est.read_timeout_seconds,
+            max_response_bytes=est.max_response_bytes,
+        )
+
+    return factory
+
+
+def provider_tls_setup(config: Config) -> Callable[[Path], None]:
+    """Before TLS with a TPM client key, load the tpm2 OpenSSL provider into this process."""
+
+    def setup(key_file: Path) -> None:
+        from agent.tls import is_tpm_key_file
+
+        if is_tpm_key_file(key_file):  # an IDevID may be in the TPM even with software keys
+            load_provider(config)
+
+    return setup
+
+
+def enroller(config: Config, **overrides: Any) -> Enroller:
+    """The enroller for the CLI (and the daemon): the configured key store, the disk, HTTPS,
+    the Basic credentials, the system clock. `overrides` replace any of them by name (tests)."""
+    from agent.clock import SystemClock
+    from agent.enroll import Enroller, check_est_config
+    from agent.est.auth import load_basic_credentials
+
+    check_est_config(config)  # before anything is built from it
+    parts: dict[str, Any] = dict(overrides)
+    builders: dict[str, Callable[[], Any]] = {
+        "key_store": lambda: key_store(config),
+        "clock": SystemClock,
+        "store": lambda: identity_store(config),
+        "pending": lambda: pending_store(config),
+        "transport_factory": lambda: https_transport_factory(config),
+        "tls_setup": lambda: provider_tls_setup(config),
+        "credentials": lambda: load_basic_credentials(
+            config.est.username, config.est.password_file
+        ),
+    }
+    unknown = set(parts) - set(builders)
+    if unknown:
+        raise TypeError(f"enroller(): unknown collaborators {sorted(unknown)}")
+    for name, build in builders.items():
+        if name not in parts:
+            parts[name] = build()
+    return Enroller(config=config, **parts)
+
+
+# -- firmware ----------------------------------------------------------------------------------
+
+
+def trust_policy(config: Config) -> TrustPolicy:
+    from agent.firmware.chain import TrustPolicy
+    from agent.firmware.pem import load_certificates, load_crl
+
+    fw = config.firmware
+    return TrustPolicy(
+        anchors=tuple(load_certificates(fw.trust_anchors)),
+        crls=tuple(load_crl(path) for path in fw.crl_files),
     )
+
+
+def boot_control(config: Config) -> BootControl:
+    fw = config.firmware
+    if fw.bootloader is BootloaderKind.UBOOT:
+        from hal.bootloader.uboot import UBootBootControl
+
+        return UBootBootControl(config=fw.uboot_env_config, max_tries=fw.boot_tries)
+    if fw.bootloader is BootloaderKind.GRUB:
+        from hal.bootloader.grub import GrubBootControl
+
+        return GrubBootControl(env_file=fw.grub_env)
+    from hal.bootloader.file import FileBootControl
+
+    return FileBootControl(path=fw.file_env, max_tries=fw.boot_tries)
+
+
+def counter(config: Config) -> MonotonicCounter:
+    fw = config.firmware
+    if fw.counter is CounterKind.TPM:
+        from hal.tpm_counter import TpmCounter
+
+        auth = b""
+        if fw.counter_owner_auth_file is not None:
+            auth = storage().read_bytes(fw.counter_owner_auth_file, limit=1024).rstrip(b"\n")
+        return TpmCounter(
+            tcti=config.tpm.tcti,
+            index=fw.counter_nv_index,
+            baseline_path=fw.state_dir / TPM_BASELINE_FILE,
+            owner_auth=auth,
+        )
+    from hal.file_counter import FileCounter
+
+    return FileCounter(path=fw.state_dir / FILE_COUNTER_FILE)
+
+
+def firmware_device(config: Config, *, clock: Clock | None = None) -> FirmwareDevice:
+    from agent.clock import SystemClock
+    from agent.firmware.device import FirmwareDevice
+    from hal.slots import DeviceSlot, booted_slot
+
+    fw = config.firmware
+    if not fw.compatible:
+        raise ConfigError(f"{config.source}: firmware.compatible: not set (firmware is off)")
+    slots = {
+        "A": DeviceSlot(name="A", path=fw.slot_a),
+        "B": DeviceSlot(name="B", path=fw.slot_b),
+    }
+    cmdline: Path = fw.cmdline
+    return FirmwareDevice(
+        boot=boot_control(config),
+        slots=slots,
+        counter=counter(config),
+        state_dir=fw.state_dir,
+        booted_slot=lambda: booted_slot(cmdline, fw.cmdline_key),
+        clock=clock or SystemClock(),
+        compatible=fw.compatible,
+        trust=lambda: trust_policy(config),
+        boot_tries=fw.boot_tries,
+        check_slot_at_commit=fw.check_slot_at_commit,
+        buffer_bytes=fw.buffer_kib * 1024,
+    )
+
+
+# -- status --------------------------------------------------------------------------------------
+
+
+def status_collector(config: Config, *, clock: Clock | None = None) -> StatusCollector:
+    from datetime import timedelta
+
+    from agent.clock import SystemClock
+    from agent.status import StatusCollector
+
+    return StatusCollector(
+        device_id=config.device.id,
+        config_source=str(config.source),
+        identities=identity_store(config),
+        pending=pending_store(config),
+        firmware=(lambda: firmware_device(config)) if config.firmware.compatible else None,
+        clock=clock or SystemClock(),
+        skew=timedelta(seconds=config.est.clock_skew_seconds),
+    )
+
+
+# -- the TPM, for doctor -----------------------------------------------------------------------
+
+
+def describe_tpm(config: Config) -> dict[str, str]:
+    from hal.tpm import describe_tpm as describe
+
+    return describe(config.tpm.tcti)

@@ -9,12 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from agent import wiring
 from agent.cli import exit_code_for
-from agent.clock import SystemClock
 from agent.config import parse_config
 from agent.enroll import Enroller
 from agent.errors import AgentError, ChainValidationError, EnrollmentError, TransportError
-from hal.disk import FileStorage, FlockLock
 from hal.tpm import TpmKeyStore
 from tests.conftest import provider_path
 from tests.support.enroll_env import config_text, snapshot
@@ -65,13 +64,7 @@ def enroller(tmp_path: Path, est: EstServer, tpm: Swtpm) -> Enroller:
         max_response_bytes=65536,
     )
     config = parse_config(text, source=tmp_path / "config.toml")
-    return Enroller(
-        config=config,
-        key_store=TpmKeyStore(tcti=tpm.tcti),
-        clock=SystemClock(),
-        storage=FileStorage(),
-        lock=FlockLock(),
-    )
+    return wiring.enroller(config, key_store=TpmKeyStore(tcti=tpm.tcti))
 
 
 def expect_fault(fault: str, attempt: Callable[[], object], state_dir: Path) -> None:

@@ -20,6 +20,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from agent import wiring
 from agent.cli import exit_code_for
 from agent.clock import ManualClock
 from agent.config import parse_config
@@ -37,7 +38,6 @@ from agent.est.transport import HttpsTransport
 from agent.est.trust import ANCHOR_FILE_NAME
 from agent.identity import LOCK_FILE_NAME
 from agent.pki import public_key_der
-from hal.disk import FileStorage, FlockLock
 from hal.softkeys import SoftwareKeyStore
 from tests.support.enroll_env import config_text, password_file, snapshot
 from tests.support.est_server import EstOptions, EstServer, csrattrs_der
@@ -54,13 +54,7 @@ class Env:
     def enroller(self, **est_keys: Any) -> Enroller:
         text = config_text(state_dir=self.state_dir, est=self.est, store="software", **est_keys)
         config = parse_config(text, source=self.tmp_path / "config.toml")
-        return Enroller(
-            config=config,
-            key_store=SoftwareKeyStore(),
-            clock=self.clock,
-            storage=FileStorage(),
-            lock=FlockLock(),
-        )
+        return wiring.enroller(config, key_store=SoftwareKeyStore(), clock=self.clock)
 
     def basic(self, **est_keys: Any) -> Enroller:
         return self.enroller(username="device", password_file=str(self.password), **est_keys)

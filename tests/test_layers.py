@@ -13,7 +13,7 @@ import pytest
 from tests.conftest import ROOT
 
 #: where implementations are picked (DESIGN.md: "agent/wiring.py or the CLI")
-COMPOSITION_ROOTS = {"agent.wiring", "agent.firmware.wiring"}
+COMPOSITION_ROOTS = {"agent.wiring"}
 SEAM = {"hal", "hal.interfaces", "hal.errors"}
 
 #: modules that still reach past the seam, each with what it imports; being moved behind
@@ -27,7 +27,6 @@ KNOWN_SEAM_SKIPS: dict[str, set[str]] = {
     "agent.firmware.state": {"hal.storage"},
     "agent.firmware.device": {"hal.lock", "hal.storage"},
     "agent.cli.firmware_cmd": {"hal.storage"},
-    "agent.cli.doctor_cmd": {"hal.tpm"},
 }
 
 #: decisions: bytes, parsed objects and `now` in, a value or an error out

@@ -53,9 +53,9 @@ def check_key_store(config: Config) -> Finding:
         return Finding(
             "key_store", "warn", "software keys: the private key is a file root can copy"
         )
-    from hal.tpm import describe_tpm
+    from agent.wiring import describe_tpm
 
-    info = describe_tpm(config.tpm.tcti)
+    info = describe_tpm(config)
     return Finding(
         "key_store",
         "ok",

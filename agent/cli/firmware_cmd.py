@@ -121,7 +121,7 @@ def run_sign(args: argparse.Namespace) -> int:
 
 
 def run_verify(args: argparse.Namespace) -> int:
-    from agent.firmware.wiring import firmware_device
+    from agent.wiring import firmware_device
 
     device = firmware_device(_config(args))
     with _open_bundle(args.bundle) as stream:
@@ -134,7 +134,7 @@ def run_verify(args: argparse.Namespace) -> int:
 
 
 def run_install(args: argparse.Namespace) -> int:
-    from agent.firmware.wiring import firmware_device
+    from agent.wiring import firmware_device
 
     device = firmware_device(_config(args))
     with _open_bundle(args.bundle) as stream:
@@ -144,7 +144,7 @@ def run_install(args: argparse.Namespace) -> int:
 
 
 def run_status(args: argparse.Namespace) -> int:
-    from agent.firmware.wiring import firmware_device
+    from agent.wiring import firmware_device
 
     status = firmware_device(_config(args)).status()
     if args.json:
@@ -155,7 +155,7 @@ def run_status(args: argparse.Namespace) -> int:
 
 
 def run_commit(args: argparse.Namespace) -> int:
-    from agent.firmware.wiring import firmware_device
+    from agent.wiring import firmware_device
 
     result = firmware_device(_config(args)).commit()
     note = ""
@@ -166,7 +166,7 @@ def run_commit(args: argparse.Namespace) -> int:
 
 
 def run_rollback(args: argparse.Namespace) -> int:
-    from agent.firmware.wiring import firmware_device
+    from agent.wiring import firmware_device
 
     slot = firmware_device(_config(args)).rollback()
     print(f"slot {slot} boots next")

@@ -1,16 +1,14 @@
 """`devid-agent status [--json]`: the identity, a pending EST request and the firmware slots.
 
 Exit status 0 when the identity is valid and every part could be read, 1 otherwise, so it serves
-as a health check. A part that cannot be read is reported, not fatal: status must work on a
-device that is half broken, because that is when people ask for it.
+as a health check. Collection is `agent.status.StatusCollector`, built by `agent.wiring`.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-from datetime import timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from agent.cli.config_cmd import add_config_option
 
@@ -27,49 +25,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 def collect(config: Config) -> AgentStatus:
-    from agent.clock import SystemClock
-    from agent.errors import AgentError
-    from agent.est.pending import PendingStore
-    from agent.layout import PENDING_FILE_NAME
-    from agent.status import (
-        AgentStatus,
-        IdentityStatus,
-        PendingStatus,
-        identity_status,
-        pending_status,
-    )
-    from agent.wiring import identity_store
+    from agent.wiring import status_collector
 
-    errors: list[str] = []
-    state_dir = config.paths.state_dir
-    try:
-        current = identity_store(config).current()
-        skew = timedelta(seconds=config.est.clock_skew_seconds)
-        identity = identity_status(current, now=SystemClock().now(), skew=skew)
-    except AgentError as e:
-        identity = IdentityStatus(state="unreadable")
-        errors.append(str(e))
-    pending: PendingStatus | None = None
-    try:
-        pending = pending_status(PendingStore(path=state_dir / PENDING_FILE_NAME).load())
-    except AgentError as e:
-        errors.append(str(e))
-    firmware: dict[str, Any] | None = None
-    if config.firmware.compatible:
-        from agent.firmware.wiring import firmware_device
-
-        try:
-            firmware = firmware_device(config).status().to_dict()
-        except AgentError as e:
-            errors.append(str(e))
-    return AgentStatus(
-        device_id=config.device.id,
-        config=str(config.source),
-        identity=identity,
-        est_pending=pending,
-        firmware=firmware,
-        errors=tuple(errors),
-    )
+    return status_collector(config).collect()
 
 
 def run(args: argparse.Namespace) -> int:
