@@ -334,3 +334,31 @@ def test_503_with_retry_after_is_exit_75(device: Device) -> None:
     result = device.run("enroll")
     assert result.code == 75, result.err
     assert "HTTP 503" in result.err and "retry after 120 s" in result.err
+
+
+def test_renew_while_an_enroll_request_is_pending_is_exit_77(device: Device) -> None:
+    assert device.run("enroll").code == 0
+    device.est.options.pending = 1
+    assert device.run("enroll", "--force").code == 75
+    pending = device.state_dir / "est-pending.json"
+    retry_at = datetime.fromisoformat(json.loads(pending.read_text())["retry_at"])
+    while datetime.now(timezone.utc) <= retry_at:  # waits for a fact, not a time
+        time.sleep(0.05)
+    contacted = len(device.est.records)
+    result = device.run("renew")
+    assert result.code == 77, result.err
+    assert "/simpleenroll request is pending" in result.err and result.err.count("\n") == 1
+    assert len(device.est.records) == contacted
+    assert pending.exists()
+
+
+def test_a_garbled_pending_file_is_exit_74_and_left_alone(device: Device) -> None:
+    device.state_dir.mkdir(mode=0o700)
+    pending = device.state_dir / "est-pending.json"
+    pending.write_bytes(b"{not json")
+    pending.chmod(0o600)
+    result = device.run("enroll")
+    assert result.code == 74, result.err
+    assert str(pending) in result.err and result.err.count("\n") == 1
+    assert pending.read_bytes() == b"{not json"
+    assert device.est.records == []
