@@ -1,10 +1,18 @@
-"""The only way code reads time: a `Clock` that returns timezone-aware UTC datetimes."""
+"""The only way code reads time: a `Clock` that returns timezone-aware UTC datetimes, monotonic
+seconds, and sleeps that an event can interrupt (what the daemon sleeps on between attempts).
+
+`SystemClock` is the real one; `ManualClock` is a deterministic one for tests and simulations:
+its time moves only when told, or when someone sleeps or waits on it.
+"""
 
 from __future__ import annotations
 
+import threading
 import time
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Protocol
+
+__all__ = ["Clock", "ManualClock", "SystemClock"]
 
 
 class Clock(Protocol):
@@ -18,6 +26,12 @@ class Clock(Protocol):
 
     def sleep(self, seconds: float) -> None: ...
 
+    def wait(self, event: threading.Event, timeout: float) -> bool:
+        """Sleep until `event` is set or `timeout` seconds have passed; True if it was set.
+
+        A timeout of 0 or less only looks at the event."""
+        ...
+
 
 class SystemClock:
     def now(self) -> datetime:
@@ -29,3 +43,42 @@ class SystemClock:
     def sleep(self, seconds: float) -> None:
         # A deadline already past gives a negative wait: return at once (time.sleep raises).
         time.sleep(max(0.0, seconds))
+
+    def wait(self, event: threading.Event, timeout: float) -> bool:
+        return event.wait(max(0.0, timeout))
+
+
+class ManualClock:
+    """A clock that moves only by `advance`, `sleep` and an unset `wait` (which advances by the
+    whole timeout at once). Deterministic: nothing in it depends on real time."""
+
+    def __init__(self, start: datetime, *, monotonic: float = 0.0) -> None:
+        if start.tzinfo is None:
+            raise ValueError("ManualClock needs a timezone-aware start")
+        self._now = start.astimezone(timezone.utc)
+        self._monotonic = monotonic
+        self._lock = threading.Lock()
+
+    def now(self) -> datetime:
+        with self._lock:
+            return self._now
+
+    def monotonic(self) -> float:
+        with self._lock:
+            return self._monotonic
+
+    def advance(self, seconds: float) -> None:
+        if seconds < 0:
+            raise ValueError("a clock does not go backwards by itself; set a new ManualClock")
+        with self._lock:
+            self._now += timedelta(seconds=seconds)
+            self._monotonic += seconds
+
+    def sleep(self, seconds: float) -> None:
+        self.advance(max(0.0, seconds))
+
+    def wait(self, event: threading.Event, timeout: float) -> bool:
+        if event.is_set():
+            return True
+        self.advance(max(0.0, timeout))
+        return event.is_set()

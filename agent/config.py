@@ -12,59 +12,37 @@ keeps the two in step.
 from __future__ import annotations
 
 import dataclasses
-import datetime
-import difflib
 import enum
-import math
-import os
 import re
 import sys
-import types
-import typing
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
 
+from agent.config_file import CONFIG_ENV, DEFAULT_CONFIG_PATH, MAX_CONFIG_BYTES, config_path
+from agent.config_file import read_config_text as _read_config_text
+from agent.config_loader import Loader, checked
 from agent.errors import ConfigError
 from hal.interfaces import KeyAlgorithm
+
+__all__ = [
+    "CONFIG_ENV",
+    "DEFAULT_CONFIG_PATH",
+    "MAX_CONFIG_BYTES",
+    "BootloaderKind",
+    "Config",
+    "CounterKind",
+    "KeyStoreKind",
+    "ProofOfPossession",
+    "checked",
+    "config_path",
+    "load_config",
+    "parse_config",
+]
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - exercised on 3.10 only
     import tomli as tomllib  # type: ignore[import-not-found,unused-ignore]
-
-DEFAULT_CONFIG_PATH = Path("/etc/devid-agent/config.toml")
-CONFIG_ENV = "DEVID_AGENT_CONFIG"
-MAX_CONFIG_BYTES = 1024 * 1024
-
-Check = Callable[[Any], "str | None"]
-
-
-def checked(
-    default: Any = dataclasses.MISSING,
-    *,
-    check: Check | None = None,
-    item_check: Check | None = None,
-    **kw: Any,
-) -> Any:
-    """A dataclass field with a validity check (returns what was expected, or None).
-
-    `item_check` checks each item of a list value (the error names the item: `key[2]`).
-    """
-    metadata = {"check": check, "item_check": item_check}
-    if isinstance(default, (list, tuple)):
-        value = tuple(default)
-        return field(default_factory=lambda: value, metadata=metadata, **kw)
-    return field(default=default, metadata=metadata, **kw)
-
-
-def _positive(value: Any) -> str | None:
-    return None if value > 0 else "a number greater than 0"
-
-
-def _non_negative(value: Any) -> str | None:
-    return None if value >= 0 else "a number of 0 or more"
 
 
 def _non_empty(value: str) -> str | None:
@@ -221,7 +199,55 @@ def _sha256_fingerprint(value: str) -> str | None:
 
 
 def _at_least_two(value: int) -> str | None:
-    return None if value >= 2 else "an integer of 2 or more (the current and previous generation)"
+    ok = 2 <= value <= 100
+    return None if ok else "an integer from 2 (the current and previous generation) to 100"
+
+
+# Upper bounds: a value past them is a typo, and would fail later where it is used (a timer of
+# 1e308 s overflows, a Retry-After bound of 1e12 s is past year 9999).
+MAX_TIMEOUT_SECONDS = 3600.0
+MAX_RETRY_AFTER_SECONDS = 30 * 86400.0
+MAX_CLOCK_SKEW_SECONDS = 86400.0
+MAX_RESPONSE_BYTES = 64 * 1024 * 1024
+
+
+def _timeout(value: float) -> str | None:
+    ok = 0 < value <= MAX_TIMEOUT_SECONDS
+    return None if ok else f"a number of seconds greater than 0, at most {MAX_TIMEOUT_SECONDS:g}"
+
+
+def _retry_after(value: float) -> str | None:
+    ok = 0 <= value <= MAX_RETRY_AFTER_SECONDS
+    return None if ok else f"a number of seconds from 0 to {MAX_RETRY_AFTER_SECONDS:g} (30 days)"
+
+
+def _retry_after_max(value: float) -> str | None:
+    ok = 0 < value <= MAX_RETRY_AFTER_SECONDS
+    return (
+        None if ok else f"a number of seconds greater than 0, at most {MAX_RETRY_AFTER_SECONDS:g}"
+    )
+
+
+def _clock_skew(value: float) -> str | None:
+    ok = 0 <= value <= MAX_CLOCK_SKEW_SECONDS
+    return None if ok else f"a number of seconds from 0 to {MAX_CLOCK_SKEW_SECONDS:g} (a day)"
+
+
+MAX_CSRATTRS_AGE_SECONDS = 30 * 86400
+
+
+def _csrattrs_age(value: float) -> str | None:
+    ok = 0 <= value <= MAX_CSRATTRS_AGE_SECONDS
+    return None if ok else f"a number of seconds from 0 to {MAX_CSRATTRS_AGE_SECONDS} (30 days)"
+
+
+def _response_bytes(value: int) -> str | None:
+    ok = 1 <= value <= MAX_RESPONSE_BYTES
+    return None if ok else f"an integer from 1 to {MAX_RESPONSE_BYTES} (64 MiB)"
+
+
+def _basic_username(value: str) -> str | None:
+    return None if ":" not in value else "a user name without ':' (HTTP Basic, RFC 7617)"
 
 
 @dataclass(frozen=True)
@@ -235,7 +261,7 @@ class EstConfig:
     #: first-contact bootstrap (RFC 7030 4.1.1): SHA-256 of the EST CA certificate
     bootstrap_fingerprint_sha256: str = checked("", check=_sha256_fingerprint)
     #: HTTP Basic user name ("" = no Basic authentication)
-    username: str = ""
+    username: str = checked("", check=_basic_username)
     #: file holding the Basic password; must not be group- or world-readable
     password_file: Path | None = checked(None, check=_optional_absolute_path)
     #: send Basic credentials with the first request instead of after a 401 challenge
@@ -248,16 +274,16 @@ class EstConfig:
     #: fetch /csrattrs and honour key type, hash and subject attributes it asks for
     use_csrattrs: bool = True
     #: a /csrattrs answer is reused this long (and while the CA set is the same); 0 = never
-    csrattrs_max_age_seconds: float = checked(86400.0, check=_non_negative)
-    connect_timeout_seconds: float = checked(10.0, check=_positive)
-    read_timeout_seconds: float = checked(30.0, check=_positive)
-    max_response_bytes: int = checked(1024 * 1024, check=_positive)
+    csrattrs_max_age_seconds: float = checked(86400.0, check=_csrattrs_age)
+    connect_timeout_seconds: float = checked(10.0, check=_timeout)
+    read_timeout_seconds: float = checked(30.0, check=_timeout)
+    max_response_bytes: int = checked(1024 * 1024, check=_response_bytes)
     #: bounds on a server's 202 Retry-After, and the wait when it gives none
-    retry_after_min_seconds: float = checked(10.0, check=_non_negative)
-    retry_after_max_seconds: float = checked(86400.0, check=_positive)
-    retry_after_default_seconds: float = checked(300.0, check=_non_negative)
+    retry_after_min_seconds: float = checked(10.0, check=_retry_after)
+    retry_after_max_seconds: float = checked(86400.0, check=_retry_after_max)
+    retry_after_default_seconds: float = checked(300.0, check=_retry_after)
     #: tolerance for the device clock when checking the issued certificate's validity
-    clock_skew_seconds: float = checked(300.0, check=_non_negative)
+    clock_skew_seconds: float = checked(300.0, check=_clock_skew)
     #: identity generations kept on disk (current included)
     generations_kept: int = checked(3, check=_at_least_two)
 
@@ -366,171 +392,6 @@ class Config:
     source: Path = field(default=Path("<defaults>"), metadata={"internal": True})
 
 
-# ---------------------------------------------------------------------------------------------
-# The loader
-
-T = TypeVar("T")
-
-
-def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return " or ".join(_type_name(a) for a in args)
-    if origin is tuple:
-        item = _type_name(typing.get_args(tp)[0]).removeprefix("a ").removeprefix("an ")
-        return f"a list of {item}s"
-    if isinstance(tp, type) and issubclass(tp, enum.Enum):
-        return "one of " + ", ".join(repr(m.value) for m in tp)
-    if dataclasses.is_dataclass(tp):
-        return "a table"
-    return {
-        str: "a string",
-        int: "an integer",
-        float: "a number",
-        bool: "true or false",
-        Path: "a path string",
-    }.get(tp, getattr(tp, "__name__", str(tp)))
-
-
-def _show(value: Any) -> str:
-    """A value as the error shows it: short, and never more than one line (repr escapes)."""
-    if isinstance(value, dict):
-        return "a table"
-    if isinstance(value, list):
-        return "a list"
-    if isinstance(value, (datetime.datetime, datetime.date, datetime.time)):
-        return f"a TOML date/time ({value.isoformat()})"
-    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**60:
-        return f"an integer of {len(str(abs(value)))} digits"
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-_INT64 = (-(2**63), 2**63 - 1)
-
-
-def _key(name: str) -> str:
-    """A TOML key as written in the file: bare, or quoted (escaped, so always one line)."""
-    if _BARE_KEY.fullmatch(name):
-        return name
-    return '"' + name.encode("unicode_escape").decode("ascii").replace('"', '\\"') + '"'
-
-
-class _Loader:
-    def __init__(self, source: Path) -> None:
-        self.source = source
-
-    def fail(self, key: str, message: str) -> ConfigError:
-        return ConfigError(f"{self.source}: {key}: {message}")
-
-    def expected(self, key: str, what: str, value: Any) -> ConfigError:
-        return self.fail(key, f"expected {what}, got {_show(value)}")
-
-    def convert(self, key: str, tp: Any, value: Any) -> Any:
-        origin = typing.get_origin(tp)
-        if origin in (typing.Union, types.UnionType):
-            args = [a for a in typing.get_args(tp) if a is not type(None)]
-            # TOML has no null: "" means "not set" for optional values
-            if value == "":
-                return None
-            return self.convert(key, args[0], value)
-        if origin is tuple:
-            if not isinstance(value, list):
-                raise self.expected(key, _type_name(tp), value)
-            (item_tp, _ellipsis) = typing.get_args(tp)
-            return tuple(self.convert(f"{key}[{i}]", item_tp, v) for i, v in enumerate(value))
-        if isinstance(tp, type) and dataclasses.is_dataclass(tp):
-            if not isinstance(value, dict):
-                raise self.expected(key, "a table", value)
-            return self.build(tp, value, prefix=f"{key}.")
-        if isinstance(tp, type) and issubclass(tp, enum.Enum):
-            for member in tp:
-                if value == member.value:
-                    return member
-            hint = ""
-            if isinstance(value, str):
-                folded = [m.value for m in tp if str(m.value).lower() == value.strip().lower()]
-                hint = (
-                    f" (values are case-sensitive: did you mean {folded[0]!r}?)" if folded else ""
-                )
-            raise self.fail(key, f"expected {_type_name(tp)}, got {_show(value)}{hint}")
-        if tp is bool:
-            if not isinstance(value, bool):
-                raise self.expected(key, "true or false", value)
-            return value
-        if tp is int:
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise self.expected(key, "an integer", value)
-            if not _INT64[0] <= value <= _INT64[1]:
-                raise self.expected(key, "an integer that fits in 64 bits (TOML's range)", value)
-            return value
-        if tp is float:
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise self.expected(key, "a number", value)
-            if isinstance(value, int) and not _INT64[0] <= value <= _INT64[1]:
-                raise self.expected(key, "a number that fits in 64 bits (TOML's range)", value)
-            if not math.isfinite(value):
-                raise self.expected(key, "a finite number", value)
-            return float(value)
-        if tp is str:
-            if not isinstance(value, str):
-                raise self.expected(key, "a string", value)
-            if _CONTROL.search(value):
-                raise self.expected(key, "a string without control characters", value)
-            return value
-        if tp is Path:
-            if not isinstance(value, str) or not value:
-                raise self.expected(key, "a path string", value)
-            if _CONTROL.search(value):
-                raise self.expected(key, "a path without control characters", value)
-            if not value.startswith("/"):
-                raise self.expected(key, "an absolute path", value)
-            return Path(value)
-        raise TypeError(f"config schema uses an unsupported type at {key}: {tp!r}")
-
-    def build(self, cls: type[T], table: dict[str, Any], *, prefix: str = "") -> T:
-        hints = typing.get_type_hints(cls)
-        fields = {
-            f.name: f
-            for f in dataclasses.fields(cls)  # type: ignore[arg-type]
-            if not f.metadata.get("internal")
-        }
-        for name in table:
-            if name not in fields:
-                close = difflib.get_close_matches(name, list(fields), n=1)
-                hint = f" (did you mean {close[0]!r}?)" if close else ""
-                raise self.fail(f"{prefix}{_key(name)}", f"unknown key{hint}")
-        values: dict[str, Any] = {}
-        for name, f in fields.items():
-            key = f"{prefix}{name}"
-            if name in table:
-                value = self.convert(key, hints[name], table[name])
-            elif isinstance(hints[name], type) and dataclasses.is_dataclass(hints[name]):
-                if f.default_factory is not dataclasses.MISSING:
-                    continue
-                value = self.build(hints[name], {}, prefix=f"{key}.")
-            elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                raise self.fail(key, f"missing required key ({_type_name(hints[name])})")
-            else:
-                continue
-            check = f.metadata.get("check")
-            if check is not None and value is not None:
-                problem = check(value)
-                if problem:
-                    raise self.expected(key, problem, table.get(name, value))
-            item_check = f.metadata.get("item_check")
-            if item_check is not None and value is not None:
-                for i, item in enumerate(value):
-                    problem = item_check(item)
-                    if problem:
-                        raise self.expected(f"{key}[{i}]", problem, item)
-            values[name] = value
-        return cls(**values)
-
-
 def parse_config(text: str, *, source: Path = Path("<string>")) -> Config:
     """Parse TOML text into a Config, or raise one-line ConfigError."""
     try:
@@ -539,13 +400,42 @@ def parse_config(text: str, *, source: Path = Path("<string>")) -> Config:
         raise ConfigError(f"{source}: invalid TOML: {e}") from e
     except ValueError as e:  # e.g. an integer literal of thousands of digits (int() refuses it)
         raise ConfigError(f"{source}: invalid TOML: a value cannot be read ({e})") from e
-    loader = _Loader(source)
+    loader = Loader(source)
     config = loader.build(Config, table)
     _check_subject(loader, config)
-    return dataclasses.replace(config, source=source)
+    config = dataclasses.replace(config, source=source)
+    check_cross_keys(config)
+    return config
 
 
-def _check_subject(loader: _Loader, config: Config) -> None:
+def check_cross_keys(config: Config) -> None:
+    """The rules that tie keys together, for every config however it was built (the loader
+    runs them; so does a command given a Config made in code)."""
+    est, where = config.est, config.source
+
+    def fail(key: str, message: str) -> ConfigError:
+        return ConfigError(f"{where}: {key}: {message}")
+
+    if est.retry_after_min_seconds > est.retry_after_max_seconds:
+        raise fail(
+            "est.retry_after_min_seconds",
+            f"{est.retry_after_min_seconds:g} exceeds est.retry_after_max_seconds "
+            f"({est.retry_after_max_seconds:g})",
+        )
+    if (est.idevid_cert is None) != (est.idevid_key is None):
+        missing = "est.idevid_key" if est.idevid_key is None else "est.idevid_cert"
+        raise fail(missing, "not set; est.idevid_cert and est.idevid_key go together")
+    if bool(est.username) != (est.password_file is not None):
+        missing = "est.password_file" if est.password_file is None else "est.username"
+        raise fail(missing, "not set; est.username and est.password_file go together")
+    if est.proof_of_possession is ProofOfPossession.ALWAYS and config.tls.min_version == "1.3":
+        raise fail(
+            "est.proof_of_possession",
+            "'always' needs TLS 1.2 (tls-unique), but tls.min_version is '1.3'",
+        )
+
+
+def _check_subject(loader: Loader, config: Config) -> None:
     """Cross-key checks: the device id must fit where the subject settings put it."""
     device_id = config.device.id
     for name, check in (("san_uris", _san_uri), ("san_dns", _san_dns)):
@@ -560,26 +450,5 @@ def _check_subject(loader: _Loader, config: Config) -> None:
 
 
 def load_config(path: Path) -> Config:
-    """Read and parse the config file at `path`."""
-    try:
-        with open(path, "rb") as f:
-            raw = f.read(MAX_CONFIG_BYTES + 1)
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read config file: {e.strerror}") from e
-    if len(raw) > MAX_CONFIG_BYTES:
-        raise ConfigError(f"{path}: config file is larger than {MAX_CONFIG_BYTES} bytes")
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"{path}: config file is not UTF-8 (byte {e.start})") from e
-    return parse_config(text, source=path)
-
-
-def config_path(explicit: str | None) -> Path:
-    """--config, else $DEVID_AGENT_CONFIG, else /etc/devid-agent/config.toml."""
-    if explicit is not None:
-        if not explicit:
-            raise ConfigError("--config: expected a config file path, got ''")
-        return Path(explicit)
-    env = os.environ.get(CONFIG_ENV)
-    return Path(env) if env else DEFAULT_CONFIG_PATH
+    """Read (`agent.config_file`) and parse the config file at `path`."""
+    return parse_config(_read_config_text(path), source=path)

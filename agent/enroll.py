@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import timedelta
@@ -21,35 +20,38 @@ from urllib.parse import urlsplit
 from cryptography import x509
 
 from agent.clock import Clock
-from agent.config import Config, ProofOfPossession
+from agent.config import Config, ProofOfPossession, check_cross_keys
 from agent.errors import (
     AgentError,
     ChainValidationError,
     ConfigError,
     EnrollmentError,
     EnrollmentPending,
+    IdentityExpired,
+    NotEnrolled,
+    StateConflict,
     StorageError,
     TransportError,
 )
 from agent.est import trust
-from agent.est.auth import BasicCredentials, load_basic_credentials
+from agent.est.auth import BasicCredentials
 from agent.est.client import CsrFactory, EstClient
 from agent.est.csr import make_csr, rebind, subject_of
 from agent.est.csrattrs import CsrAttrsHints, CsrPlan, parse_csrattrs, plan_csr
-from agent.est.memory import MemoryStore, ServerMemory, ca_set_sha256, file_sha256
+from agent.est.memory import MemoryStore, ServerMemory, ca_set_sha256
 from agent.est.pending import PendingRequest, PendingStore
 from agent.est.response import IssuedCertificate, validate_ca_certs, validate_issued
-from agent.est.transport import ClientIdentity, HttpsTransport, Transport
+from agent.est.transport import ClientIdentity, Transport
 from agent.est.wire import clamp_retry_after, parse_retry_after
 from agent.identity import Identity, IdentityStore, Repair
+from agent.layout import PENDING_FILE_NAME  # noqa: F401 - re-exported
 from agent.pki import SubjectSpec
 from agent.tls import is_tpm_key_file
+from agent.validity import State, Validity, validity
 from hal.interfaces import KeyStore
-from hal.storage import read_bytes
 
 log = logging.getLogger(__name__)
 
-PENDING_FILE_NAME = "est-pending.json"
 
 #: a transport that trusts the given anchor file (None: only provisional connections)
 TransportFactory = Callable[[Path | None], Transport]
@@ -97,78 +99,42 @@ def _signed_ahead(factory: CsrFactory) -> CsrFactory:
     return sign
 
 
-def https_transport_factory(config: Config) -> TransportFactory:
-    est = config.est
-
-    def factory(anchor: Path | None) -> Transport:
-        return HttpsTransport(
-            url=est.url,
-            ca_file=anchor,
-            min_tls_version=config.tls.min_version,
-            connect_timeout_seconds=est.connect_timeout_seconds,
-            read_timeout_seconds=est.read_timeout_seconds,
-            max_response_bytes=est.max_response_bytes,
-        )
-
-    return factory
-
-
-def provider_tls_setup(config: Config) -> Callable[[Path], None]:
-    """Before TLS with a TPM client key, load the tpm2 OpenSSL provider into this process."""
-
-    def setup(key_file: Path) -> None:
-        from agent.tls import is_tpm_key_file
-        from agent.wiring import load_provider
-
-        if is_tpm_key_file(key_file):  # an IDevID may be in the TPM even with software keys
-            load_provider(config)
-
-    return setup
-
-
 def check_est_config(config: Config) -> None:
-    """Cross-key rules the per-key checks cannot express."""
-    est = config.est
-    where = config.source
-    if not est.url:
-        raise ConfigError(f"{where}: est.url: not set, so EST enrollment is not configured")
-    if est.retry_after_min_seconds > est.retry_after_max_seconds:
-        raise ConfigError(f"{where}: est.retry_after_min_seconds exceeds retry_after_max_seconds")
-    if (est.idevid_cert is None) != (est.idevid_key is None):
-        raise ConfigError(f"{where}: est.idevid_cert and est.idevid_key must be set together")
-    if est.proof_of_possession is ProofOfPossession.ALWAYS and config.tls.min_version == "1.3":
-        raise ConfigError(
-            f"{where}: est.proof_of_possession = 'always' needs TLS 1.2 (tls-unique), but "
-            "tls.min_version is '1.3'"
-        )
+    """EST must be configured; and the cross-key rules (the config layer's) hold."""
+    if not config.est.url:
+        raise ConfigError(f"{config.source}: est.url: not set, so EST enrollment is not configured")
+    check_cross_keys(config)
 
 
 class Enroller:
+    """Enroll and renew. Every collaborator comes in (`agent.wiring.enroller` builds them from
+    the config; tests pass their own); none is built here."""
+
     def __init__(
         self,
         *,
         config: Config,
         key_store: KeyStore,
         clock: Clock,
-        transport_factory: TransportFactory | None = None,
-        tls_setup: Callable[[Path], None] | None = None,
-        credentials: BasicCredentials | None = None,
+        store: IdentityStore,
+        pending: PendingStore,
+        memory: MemoryStore,
+        transport_factory: TransportFactory,
+        tls_setup: Callable[[Path], None],
+        credentials: BasicCredentials | None,
     ) -> None:
         check_est_config(config)
         self._config = config
         self._est = config.est
         self._keys = key_store
         self._clock = clock
-        self._transport_factory = transport_factory or https_transport_factory(config)
-        self._tls_setup = tls_setup or provider_tls_setup(config)
-        self._credentials = credentials or load_basic_credentials(
-            self._est.username, self._est.password_file
-        )
+        self._transport_factory = transport_factory
+        self._tls_setup = tls_setup
+        self._credentials = credentials
         self._prefix = urlsplit(self._est.url).path.rstrip("/")
-        state_dir = config.paths.state_dir
-        self.store = IdentityStore(state_dir=state_dir, generations_kept=self._est.generations_kept)
-        self.pending = PendingStore(path=state_dir / PENDING_FILE_NAME)
-        self.memory = MemoryStore(state_dir=state_dir)
+        self.store = store
+        self.pending = pending
+        self.memory = memory
         #: (requests, TLS connections) of the last successful enroll or renew
         self.last_counts = (0, 0)
 
@@ -195,8 +161,15 @@ class Enroller:
         with self.store.exclusive():
             current, repair = self.store.usable(self._check_identity)
             if current is None:
-                raise AgentError(
+                raise NotEnrolled(
                     f"no identity to renew under {self.store.root}; run `devid-agent enroll` first"
+                )
+            if self._expired(current):
+                end = current.certificate.not_valid_after_utc
+                raise IdentityExpired(
+                    f"{current.cert_file}: the identity expired at "
+                    f"{end.isoformat(timespec='seconds')} and cannot authenticate a renewal; "
+                    "run `devid-agent enroll` (bootstrap credentials)"
                 )
             identity = ClientIdentity(current.cert_file, current.key_file)
             result = self._run(
@@ -214,7 +187,7 @@ class Enroller:
         current: Identity | None,
         reuse_key: bool,
     ) -> EnrollResult:
-        started = time.monotonic()
+        started = self._clock.monotonic()
         operation = "simplereenroll" if reenroll else "simpleenroll"
         pending = self.pending.load()
         if pending is not None:
@@ -222,7 +195,9 @@ class Enroller:
         if client_identity is not None:
             self._tls_setup(client_identity.key_file)
         anchor = self._anchor()
-        memory = self.memory.load(server=self._server_name(), anchor_sha256=file_sha256(anchor))
+        memory = self.memory.load(
+            server=self._server_name(), anchor_sha256=self.memory.file_sha256(anchor)
+        )
         upfront = self._est.send_credentials_upfront
         if memory.basic and self._credentials is not None and not upfront:
             log.info("EST: this server demanded HTTP Basic before: sending the credentials with "
@@ -256,11 +231,11 @@ class Enroller:
                 plan, memory = self._plan(client, current, memory, ca_set_sha256(ca_certs))
                 new_key = not reuse_key
                 if current is not None and reuse_key:
-                    key_blob = current.key_blob()
+                    key_blob = self.store.key_blob(current)
                 else:
-                    t = time.monotonic()
+                    t = self._clock.monotonic()
                     key_blob = self._keys.generate(plan.algorithm)
-                    keygen = time.monotonic() - t
+                    keygen = self._clock.monotonic() - t
                 csr_factory = self._fresh(key_blob, plan)
             if pop is not ProofOfPossession.ALWAYS:
                 if client_identity is not None and is_tpm_key_file(client_identity.key_file):
@@ -332,7 +307,7 @@ class Enroller:
                 csr=outcome.csr_seconds,
                 handshake=outcome.handshake_seconds,
                 server=outcome.server_seconds,
-                total=time.monotonic() - started,
+                total=self._clock.monotonic() - started,
             ),
         )
 
@@ -342,19 +317,21 @@ class Enroller:
         """Whether a generation can serve: its key file is a key of our store whose public key
         is the certificate's (raises AgentError naming the fault; an expired one still serves
         as a renewal credential to report, so validity is not checked here)."""
-        blob = identity.key_blob()
+        blob = self.store.key_blob(identity)
         if not blob.strip():
             raise StorageError(f"{identity.key_file} is empty")
         if self._keys.public_key(blob) != identity.certificate.public_key():
             raise StorageError(f"{identity.key_file} does not hold the key of {identity.cert_file}")
 
+    def _validity(self, identity: Identity) -> Validity:
+        skew = timedelta(seconds=self._est.clock_skew_seconds)
+        return validity(identity.certificate, self._clock.now(), skew)
+
     def _valid_now(self, identity: Identity) -> bool:
-        now = self._clock.now()
-        cert = identity.certificate
-        return (
-            cert.not_valid_before_utc <= now + timedelta(seconds=self._est.clock_skew_seconds)
-            and now < cert.not_valid_after_utc
-        )
+        return self._validity(identity).valid
+
+    def _expired(self, identity: Identity) -> bool:
+        return self._validity(identity).state is State.EXPIRED
 
     def _kind(self, identity: Identity) -> str:
         return "tpm" if identity.key_in_tpm else "software"
@@ -404,9 +381,10 @@ class Enroller:
         (fetched over verified TLS), valid now; None otherwise (then /cacerts is fetched)."""
         path = self.store.cacerts_file
         try:
-            if not memory.cacerts_sha256 or not path.exists():
+            stored = self.store.cacerts_pem() if memory.cacerts_sha256 else None
+            if stored is None:
                 return None
-            certs = x509.load_pem_x509_certificates(read_bytes(path, limit=1024 * 1024))
+            certs = x509.load_pem_x509_certificates(stored)
             if ca_set_sha256(certs) != memory.cacerts_sha256:
                 log.info("EST: %s is not the CA set this server sent: fetching /cacerts", path)
                 return None
@@ -500,7 +478,7 @@ class Enroller:
             )
         if pending.operation != operation:
             command = "enroll" if pending.operation == "simpleenroll" else "renew"
-            raise AgentError(
+            raise StateConflict(
                 f"a /{pending.operation} request is pending; finish it with `devid-agent "
                 f"{command}` or delete {self.pending.path} to start over"
             )

@@ -28,19 +28,15 @@ import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from typing import TYPE_CHECKING
 
 from agent.errors import AgentError, StorageError
-from hal.lock import exclusive_lock
-from hal.storage import (
-    atomic_symlink,
-    atomic_write,
-    ensure_private_dir,
-    fsync_dir,
-    read_bytes,
-)
+from hal.interfaces import Lock, Storage
+
+# cryptography is imported where certificates are read or written: `status` before the first
+# enrollment does not pay for it
+if TYPE_CHECKING:
+    from cryptography import x509
 
 log = logging.getLogger(__name__)
 
@@ -84,16 +80,19 @@ class Identity:
     def key_in_tpm(self) -> bool:
         return self.key_file.name == "key.tss2.pem"
 
-    def key_blob(self) -> bytes:
-        return read_bytes(self.key_file, limit=64 * 1024)
-
 
 def _pem(certs: Sequence[x509.Certificate]) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
     return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certs)
 
 
 class IdentityStore:
-    def __init__(self, *, state_dir: Path, generations_kept: int = 3) -> None:
+    def __init__(
+        self, *, state_dir: Path, storage: Storage, lock: Lock, generations_kept: int = 3
+    ) -> None:
+        self._storage = storage
+        self._lock = lock
         self.state_dir = state_dir
         self.root = state_dir / "identity"
         self.current_link = self.root / "current"
@@ -103,12 +102,22 @@ class IdentityStore:
 
     def exclusive(self) -> contextlib.AbstractContextManager[None]:
         """Hold the enrollment lock, or fail at once (Busy, retryable) if another process does."""
-        ensure_private_dir(self.state_dir)
-        return exclusive_lock(
+        self._storage.ensure_private_dir(self.state_dir)
+        return self._lock.exclusive(
             self.lock_file,
             wait=False,
             holder="another devid-agent process is enrolling or renewing",
         )
+
+    def key_blob(self, identity: Identity) -> bytes:
+        """The identity's key blob as stored (a TSS2 PRIVATE KEY or a PEM key)."""
+        return self._storage.read_bytes(identity.key_file, limit=64 * 1024)
+
+    def cacerts_pem(self) -> bytes | None:
+        """The stored EST CA certificates as PEM, or None before the first enrollment."""
+        if not self.cacerts_file.exists():
+            return None
+        return self._storage.read_bytes(self.cacerts_file, limit=1024 * 1024)
 
     def generations(self) -> list[int]:
         """Generation numbers present on disk, ascending."""
@@ -160,7 +169,7 @@ class IdentityStore:
                 check(candidate)
             except AgentError:
                 continue
-            atomic_symlink(f"gen-{generation}", self.current_link)
+            self._storage.atomic_symlink(f"gen-{generation}", self.current_link)
             log.warning(
                 "identity generation %s is damaged (%s); generation %d is current again",
                 damaged, reason, generation,
@@ -184,7 +193,11 @@ class IdentityStore:
             raise StorageError(f"{directory}: no key file ({' or '.join(KEY_FILE_NAMES)})")
         cert_file = directory / "cert.pem"
         try:
-            cert = x509.load_pem_x509_certificate(read_bytes(cert_file, limit=256 * 1024))
+            from cryptography import x509
+
+            cert = x509.load_pem_x509_certificate(
+                self._storage.read_bytes(cert_file, limit=256 * 1024)
+            )
         except ValueError as e:
             raise StorageError(f"{cert_file}: not a PEM certificate: {e}") from e
         return Identity(
@@ -208,8 +221,9 @@ class IdentityStore:
         """Write a new generation, move `current` to it, then write the CA certificates."""
         if key_file_name not in KEY_FILE_NAMES:
             raise StorageError(f"unexpected key file name {key_file_name!r}")
-        ensure_private_dir(self.state_dir)  # mkdir(parents=True) gives parents the umask's mode
-        ensure_private_dir(self.root)
+        # mkdir(parents=True) gives parents the umask's mode
+        self._storage.ensure_private_dir(self.state_dir)
+        self._storage.ensure_private_dir(self.root)
         previous = self.current_generation()
         # past `current` too: should it point at a missing directory, that number must never be
         # reused for a directory that is still being written
@@ -219,19 +233,21 @@ class IdentityStore:
             os.mkdir(directory, 0o700)
         except OSError as e:
             raise StorageError(f"cannot create {directory}: {e.strerror}") from e
-        atomic_write(directory / key_file_name, key_blob)
-        atomic_write(directory / "cert.pem", _pem([certificate]))
-        atomic_write(directory / "chain.pem", _pem(chain))
+        self._storage.atomic_write(directory / key_file_name, key_blob)
+        self._storage.atomic_write(directory / "cert.pem", _pem([certificate]))
+        self._storage.atomic_write(directory / "chain.pem", _pem(chain))
         # for other services (a web server, a broker client): leaf then intermediates, one file
-        atomic_write(directory / "fullchain.pem", _pem([certificate, *chain]))
+        self._storage.atomic_write(directory / "fullchain.pem", _pem([certificate, *chain]))
         try:
-            fsync_dir(self.root)  # gen-N's own entry is durable before `current` names it
+            self._storage.fsync_dir(
+                self.root
+            )  # gen-N's own entry is durable before `current` names it
         except OSError as e:
             raise StorageError(f"cannot sync {self.root}: {e.strerror}") from e
-        atomic_symlink(directory.name, self.current_link)
+        self._storage.atomic_symlink(directory.name, self.current_link)
         log.info("identity generation %d is now current", generation)
         # after the swap: a failure before it leaves every file as it was
-        atomic_write(self.cacerts_file, _pem(ca_certs))
+        self._storage.atomic_write(self.cacerts_file, _pem(ca_certs))
         self._prune(keep={generation, previous or generation})
         return self._load(generation)
 

@@ -1,19 +1,28 @@
 """One status model for the whole agent, shared by the CLI (and later the control socket and MQTT).
 
 Pure: built from what the stores return and `now`; rendered as text for people, JSON for tools.
+`StatusCollector` asks the stores it is given (`agent.wiring.status_collector` picks them) and
+turns a part that cannot be read into an error line, never a failure: status must work on a
+device that is half broken, because that is when people ask for it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from datetime import datetime
-from typing import Any
-
-from cryptography import x509
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any, Protocol
 
 from agent import __version__
-from agent.est.pending import PendingRequest
-from agent.identity import Identity
+from agent.errors import AgentError
+from agent.validity import validity
+
+if TYPE_CHECKING:
+    from cryptography import x509
+
+    from agent.clock import Clock
+    from agent.est.pending import PendingRequest
+    from agent.identity import Identity
 
 
 @dataclass(frozen=True)
@@ -121,29 +130,25 @@ def _iso(moment: datetime) -> str:
     return moment.isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
-def identity_status(identity: Identity | None, *, now: datetime) -> IdentityStatus:
+def identity_status(
+    identity: Identity | None, *, now: datetime, skew: timedelta = timedelta(0)
+) -> IdentityStatus:
+    """The identity at `now` by the one validity rule (`agent.validity`), with the clock skew
+    that enroll and renew allow, so `status` calls valid what `enroll` would keep."""
     if identity is None:
         return IdentityStatus(state="none")
     cert: x509.Certificate = identity.certificate
-    start, end = cert.not_valid_before_utc, cert.not_valid_after_utc
-    if now < start:
-        state = "not_yet_valid"
-    elif now >= end:
-        state = "expired"
-    else:
-        state = "valid"
-    lifetime = (end - start).total_seconds()
-    left = (end - now).total_seconds()
+    v = validity(cert, now, skew)
     return IdentityStatus(
-        state=state,
+        state=v.state.value,
         generation=identity.generation,
         subject=cert.subject.rfc4514_string(),
         serial=f"{cert.serial_number:x}",
         issuer=cert.issuer.rfc4514_string(),
-        not_before=_iso(start),
-        not_after=_iso(end),
-        seconds_left=int(left),
-        lifetime_left=max(0.0, min(1.0, left / lifetime)) if lifetime > 0 else 0.0,
+        not_before=_iso(v.not_before),
+        not_after=_iso(v.not_after),
+        seconds_left=int(v.seconds_left),
+        lifetime_left=v.lifetime_left,
         key_store="tpm" if identity.key_in_tpm else "software",
         hardware_backed=identity.key_in_tpm,
         key_file=str(identity.key_file),
@@ -157,3 +162,68 @@ def pending_status(pending: PendingRequest | None) -> PendingStatus | None:
     return PendingStatus(
         operation=pending.operation, retry_at=_iso(pending.retry_at), attempts=pending.attempts
     )
+
+
+class IdentitySource(Protocol):
+    def current(self) -> Identity | None: ...
+
+
+class PendingSource(Protocol):
+    def load(self) -> PendingRequest | None: ...
+
+
+class FirmwareReport(Protocol):
+    def to_dict(self) -> dict[str, Any]: ...
+
+
+class StatusCollector:
+    """Collects an `AgentStatus` from the stores it is given."""
+
+    def __init__(
+        self,
+        *,
+        device_id: str,
+        config_source: str,
+        identities: IdentitySource,
+        pending: PendingSource,
+        #: the firmware status (root's own, or the snapshot root leaves for everyone else)
+        firmware: Callable[[], FirmwareReport] | None,
+        clock: Clock,
+        skew: timedelta,
+    ) -> None:
+        self._device_id = device_id
+        self._config_source = config_source
+        self._identities = identities
+        self._pending = pending
+        self._firmware = firmware
+        self._clock = clock
+        self._skew = skew
+
+    def collect(self) -> AgentStatus:
+        errors: list[str] = []
+        try:
+            identity = identity_status(
+                self._identities.current(), now=self._clock.now(), skew=self._skew
+            )
+        except AgentError as e:
+            identity = IdentityStatus(state="unreadable")
+            errors.append(str(e))
+        pending: PendingStatus | None = None
+        try:
+            pending = pending_status(self._pending.load())
+        except AgentError as e:
+            errors.append(str(e))
+        firmware: dict[str, Any] | None = None
+        if self._firmware is not None:
+            try:
+                firmware = self._firmware().to_dict()
+            except AgentError as e:
+                errors.append(str(e))
+        return AgentStatus(
+            device_id=self._device_id,
+            config=self._config_source,
+            identity=identity,
+            est_pending=pending,
+            firmware=firmware,
+            errors=tuple(errors),
+        )

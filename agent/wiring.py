@@ -1,10 +1,30 @@
-"""The one place where implementations are chosen from the config."""
+"""The composition root: the one place where implementations are chosen from the config.
+
+Config in, collaborators out, for the CLI (and the daemon next); tests build their own or pass
+overrides. Each builder imports what it builds, so `status` does not pay for EST or TLS.
+"""
 
 from __future__ import annotations
 
-from agent.config import Config, KeyStoreKind
-from hal.interfaces import KeyStore
-from hal.openssl_provider import ProviderInfo, load_tpm2_provider
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from agent.config import BootloaderKind, Config, CounterKind, KeyStoreKind
+from agent.errors import ConfigError
+from hal.interfaces import BootControl, FileStore, KeyStore, Lock, MonotonicCounter, Storage
+
+if TYPE_CHECKING:
+    from agent.clock import Clock
+    from agent.enroll import Enroller, TransportFactory
+    from agent.est.memory import MemoryStore
+    from agent.est.pending import PendingStore
+    from agent.firmware.chain import TrustPolicy
+    from agent.firmware.device import FirmwareDevice
+    from agent.firmware.status import FirmwareStatus
+    from agent.identity import IdentityStore
+    from agent.status import StatusCollector
+    from hal.openssl_provider import ProviderInfo
 
 
 def key_store(config: Config) -> KeyStore:
@@ -19,6 +39,8 @@ def key_store(config: Config) -> KeyStore:
 
 def load_provider(config: Config) -> ProviderInfo:
     """Load the configured tpm2 OpenSSL provider for the configured TPM into this process."""
+    from hal.openssl_provider import load_tpm2_provider
+
     provider = str(config.tpm.openssl_provider) if config.tpm.openssl_provider else None
     return load_tpm2_provider(provider, tcti=config.tpm.tcti)
 
@@ -28,3 +50,295 @@ def prepare_tls(config: Config) -> ProviderInfo | None:
     if config.keys.store is not KeyStoreKind.TPM:
         return None
     return load_provider(config)
+
+
+def storage() -> Storage:
+    from hal.disk import FileStorage
+
+    return FileStorage()
+
+
+def lock() -> Lock:
+    from hal.disk import FlockLock
+
+    return FlockLock()
+
+
+def identity_store(config: Config) -> IdentityStore:
+    from agent.identity import IdentityStore
+
+    return IdentityStore(
+        state_dir=config.paths.state_dir,
+        storage=storage(),
+        lock=lock(),
+        generations_kept=config.est.generations_kept,
+    )
+
+
+def pending_store(config: Config) -> PendingStore:
+    from agent.est.pending import PendingStore
+    from agent.layout import PENDING_FILE_NAME
+
+    return PendingStore(path=config.paths.state_dir / PENDING_FILE_NAME)
+
+
+def memory_store(config: Config) -> MemoryStore:
+    """What the agent remembers of its EST server (Basic demanded, csrattrs, its CA set)."""
+    from agent.est.memory import MemoryStore
+
+    return MemoryStore(state_dir=config.paths.state_dir, storage=storage())
+
+
+def https_transport_factory(config: Config) -> TransportFactory:
+    """HTTPS to `est.url` with the configured limits, trusting the anchor it is given."""
+    from agent.est.transport import HttpsTransport, Transport
+
+    est = config.est
+
+    def factory(anchor: Path | None) -> Transport:
+        return HttpsTransport(
+            url=est.url,
+            ca_file=anchor,
+            min_tls_version=config.tls.min_version,
+            connect_timeout_seconds=est.connect_timeout_seconds,
+            read_timeout_seconds=est.read_timeout_seconds,
+            max_response_bytes=est.max_response_bytes,
+        )
+
+    return factory
+
+
+def provider_tls_setup(config: Config) -> Callable[[Path], None]:
+    """Before TLS with a TPM client key, load the tpm2 OpenSSL provider into this process."""
+
+    def setup(key_file: Path) -> None:
+        from agent.tls import is_tpm_key_file
+
+        if is_tpm_key_file(key_file):  # an IDevID may be in the TPM even with software keys
+            load_provider(config)
+
+    return setup
+
+
+def enroller(config: Config, **overrides: Any) -> Enroller:
+    """The enroller for the CLI (and the daemon): the configured key store, the disk, HTTPS,
+    the Basic credentials, the system clock. `overrides` replace any of them by name (tests)."""
+    from agent.clock import SystemClock
+    from agent.enroll import Enroller, check_est_config
+    from agent.est.auth import load_basic_credentials
+
+    check_est_config(config)  # before anything is built from it
+    parts: dict[str, Any] = dict(overrides)
+    builders: dict[str, Callable[[], Any]] = {
+        "key_store": lambda: key_store(config),
+        "clock": SystemClock,
+        "store": lambda: identity_store(config),
+        "pending": lambda: pending_store(config),
+        "memory": lambda: memory_store(config),
+        "transport_factory": lambda: https_transport_factory(config),
+        "tls_setup": lambda: provider_tls_setup(config),
+        "credentials": lambda: load_basic_credentials(
+            config.est.username, config.est.password_file
+        ),
+    }
+    unknown = set(parts) - set(builders)
+    if unknown:
+        raise TypeError(f"enroller(): unknown collaborators {sorted(unknown)}")
+    for name, build in builders.items():
+        if name not in parts:
+            parts[name] = build()
+    return Enroller(config=config, **parts)
+
+
+# -- firmware ----------------------------------------------------------------------------------
+
+
+def trust_policy(config: Config) -> TrustPolicy:
+    # Imported here: only verify and install need X.509 (status, commit, rollback start faster).
+    from agent.firmware.chain import TrustPolicy
+    from agent.firmware.pem import load_certificates, load_crl
+
+    fw = config.firmware
+    return TrustPolicy(
+        anchors=tuple(load_certificates(fw.trust_anchors)),
+        crls=tuple(load_crl(path) for path in fw.crl_files),
+        required_signers=fw.required_signers,
+    )
+
+
+def boot_control(config: Config) -> BootControl:
+    fw = config.firmware
+    if fw.bootloader is BootloaderKind.UBOOT:
+        from hal.bootloader.uboot import UBootBootControl
+
+        return UBootBootControl(
+            config=fw.uboot_env_config,
+            max_tries=fw.boot_tries,
+            printenv=str(fw.fw_printenv),
+            setenv=str(fw.fw_setenv),
+        )
+    if fw.bootloader is BootloaderKind.GRUB:
+        from hal.bootloader.grub import GrubBootControl
+
+        return GrubBootControl(env_file=fw.grub_env, editenv=str(fw.grub_editenv))
+    from hal.bootloader.file import FileBootControl
+
+    return FileBootControl(path=fw.file_env, max_tries=fw.boot_tries)
+
+
+def firmware_state_store(config: Config) -> FileStore:
+    """Root's firmware state directory (records, lock, counter files), reached safely."""
+    from hal.secure_dir import DirStore
+
+    return DirStore(config.firmware.state_dir)
+
+
+def firmware_snapshot_store(config: Config) -> FileStore | None:
+    """Where root leaves a world-readable copy of `firmware status` for the service."""
+    from hal.secure_dir import DirStore
+
+    path = config.firmware.status_snapshot
+    return None if path is None else DirStore(path.parent, private=False)
+
+
+def counter(config: Config) -> MonotonicCounter:
+    fw = config.firmware
+    if fw.counter is CounterKind.TPM:
+        from hal.tpm_counter import TpmCounter
+
+        auth = b""
+        if fw.counter_owner_auth_file is not None:
+            auth = storage().read_bytes(fw.counter_owner_auth_file, limit=1024).rstrip(b"\n")
+        return TpmCounter(
+            tcti=config.tpm.tcti,
+            index=fw.counter_nv_index,
+            store=firmware_state_store(config),
+            owner_auth=auth,
+        )
+    from hal.file_counter import FileCounter
+
+    return FileCounter(store=firmware_state_store(config))
+
+
+def firmware_device(config: Config, *, clock: Clock | None = None) -> FirmwareDevice:
+    from agent.clock import SystemClock
+    from agent.firmware.device import FirmwareDevice
+    from hal.slots import DeviceSlot, booted_slot
+
+    fw = config.firmware
+    if not fw.compatible:
+        raise ConfigError(f"{config.source}: firmware.compatible: not set (firmware is off)")
+    check_firmware_root_paths(config)
+    slots = {
+        "A": DeviceSlot(name="A", path=fw.slot_a),
+        "B": DeviceSlot(name="B", path=fw.slot_b),
+    }
+    cmdline: Path = fw.cmdline
+    return FirmwareDevice(
+        boot=boot_control(config),
+        slots=slots,
+        counter=counter(config),
+        store=firmware_state_store(config),
+        snapshot=firmware_snapshot_store(config),
+        booted_slot=lambda: booted_slot(cmdline, fw.cmdline_key),
+        clock=clock or SystemClock(),
+        compatible=fw.compatible,
+        trust=lambda: trust_policy(config),
+        boot_tries=fw.boot_tries,
+        check_slot_at_commit=fw.check_slot_at_commit,
+        buffer_bytes=fw.buffer_kib * 1024,
+    )
+
+
+def check_firmware_root_paths(config: Config) -> None:
+    """As root, refuse firmware paths another user could replace (docs/security.md)."""
+    import os
+
+    from agent.firmware.root_paths import check_root_paths
+    from hal.secure_dir import untrusted_ancestor
+
+    if os.geteuid() == 0:
+        check_root_paths(config, untrusted_ancestor)
+
+
+MAX_SNAPSHOT_BYTES = 256 * 1024
+
+
+def firmware_status(config: Config) -> FirmwareStatus:
+    """As root, from root's own state; as anyone else (the service), from the snapshot root
+    leaves after every firmware command: never from root's files, which it cannot vouch for."""
+    import json
+    import os
+
+    from agent.errors import StorageError
+    from agent.firmware.status import FirmwareStatus
+
+    if os.geteuid() == 0:
+        return firmware_device(config).status()
+    path = config.firmware.status_snapshot
+    if path is None:
+        raise StorageError(
+            "firmware status needs root here: firmware.status_snapshot is off, so root leaves "
+            "no copy for other users"
+        )
+    store = firmware_snapshot_store(config)
+    assert store is not None
+    data = store.read(path.name, limit=MAX_SNAPSHOT_BYTES)
+    if data is None:
+        raise StorageError(
+            f"no firmware status snapshot at {path} yet: root writes it at its next firmware "
+            "install, commit (every boot, by the mark-good service) or rollback"
+        )
+    try:
+        table = json.loads(data)
+    except (ValueError, RecursionError) as e:
+        raise StorageError(f"firmware status snapshot {path} is not JSON: {e}") from e
+    return FirmwareStatus.from_dict(table, where=str(path))
+
+
+# -- status --------------------------------------------------------------------------------------
+
+
+def status_collector(config: Config, *, clock: Clock | None = None) -> StatusCollector:
+    from datetime import timedelta
+
+    from agent.clock import SystemClock
+    from agent.status import StatusCollector
+
+    return StatusCollector(
+        device_id=config.device.id,
+        config_source=str(config.source),
+        identities=identity_store(config),
+        pending=pending_store(config),
+        firmware=(lambda: firmware_status(config)) if config.firmware.compatible else None,
+        clock=clock or SystemClock(),
+        skew=timedelta(seconds=config.est.clock_skew_seconds),
+    )
+
+
+# -- the TPM, for doctor -----------------------------------------------------------------------
+
+
+def describe_tpm(config: Config) -> dict[str, str]:
+    from hal.tpm import describe_tpm as describe
+
+    return describe(config.tpm.tcti)
+
+
+def tpm_objects(config: Config) -> tuple[int, int]:
+    """(transient objects loaded now, the TPM's guaranteed slots)."""
+    from hal.tpm import transient_objects
+
+    return transient_objects(config.tpm.tcti)
+
+
+def tpm_object_memory_hint() -> str:
+    from hal.tpm import OBJECT_MEMORY_HINT
+
+    return OBJECT_MEMORY_HINT
+
+
+def tpm_owner_auth_set(config: Config) -> bool:
+    from hal.tpm import owner_auth_set
+
+    return owner_auth_set(config.tpm.tcti)

@@ -31,9 +31,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from agent.clock import SystemClock  # noqa: E402
+from agent import wiring  # noqa: E402
 from agent.config import parse_config  # noqa: E402
-from agent.enroll import Enroller, EnrollResult  # noqa: E402
+from agent.enroll import EnrollResult  # noqa: E402
 from hal.tpm import TpmKeyStore  # noqa: E402
 from tests.support.enroll_env import config_text, password_file  # noqa: E402
 from tests.support.est_server import EstOptions, EstServer  # noqa: E402
@@ -59,9 +59,7 @@ def scenario(
             **keys,
         )
         config = parse_config(text)
-        enroller = Enroller(
-            config=config, key_store=TpmKeyStore(tcti=tpm.tcti), clock=SystemClock()
-        )
+        enroller = wiring.enroller(config, key_store=TpmKeyStore(tcti=tpm.tcti))
         enroller.enroll(force=True)  # warm-up (imports, first TPM primary)
         results: list[EnrollResult] = []
         for _ in range(runs):

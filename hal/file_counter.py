@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 
-from agent.errors import StorageError
+from hal.errors import StorageError
 from hal.interfaces import FileStore
 
 log = logging.getLogger(__name__)

@@ -63,6 +63,42 @@ class KeyStore(Protocol):
 
 
 @runtime_checkable
+class Storage(Protocol):
+    """Private, atomic file storage: files 0600, directories 0700; a reader (or a power cut) sees
+    the old bytes or the new, never a mix. Failures come out as `StorageError` naming the path."""
+
+    def ensure_private_dir(self, path: Path) -> Path:
+        """Create `path` (and missing parents) 0700, or check that an existing one is private."""
+        ...
+
+    def fsync_dir(self, path: Path) -> None:
+        """Make the directory's entries durable."""
+        ...
+
+    def atomic_write(self, path: Path, data: bytes) -> None:
+        """Replace `path` with `data` (temp, fsync, rename, fsync dir)."""
+        ...
+
+    def atomic_symlink(self, target: str, link: Path) -> None:
+        """Point `link` at `target`, replacing it atomically."""
+        ...
+
+    def read_bytes(self, path: Path, *, limit: int) -> bytes:
+        """The file's bytes; more than `limit` is an error."""
+        ...
+
+
+@runtime_checkable
+class Lock(Protocol):
+    """Exclusive locks between processes on a lock file; the kernel drops a dead holder's lock."""
+
+    def exclusive(self, path: Path, *, wait: bool, holder: str) -> AbstractContextManager[None]:
+        """Hold the lock for the block. Without `wait`, `Busy` at once when another process holds
+        it, naming `holder` (what that process is doing)."""
+        ...
+
+
+@runtime_checkable
 class MonotonicCounter(Protocol):
     """A counter that can only go up (anti-rollback security version)."""
 

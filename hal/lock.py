@@ -14,7 +14,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from agent.errors import Busy, StorageError
+from hal.errors import Busy, StorageError
 
 
 @contextlib.contextmanager

@@ -18,7 +18,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent.errors import ProviderError
+from hal.errors import ProviderError
 
 log = logging.getLogger(__name__)
 

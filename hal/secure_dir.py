@@ -26,8 +26,8 @@ import stat
 from collections.abc import Iterator
 from pathlib import Path
 
-from agent.errors import Busy, StorageError
 from hal import faults
+from hal.errors import Busy, StorageError
 
 FILE_MODE = 0o600
 PRIVATE_DIR_MODE = 0o700

@@ -14,8 +14,8 @@ from contextlib import AbstractContextManager, contextmanager, suppress
 from pathlib import Path
 from typing import BinaryIO, cast
 
-from agent.errors import BootControlError, StorageError
 from hal import faults
+from hal.errors import BootControlError, StorageError
 
 MAX_CMDLINE_BYTES = 64 * 1024
 MAX_MOUNTS_BYTES = 4 * 1024 * 1024

@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives.asymmetric.types import (
     PublicKeyTypes,
 )
 
-from agent.errors import KeyStoreError
+from hal.errors import KeyStoreError
 from hal.interfaces import KeyAlgorithm
 
 log = logging.getLogger(__name__)

@@ -11,8 +11,8 @@ import secrets
 import stat
 from pathlib import Path
 
-from agent.errors import StorageError
 from hal import faults
+from hal.errors import StorageError
 from hal.secure_dir import SecureDir
 
 FILE_MODE = 0o600

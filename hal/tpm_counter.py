@@ -26,7 +26,7 @@ import json
 import logging
 from typing import Any
 
-from agent.errors import StorageError, TrustError
+from hal.errors import StorageError, TrustError
 from hal.interfaces import FileStore
 from hal.tpm import _pytss, open_esapi
 

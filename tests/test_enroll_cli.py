@@ -252,7 +252,7 @@ sys.stdin.read()
 """
 
 
-def test_concurrent_runs_exit_69_while_another_process_holds_the_lock(device: Device) -> None:
+def test_concurrent_runs_exit_80_while_another_process_holds_the_lock(device: Device) -> None:
     assert device.run("enroll").code == 0
     before = snapshot(device.state_dir)
     holder = subprocess.Popen(
@@ -265,7 +265,7 @@ def test_concurrent_runs_exit_69_while_another_process_holds_the_lock(device: De
         assert holder.stdout is not None and holder.stdout.readline() == "locked\n"
         contacted = len(device.est.records)
         busy = device.run("renew")
-        assert busy.code == 69, busy.err
+        assert busy.code == 80, busy.err
         assert busy.err.count("\n") == 1 and "another devid-agent process" in busy.err
         assert len(device.est.records) == contacted
         assert snapshot(device.state_dir) == before
@@ -284,3 +284,81 @@ def test_unparseable_retry_after_is_exit_75_not_a_traceback(
     assert result.code == 75, result.err
     assert "Traceback" not in result.err
     assert result.err.splitlines()[-1].startswith("devid-agent: the EST server accepted")
+
+
+# -- exit codes of their own (agent.errors.classify) -------------------------------------------
+
+
+def test_renew_when_not_enrolled_is_exit_81_and_contacts_no_one(device: Device) -> None:
+    result = device.run("renew")
+    assert result.code == 81, result.err
+    assert result.err.count("\n") == 1 and "run `devid-agent enroll` first" in result.err
+    assert device.est.records == []
+
+
+def test_renew_with_an_expired_identity_is_exit_82_and_enroll_recovers(device: Device) -> None:
+    device.configure(clock_skew_seconds=0)
+    device.est.options.cert_lifetime_seconds = 61  # back-dated 60 s: 1 s of validity
+    assert device.run("enroll").code == 0
+    cert = x509.load_pem_x509_certificate(
+        (device.state_dir / "identity/current/cert.pem").read_bytes()
+    )
+    while datetime.now(timezone.utc) <= cert.not_valid_after_utc:  # waits for a fact, not a time
+        time.sleep(0.05)
+    device.est.records.clear()
+    before = snapshot(device.state_dir)
+    result = device.run("renew")
+    assert result.code == 82, result.err
+    assert "expired" in result.err and "devid-agent enroll" in result.err
+    assert device.est.records == []  # it knew without asking
+    assert snapshot(device.state_dir) == before
+    device.est.options.cert_lifetime_seconds = 30 * 86400
+    assert device.run("enroll").code == 0  # an expired identity is re-enrolled with bootstrap
+
+
+@pytest.mark.parametrize("tls", ["1.2", "1.3"])
+def test_server_rejecting_our_client_certificate_is_exit_83(device: Device, tls: str) -> None:
+    assert device.run("enroll").code == 0
+    device.est.options.reject_client_certs = True
+    device.est.options.tls12_only = tls == "1.2"
+    before = snapshot(device.state_dir)
+    result = device.run("renew")
+    assert result.code == 83, result.err
+    assert "UNKNOWN_CA" in result.err and result.err.count("\n") == 1
+    assert snapshot(device.state_dir) == before
+
+
+def test_503_with_retry_after_is_exit_75(device: Device) -> None:
+    device.est.options.fault = "5xx"
+    device.est.options.retry_after_503 = "120"
+    result = device.run("enroll")
+    assert result.code == 75, result.err
+    assert "HTTP 503" in result.err and "retry after 120 s" in result.err
+
+
+def test_renew_while_an_enroll_request_is_pending_is_exit_77(device: Device) -> None:
+    assert device.run("enroll").code == 0
+    device.est.options.pending = 1
+    assert device.run("enroll", "--force").code == 75
+    pending = device.state_dir / "est-pending.json"
+    retry_at = datetime.fromisoformat(json.loads(pending.read_text())["retry_at"])
+    while datetime.now(timezone.utc) <= retry_at:  # waits for a fact, not a time
+        time.sleep(0.05)
+    contacted = len(device.est.records)
+    result = device.run("renew")
+    assert result.code == 77, result.err
+    assert "/simpleenroll request is pending" in result.err and result.err.count("\n") == 1
+    assert len(device.est.records) == contacted
+    assert pending.exists()
+
+
+def test_a_garbled_pending_file_is_exit_74_and_left_alone(device: Device) -> None:
+    device.state_dir.mkdir(mode=0o700)
+    pending = device.state_dir / "est-pending.json"
+    pending.write_bytes(b"{not json")
+    pending.chmod(0o600)
+    result = device.run("enroll")
+    assert result.code == 74, result.err
+    assert str(pending) in result.err and result.err.count("\n") == 1
+    assert pending.read_bytes() == b"{not json"
+    assert device.est.records == []

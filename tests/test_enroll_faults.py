@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from agent import wiring
 from agent.cli import exit_code_for
-from agent.clock import SystemClock
 from agent.config import parse_config
 from agent.enroll import Enroller
 from agent.errors import AgentError, ChainValidationError, EnrollmentError, TransportError
@@ -70,7 +70,7 @@ def enroller(tmp_path: Path, est: EstServer, tpm: Swtpm) -> Enroller:
         max_response_bytes=65536,
     )
     config = parse_config(text, source=tmp_path / "config.toml")
-    return Enroller(config=config, key_store=TpmKeyStore(tcti=tpm.tcti), clock=SystemClock())
+    return wiring.enroller(config, key_store=TpmKeyStore(tcti=tpm.tcti))
 
 
 def expect_fault(fault: str, attempt: Callable[[], object], state_dir: Path) -> None:

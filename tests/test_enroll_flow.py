@@ -11,7 +11,7 @@ import fcntl
 import logging
 import os
 from collections.abc import Iterator
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -20,15 +20,18 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from agent import wiring
 from agent.cli import exit_code_for
+from agent.clock import ManualClock
 from agent.config import parse_config
 from agent.enroll import Enroller
 from agent.errors import (
-    AgentError,
+    Busy,
     ChainValidationError,
     ConfigError,
     EnrollmentError,
     EnrollmentPending,
+    NotEnrolled,
     TransportError,
 )
 from agent.est.transport import HttpsTransport
@@ -40,32 +43,18 @@ from tests.support.enroll_env import config_text, password_file, snapshot
 from tests.support.est_server import EstOptions, EstServer, csrattrs_der
 
 
-class FakeClock:
-    def __init__(self) -> None:
-        self.current = datetime.now(timezone.utc)
-
-    def now(self) -> datetime:
-        return self.current
-
-    def monotonic(self) -> float:
-        return self.current.timestamp()
-
-    def sleep(self, seconds: float) -> None:
-        self.current += timedelta(seconds=seconds)
-
-
 class Env:
     def __init__(self, tmp_path: Path, est: EstServer) -> None:
         self.tmp_path = tmp_path
         self.est = est
         self.state_dir = tmp_path / "state"
-        self.clock = FakeClock()
+        self.clock = ManualClock(datetime.now(timezone.utc))
         self.password = password_file(tmp_path)
 
     def enroller(self, **est_keys: Any) -> Enroller:
         text = config_text(state_dir=self.state_dir, est=self.est, store="software", **est_keys)
         config = parse_config(text, source=self.tmp_path / "config.toml")
-        return Enroller(config=config, key_store=SoftwareKeyStore(), clock=self.clock)
+        return wiring.enroller(config, key_store=SoftwareKeyStore(), clock=self.clock)
 
     def basic(self, **est_keys: Any) -> Enroller:
         return self.enroller(username="device", password_file=str(self.password), **est_keys)
@@ -230,9 +219,9 @@ def test_renew_new_key_then_reuse_key(env: Env) -> None:
 
 
 def test_renew_without_identity(env: Env) -> None:
-    with pytest.raises(AgentError, match="run `devid-agent enroll` first") as info:
+    with pytest.raises(NotEnrolled, match="run `devid-agent enroll` first") as info:
         env.enroller().renew()
-    assert type(info.value) is AgentError  # exit 1, not a server or disk error
+    assert exit_code_for(info.value) == 81  # not enrolled, not a server or disk error
     assert env.est.records == []
 
 
@@ -361,9 +350,10 @@ def test_a_second_enrollment_at_once_is_refused_and_changes_nothing(env: Env) ->
     env.est.records.clear()
     with held_lock(env.state_dir):
         for attempt in (lambda: env.enroller().renew(), lambda: env.enroller().enroll(force=True)):
-            with pytest.raises(TransportError, match="another devid-agent process") as info:
+            with pytest.raises(Busy, match="another devid-agent process") as info:
                 attempt()
-            assert exit_code_for(info.value) == 69  # retry later
+            assert not isinstance(info.value, TransportError)  # nothing went over the network
+            assert exit_code_for(info.value) == 80  # busy: retry in a moment
     assert env.est.records == []
     assert snapshot(env.state_dir) == before
     assert env.enroller().renew().identity.generation == 2  # released with its holder

@@ -18,7 +18,8 @@ import pytest
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from agent.identity import IdentityStore
+from agent import wiring
+from agent.config import load_config
 from hal.faults import CRASH_EXIT, ENV
 from hal.tpm import TpmKeyStore, transient_objects
 from tests.conftest import ROOT
@@ -52,12 +53,13 @@ def run(device: Device, command: str, crash_at: int | None) -> subprocess.Comple
 
 def check_current(device: Device, *, required: bool) -> int | None:
     """`current` is a complete identity whose TPM key signs for its certificate."""
-    identity = IdentityStore(state_dir=device.state_dir).current()
+    store = wiring.identity_store(load_config(device.config))
+    identity = store.current()
     if identity is None:
         assert not required, "the identity is gone"
         return None
     keys = TpmKeyStore(tcti=device.tpm.tcti)
-    blob = identity.key_blob()
+    blob = store.key_blob(identity)
     assert keys.public_key(blob) == identity.certificate.public_key()
     with keys.signer(blob) as key:
         assert isinstance(key, ec.EllipticCurvePrivateKey)

@@ -16,6 +16,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from agent import wiring
 from agent.config import parse_config
 from agent.enroll import Enroller
 from agent.errors import ChainValidationError, EnrollmentError
@@ -168,7 +169,7 @@ SUBJECTS = {
 def _enroller(tmp_path: Path, est: EstServer, subject: str) -> Enroller:
     text = config_text(state_dir=tmp_path / "state", est=est, store="software") + subject
     config = parse_config(text, source=tmp_path / "config.toml")
-    return Enroller(config=config, key_store=SoftwareKeyStore(), clock=_Clock())
+    return wiring.enroller(config, key_store=SoftwareKeyStore(), clock=_Clock())
 
 
 class _Clock:
@@ -270,6 +271,6 @@ def test_fingerprint_bootstrap_of_the_shape(tmp_path: Path, shape: str) -> None:
             bootstrap_fingerprint_sha256=est.ca_fingerprint,
         )
         config = parse_config(text, source=tmp_path / "config.toml")
-        enroller = Enroller(config=config, key_store=SoftwareKeyStore(), clock=_Clock())
+        enroller = wiring.enroller(config, key_store=SoftwareKeyStore(), clock=_Clock())
         assert enroller.enroll().changed
         assert (tmp_path / "state" / "est-anchor.pem").read_bytes() == est.ca_file.read_bytes()

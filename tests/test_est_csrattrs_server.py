@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from agent import wiring
+from agent.clock import ManualClock
 from agent.config import parse_config
 from agent.enroll import Enroller
 from hal.softkeys import SoftwareKeyStore
 from tests.support.enroll_env import config_text
 from tests.support.est_server import EstOptions, EstServer, csrattrs_der
-from tests.test_enroll_flow import FakeClock
 from tests.test_est_csrattrs import RSA, _oid, _tlv
 
 
@@ -27,7 +29,9 @@ def est(tmp_path: Path) -> Iterator[EstServer]:
 def _enroller(tmp_path: Path, est: EstServer, **keys: object) -> Enroller:
     text = config_text(state_dir=tmp_path / "state", est=est, store="software", **keys)
     config = parse_config(text, source=tmp_path / "config.toml")
-    return Enroller(config=config, key_store=SoftwareKeyStore(), clock=FakeClock())
+    return wiring.enroller(
+        config, key_store=SoftwareKeyStore(), clock=ManualClock(datetime.now(timezone.utc))
+    )
 
 
 def test_huge_rsa_size_attribute_does_not_abort_enrollment(

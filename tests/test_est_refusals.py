@@ -4,10 +4,13 @@ Basic challenge after our credentials is "credentials rejected"."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
 
+from agent import wiring
+from agent.clock import ManualClock
 from agent.config import parse_config
 from agent.enroll import Enroller
 from agent.errors import EnrollmentError
@@ -16,7 +19,6 @@ from agent.est.transport import HttpResponse
 from hal.softkeys import SoftwareKeyStore
 from tests.support.enroll_env import config_text, password_file, snapshot
 from tests.support.est_server import EstOptions, EstServer
-from tests.test_enroll_flow import FakeClock
 
 
 @pytest.fixture
@@ -35,7 +37,9 @@ def _enroller(tmp_path: Path, est: EstServer, **keys: object) -> Enroller:
         **keys,
     )
     config = parse_config(text, source=tmp_path / "config.toml")
-    return Enroller(config=config, key_store=SoftwareKeyStore(), clock=FakeClock())
+    return wiring.enroller(
+        config, key_store=SoftwareKeyStore(), clock=ManualClock(datetime.now(timezone.utc))
+    )
 
 
 def test_pop_mismatch_after_good_credentials_is_named_as_such(

@@ -6,12 +6,14 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Iterator
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from agent import wiring
+from agent.clock import ManualClock
 from agent.config import parse_config
 from agent.enroll import Enroller
 from agent.errors import TransportError
@@ -21,7 +23,6 @@ from hal.softkeys import SoftwareKeyStore
 from tests.support.ca import TestCA, pem, utcnow
 from tests.support.enroll_env import config_text, password_file
 from tests.support.est_server import EstOptions, EstServer
-from tests.test_enroll_flow import FakeClock
 
 
 @pytest.fixture
@@ -34,7 +35,7 @@ class Device:
     def __init__(self, tmp_path: Path, est: EstServer) -> None:
         self.tmp_path, self.est = tmp_path, est
         self.state_dir = tmp_path / "state"
-        self.clock = FakeClock()
+        self.clock = ManualClock(datetime.now(timezone.utc))
         self.password = password_file(tmp_path)
 
     def enroller(self, **keys: Any) -> Enroller:
@@ -47,7 +48,7 @@ class Device:
             **keys,
         )
         config = parse_config(text, source=self.tmp_path / "config.toml")
-        return Enroller(config=config, key_store=SoftwareKeyStore(), clock=self.clock)
+        return wiring.enroller(config, key_store=SoftwareKeyStore(), clock=self.clock)
 
     def wire(self) -> list[tuple[str, int, bool, int]]:
         records = [(r.operation, r.status, r.authorization, r.connection) for r in self.est.records]

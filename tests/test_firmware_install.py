@@ -311,7 +311,7 @@ def test_bad_payload_from_a_pipe_leaves_the_booted_slot_and_its_boot_entry(rig: 
 def test_a_mounted_slot_is_never_written(rig: Rig, tmp_path: Path) -> None:
     from agent.config import load_config
     from agent.errors import BootControlError
-    from agent.firmware.wiring import firmware_device
+    from agent.wiring import firmware_device
     from hal.slots import DeviceSlot
 
     mounts = tmp_path / "mounts"

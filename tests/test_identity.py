@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from agent import identity
-from agent.errors import StorageError, TransportError
+from agent.errors import Busy, StorageError
 from agent.identity import IdentityStore
+from hal.disk import FileStorage, FlockLock
 from tests.support.ca import TestCA
 
 
@@ -26,7 +25,7 @@ def install(store: IdentityStore, ca: TestCA, name: str = "key.pem") -> int:
 
 
 def test_first_install_layout_and_modes(tmp_path: Path, test_ca: TestCA) -> None:
-    store = IdentityStore(state_dir=tmp_path / "state")
+    store = IdentityStore(storage=FileStorage(), lock=FlockLock(), state_dir=tmp_path / "state")
     assert store.current() is None
     assert install(store, test_ca, "key.tss2.pem") == 1
     current = store.current()
@@ -41,7 +40,9 @@ def test_first_install_layout_and_modes(tmp_path: Path, test_ca: TestCA) -> None
 
 
 def test_previous_generation_kept_older_pruned(tmp_path: Path, test_ca: TestCA) -> None:
-    store = IdentityStore(state_dir=tmp_path, generations_kept=2)
+    store = IdentityStore(
+        storage=FileStorage(), lock=FlockLock(), state_dir=tmp_path, generations_kept=2
+    )
     for expected in range(1, 5):
         assert install(store, test_ca) == expected
     assert store.generations() == [3, 4]
@@ -51,7 +52,9 @@ def test_previous_generation_kept_older_pruned(tmp_path: Path, test_ca: TestCA) 
 def test_partial_generation_from_a_crash_is_skipped_and_pruned(
     tmp_path: Path, test_ca: TestCA
 ) -> None:
-    store = IdentityStore(state_dir=tmp_path, generations_kept=2)
+    store = IdentityStore(
+        storage=FileStorage(), lock=FlockLock(), state_dir=tmp_path, generations_kept=2
+    )
     install(store, test_ca)
     (store.root / "gen-2").mkdir()  # a crash after mkdir, before `current` moved
     assert store.current_generation() == 1
@@ -60,7 +63,7 @@ def test_partial_generation_from_a_crash_is_skipped_and_pruned(
 
 
 def test_broken_current_link_is_a_storage_error(tmp_path: Path) -> None:
-    store = IdentityStore(state_dir=tmp_path)
+    store = IdentityStore(storage=FileStorage(), lock=FlockLock(), state_dir=tmp_path)
     store.root.mkdir()
     os.symlink("elsewhere", store.current_link)
     with pytest.raises(StorageError, match="not a gen-N directory"):
@@ -68,7 +71,9 @@ def test_broken_current_link_is_a_storage_error(tmp_path: Path) -> None:
 
 
 def test_numbering_never_reuses_the_number_current_names(tmp_path: Path, test_ca: TestCA) -> None:
-    store = IdentityStore(state_dir=tmp_path, generations_kept=2)
+    store = IdentityStore(
+        storage=FileStorage(), lock=FlockLock(), state_dir=tmp_path, generations_kept=2
+    )
     install(store, test_ca)
     os.symlink("gen-2", store.root / ".next")  # `current` naming a directory that is gone
     os.replace(store.root / ".next", store.current_link)
@@ -81,7 +86,11 @@ def test_state_dir_and_identity_dirs_are_private_even_when_created_here(
 ) -> None:
     old = os.umask(0o022)
     try:
-        store = IdentityStore(state_dir=tmp_path / "var" / "lib" / "devid-agent")
+        store = IdentityStore(
+            storage=FileStorage(),
+            lock=FlockLock(),
+            state_dir=tmp_path / "var" / "lib" / "devid-agent",
+        )
         install(store, test_ca)
     finally:
         os.umask(old)
@@ -90,12 +99,12 @@ def test_state_dir_and_identity_dirs_are_private_even_when_created_here(
 
 
 def test_lock_is_exclusive_and_released(tmp_path: Path) -> None:
-    store = IdentityStore(state_dir=tmp_path / "state")
-    other = IdentityStore(state_dir=tmp_path / "state")
+    store = IdentityStore(storage=FileStorage(), lock=FlockLock(), state_dir=tmp_path / "state")
+    other = IdentityStore(storage=FileStorage(), lock=FlockLock(), state_dir=tmp_path / "state")
     with store.exclusive():
         assert store.lock_file.stat().st_mode & 0o777 == 0o600
         busy = f"another devid-agent process .* {store.lock_file}"
-        with pytest.raises(TransportError, match=busy), other.exclusive():
+        with pytest.raises(Busy, match=busy), other.exclusive():
             pass
     with other.exclusive():  # released on exit
         pass
@@ -104,7 +113,9 @@ def test_lock_is_exclusive_and_released(tmp_path: Path) -> None:
 def test_crash_debris_is_pruned_before_complete_generations(
     tmp_path: Path, test_ca: TestCA
 ) -> None:
-    store = IdentityStore(state_dir=tmp_path, generations_kept=3)
+    store = IdentityStore(
+        storage=FileStorage(), lock=FlockLock(), state_dir=tmp_path, generations_kept=3
+    )
     install(store, test_ca)
     install(store, test_ca)  # gen-1 complete, gen-2 current
     partial = store.root / "gen-3"
@@ -117,33 +128,44 @@ def test_crash_debris_is_pruned_before_complete_generations(
 
 @pytest.mark.parametrize("crash_at", range(6))
 def test_a_crash_at_any_write_leaves_a_usable_identity(
-    tmp_path: Path, test_ca: TestCA, monkeypatch: pytest.MonkeyPatch, crash_at: int
+    tmp_path: Path, test_ca: TestCA, crash_at: int
 ) -> None:
     """Writes of install(): key, cert, chain, fullchain, the `current` swap, cacerts. A crash (the
     process stops at write number `crash_at`) leaves the old identity or the new one."""
-    store = IdentityStore(state_dir=tmp_path, generations_kept=2)
+    store = IdentityStore(
+        storage=FileStorage(), lock=FlockLock(), state_dir=tmp_path, generations_kept=2
+    )
     install(store, test_ca)
-    writes = 0
 
     class Crash(BaseException):
         pass
 
-    def counting(real: Callable[..., None]) -> Callable[..., None]:
-        def write(*args: object, **kwargs: object) -> None:
-            nonlocal writes
-            if writes == crash_at:
+    class CrashingStorage(FileStorage):
+        """The disk through the Storage seam, stopping the process at write `crash_at`."""
+
+        writes = 0
+
+        def _count(self) -> None:
+            if self.writes == crash_at:
                 raise Crash
-            writes += 1
-            real(*args, **kwargs)
+            self.writes += 1
 
-        return write
+        def atomic_write(self, path: Path, data: bytes) -> None:
+            self._count()
+            super().atomic_write(path, data)
 
-    with monkeypatch.context() as patch:
-        patch.setattr(identity, "atomic_write", counting(identity.atomic_write))
-        patch.setattr(identity, "atomic_symlink", counting(identity.atomic_symlink))
-        with pytest.raises(Crash):
-            install(store, test_ca)
-    after = IdentityStore(state_dir=tmp_path, generations_kept=2).current()
+        def atomic_symlink(self, target: str, link: Path) -> None:
+            self._count()
+            super().atomic_symlink(target, link)
+
+    crashing = IdentityStore(
+        storage=CrashingStorage(), lock=FlockLock(), state_dir=tmp_path, generations_kept=2
+    )
+    with pytest.raises(Crash):
+        install(crashing, test_ca)
+    after = IdentityStore(
+        storage=FileStorage(), lock=FlockLock(), state_dir=tmp_path, generations_kept=2
+    ).current()
     assert after is not None
     assert after.generation == (1 if crash_at <= 4 else 2)  # write 4 is the `current` swap
     assert after.key_file.read_bytes() == b"KEY" and after.chain_file.is_file()

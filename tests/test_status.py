@@ -14,6 +14,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from agent.cli import main
 from agent.est.pending import PendingRequest, PendingStore
 from agent.identity import IdentityStore
+from hal.disk import FileStorage, FlockLock
 from hal.interfaces import KeyAlgorithm
 from hal.softkeys import SoftwareKeyStore
 from tests.support.ca import TestCA, utcnow
@@ -39,7 +40,7 @@ def enroll_software_identity(state: Path, ca: TestCA, **validity: dt.datetime) -
         eku=[ExtendedKeyUsageOID.CLIENT_AUTH],
         **validity,  # type: ignore[arg-type]
     )
-    IdentityStore(state_dir=state).install(
+    IdentityStore(storage=FileStorage(), lock=FlockLock(), state_dir=state).install(
         key_blob=blob, key_file_name=keys.key_file_name, certificate=cert, chain=[ca.cert],
         ca_certs=[ca.cert],
     )  # fmt: skip

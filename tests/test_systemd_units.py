@@ -56,13 +56,25 @@ def _setting(unit: Path, key: str) -> list[str]:
 def test_enroll_unit_never_retries_what_the_readme_says_not_to() -> None:
     """README's exit codes: 65 (trust check failed) "do not retry the same input", 77 and 78
     "need a human". A unit restarting on 65 retried a security failure every 5 minutes."""
-    from agent.cli import EXIT_BAD_RESPONSE, EXIT_CONFIG, EXIT_REJECTED, EXIT_TRUST
+    from agent.cli import (
+        EXIT_BAD_RESPONSE,
+        EXIT_CLIENT_REJECTED,
+        EXIT_CONFIG,
+        EXIT_REJECTED,
+        EXIT_TRUST,
+    )
 
     unit = ROOT / "systemd" / "devid-agent-enroll.service"
     prevented = {int(v) for v in _setting(unit, "RestartPreventExitStatus")}
-    assert prevented == {EXIT_TRUST, EXIT_BAD_RESPONSE, EXIT_REJECTED, EXIT_CONFIG}
+    assert prevented == {
+        EXIT_TRUST,
+        EXIT_BAD_RESPONSE,
+        EXIT_REJECTED,
+        EXIT_CONFIG,
+        EXIT_CLIENT_REJECTED,
+    }
     assert _setting(unit, "Restart") == ["on-failure"]
     readme = (ROOT / "README.md").read_text()
-    for code in (EXIT_TRUST, EXIT_REJECTED, EXIT_CONFIG):
+    for code in (EXIT_TRUST, EXIT_REJECTED, EXIT_CONFIG, EXIT_CLIENT_REJECTED):
         row = next(line for line in readme.splitlines() if line.startswith(f"| {code} |"))
         assert "do not retry" in row or "needs a human" in row

@@ -15,29 +15,62 @@ import sys
 from collections.abc import Callable, Sequence
 
 from agent import __version__
-from agent.errors import (
-    AgentError,
-    ConfigError,
-    EnrollmentError,
-    EnrollmentPending,
-    HalError,
-    TransportError,
-    TrustError,
-)
+from agent.errors import AgentError, Kind, TransportError, classify
 
-# Exit codes, after sysexits.h where one fits (README: "Exit codes").
+# Exit codes, after sysexits.h where one fits (README: "Exit codes"; EXIT_CODES_HELP below).
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
 EXIT_TRUST = 65  # EX_DATAERR: a signature, chain or version check failed
 EXIT_UNAVAILABLE = 69  # EX_UNAVAILABLE: server unreachable, network failed
 EXIT_HAL = 74  # EX_IOERR: TPM, bootloader env or disk failed
-EXIT_PENDING = 75  # EX_TEMPFAIL: accepted, come back later (202 Retry-After)
+EXIT_PENDING = 75  # EX_TEMPFAIL: come back at the printed time (202, or 5xx with Retry-After)
 EXIT_BAD_RESPONSE = 76  # EX_PROTOCOL: the server answered with something unusable
-EXIT_REJECTED = 77  # EX_NOPERM: the server refused us (401/403/4xx)
+EXIT_REJECTED = 77  # EX_NOPERM: the server refused us (401/403/4xx), or a conflicting request
 EXIT_CONFIG = 78  # EX_CONFIG
+EXIT_BUSY = 80  # another devid-agent process holds the lock: retry in a moment
+EXIT_NOT_ENROLLED = 81  # no identity: run `devid-agent enroll`
+EXIT_IDENTITY_EXPIRED = 82  # the identity expired and cannot renew: run `devid-agent enroll`
+EXIT_CLIENT_REJECTED = 83  # the EST server's TLS alert rejected our client certificate
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a process ended by Ctrl-C
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: the reader of our output went away (`| head -0`)
+
+#: one exit code per disposition kind (agent.errors.classify)
+EXIT_CODES: dict[Kind, int] = {
+    Kind.RETRY_SOON: EXIT_BUSY,
+    Kind.RETRY_LATER: EXIT_UNAVAILABLE,
+    Kind.WAIT_UNTIL: EXIT_PENDING,
+    Kind.BAD_RESPONSE: EXIT_BAD_RESPONSE,
+    Kind.REFUSED: EXIT_REJECTED,
+    Kind.CONFLICT: EXIT_REJECTED,
+    Kind.NOT_ENROLLED: EXIT_NOT_ENROLLED,
+    Kind.IDENTITY_EXPIRED: EXIT_IDENTITY_EXPIRED,
+    Kind.CLIENT_REJECTED: EXIT_CLIENT_REJECTED,
+    Kind.SECURITY_EVENT: EXIT_TRUST,
+    Kind.LOCAL_FAULT: EXIT_HAL,
+    Kind.CONFIG: EXIT_CONFIG,
+    Kind.INTERNAL: EXIT_FAILURE,
+}
+
+EXIT_CODES_HELP = """\
+exit codes:
+  0    success (or already enrolled)
+  1    other failure (a bug: run with -v)
+  2    usage error
+  65   a trust check failed (signature, chain, validity, downgrade, fingerprint): do not retry
+  69   EST server unreachable, timed out or 5xx: retry later
+  74   TPM, bootloader environment, slot, counter or disk failure, or an unsafe request
+  75   come back later: request pending (202) or the server named a time (Retry-After)
+  76   the EST server answered with something unusable
+  77   refused by the EST server (401/403/4xx), or another request is pending: needs a human
+  78   configuration error: needs a human
+  80   busy: another devid-agent process holds the lock; retry in a moment
+  81   not enrolled: run `devid-agent enroll`
+  82   the identity expired and cannot renew: run `devid-agent enroll`
+  83   the EST server rejected our client certificate (TLS alert): security event
+  130  interrupted
+  141  our output pipe was closed by its reader
+"""
 
 log = logging.getLogger(__name__)
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -45,24 +78,8 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 Command = Callable[[argparse.Namespace], int]
 
 
-def exit_code_for(error: AgentError) -> int:
-    if isinstance(error, ConfigError):
-        return EXIT_CONFIG
-    if isinstance(error, EnrollmentPending):
-        return EXIT_PENDING
-    if isinstance(error, TransportError):
-        return EXIT_UNAVAILABLE
-    if isinstance(error, EnrollmentError):
-        return (
-            EXIT_REJECTED
-            if error.status is not None and 400 <= error.status < 500
-            else EXIT_BAD_RESPONSE
-        )
-    if isinstance(error, TrustError):
-        return EXIT_TRUST
-    if isinstance(error, HalError):
-        return EXIT_HAL
-    return EXIT_FAILURE
+def exit_code_for(error: BaseException) -> int:
+    return EXIT_CODES[classify(error).kind]
 
 
 Register = Callable[["argparse._SubParsersAction[argparse.ArgumentParser]"], None]
@@ -85,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="devid-agent",
         description="Device identity agent: TPM keys, EST enrollment, mTLS, signed A/B firmware.",
+        epilog=EXIT_CODES_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"devid-agent {__version__}")
     parser.add_argument(
@@ -131,8 +150,12 @@ def _main(argv: Sequence[str] | None) -> int:
         sys.stdout.flush()  # a closed pipe shows up here, not at interpreter exit
         return code
     except AgentError as e:
-        _fail(str(e))
-        return exit_code_for(e)
+        disposition = classify(e)
+        message = str(e)
+        if isinstance(e, TransportError) and disposition.wait_seconds is not None:
+            message += f" (the server asks us to retry after {disposition.wait_seconds:.0f} s)"
+        _fail(message)
+        return EXIT_CODES[disposition.kind]
     except KeyboardInterrupt:
         _fail("interrupted")
         return EXIT_INTERRUPTED
@@ -143,11 +166,11 @@ def _main(argv: Sequence[str] | None) -> int:
         log.debug("unwrapped OSError", exc_info=True)
         where = f": {e.filename}" if e.filename is not None else ""
         _fail(f"{e.strerror or e}{where}")
-        return EXIT_HAL
+        return exit_code_for(e)
     except Exception as e:  # a bug: one line (the traceback with -v), never a bare traceback
         log.debug("unexpected error", exc_info=True)
         _fail(f"unexpected error {type(e).__name__}: {e} (run with -v for details)")
-        return EXIT_FAILURE
+        return exit_code_for(e)
 
 
 def one_line(text: str) -> str:

@@ -26,8 +26,8 @@ def run_check(args: argparse.Namespace) -> int:
     path = config_path(args.config)
     config = load_config(path)
     if config.firmware.compatible:  # as root: the paths root's firmware commands would refuse
-        from agent.firmware.root_paths import check_root_paths
+        from agent.wiring import check_firmware_root_paths
 
-        check_root_paths(config)
+        check_firmware_root_paths(config)
     print("OK")
     return 0

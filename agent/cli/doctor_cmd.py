@@ -53,16 +53,17 @@ def check_key_store(config: Config) -> Finding:
         return Finding(
             "key_store", "warn", "software keys: the private key is a file root can copy"
         )
-    from hal.tpm import OBJECT_MEMORY_HINT, describe_tpm, transient_objects
+    from agent.wiring import describe_tpm, tpm_object_memory_hint, tpm_objects
 
-    info = describe_tpm(config.tpm.tcti)
-    loaded, slots = transient_objects(config.tpm.tcti)
+    info = describe_tpm(config)
+    loaded, slots = tpm_objects(config)
     about = (
         f"TPM at {config.tpm.tcti}: manufacturer {info['manufacturer']}, "
         f"spec revision {info['revision']}, {loaded} of {slots} object slots in use"
     )
     if loaded + 2 > slots:  # a key load needs two free slots (docs/tpm.md)
-        return Finding("key_store", "fail", f"{about}: no key can be loaded{OBJECT_MEMORY_HINT}")
+        hint = tpm_object_memory_hint()
+        return Finding("key_store", "fail", f"{about}: no key can be loaded{hint}")
     return Finding("key_store", "ok", about)
 
 
@@ -82,9 +83,9 @@ def check_tpm_owner_auth(config: Config) -> Finding:
     )
     if not uses_tpm:
         return Finding("tpm_owner_auth", "ok", "no TPM in use")
-    from hal.tpm import owner_auth_set
+    from agent.wiring import tpm_owner_auth_set
 
-    if owner_auth_set(config.tpm.tcti):
+    if tpm_owner_auth_set(config):
         return Finding("tpm_owner_auth", "ok", "the TPM owner hierarchy has an auth value")
     return Finding(
         "tpm_owner_auth",

@@ -6,9 +6,8 @@ import argparse
 from typing import TYPE_CHECKING
 
 from agent.cli.config_cmd import add_config_option
-from agent.config import config_path, load_config
 
-if TYPE_CHECKING:  # imported where used: other commands must not pay for EST's modules
+if TYPE_CHECKING:  # the enroll machinery is imported when a command runs, not to build --help
     from agent.enroll import Enroller, EnrollResult
 
 
@@ -32,12 +31,10 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 def _enroller(args: argparse.Namespace) -> Enroller:
-    from agent.clock import SystemClock
-    from agent.enroll import Enroller
-    from agent.wiring import key_store
+    from agent.config import config_path, load_config
+    from agent.wiring import enroller
 
-    config = load_config(config_path(args.config))
-    return Enroller(config=config, key_store=key_store(config), clock=SystemClock())
+    return enroller(load_config(config_path(args.config)))
 
 
 def run_enroll(args: argparse.Namespace) -> int:

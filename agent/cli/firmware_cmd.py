@@ -15,13 +15,12 @@ import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 from agent.cli.config_cmd import add_config_option
-from agent.clock import SystemClock
-from agent.config import Config, config_path, load_config
-from agent.errors import ConfigError, StorageError
-from hal.storage import read_bytes, temp_name
+
+if TYPE_CHECKING:  # each command imports what it uses when it runs (start-up time)
+    from agent.config import Config
 
 #: a bundle is public (it is signed, not secret) and nobody else may change it
 BUNDLE_MODE = 0o644
@@ -74,11 +73,15 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 def _config(args: argparse.Namespace) -> Config:
+    from agent.config import config_path, load_config
+
     return load_config(config_path(args.config))
 
 
 @contextlib.contextmanager
 def _open_bundle(name: str) -> Iterator[BinaryIO]:
+    from agent.errors import StorageError
+
     if name == "-":
         yield sys.stdin.buffer
         return
@@ -91,8 +94,11 @@ def _open_bundle(name: str) -> Iterator[BinaryIO]:
 
 
 def run_sign(args: argparse.Namespace) -> int:
+    from agent.clock import SystemClock
+    from agent.errors import ConfigError, StorageError
     from agent.firmware.manifest import parse_manifest
     from agent.firmware.sign import Signer, make_manifest, write_bundle
+    from hal.storage import read_bytes, temp_name
 
     password = None
     if args.key_password_file is not None:
@@ -140,7 +146,7 @@ def run_sign(args: argparse.Namespace) -> int:
 
 
 def run_verify(args: argparse.Namespace) -> int:
-    from agent.firmware.wiring import firmware_device
+    from agent.wiring import firmware_device
 
     device = firmware_device(_config(args))
     with _open_bundle(args.bundle) as stream:
@@ -153,7 +159,7 @@ def run_verify(args: argparse.Namespace) -> int:
 
 
 def run_install(args: argparse.Namespace) -> int:
-    from agent.firmware.wiring import firmware_device
+    from agent.wiring import firmware_device
 
     device = firmware_device(_config(args))
     with _open_bundle(args.bundle) as stream:
@@ -163,7 +169,7 @@ def run_install(args: argparse.Namespace) -> int:
 
 
 def run_status(args: argparse.Namespace) -> int:
-    from agent.firmware.wiring import firmware_status
+    from agent.wiring import firmware_status
 
     status = firmware_status(_config(args))
     if args.json:
@@ -174,7 +180,7 @@ def run_status(args: argparse.Namespace) -> int:
 
 
 def run_commit(args: argparse.Namespace) -> int:
-    from agent.firmware.wiring import firmware_device
+    from agent.wiring import firmware_device
 
     result = firmware_device(_config(args)).commit()
     note = ""
@@ -185,7 +191,7 @@ def run_commit(args: argparse.Namespace) -> int:
 
 
 def run_rollback(args: argparse.Namespace) -> int:
-    from agent.firmware.wiring import firmware_device
+    from agent.wiring import firmware_device
 
     slot = firmware_device(_config(args)).rollback()
     print(f"slot {slot} boots next")

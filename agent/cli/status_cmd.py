@@ -1,22 +1,20 @@
 """`devid-agent status [--json]`: the identity, a pending EST request and the firmware slots.
 
 Exit status 0 when the identity is valid and every part could be read, 1 otherwise, so it serves
-as a health check. A part that cannot be read is reported, not fatal: status must work on a
-device that is half broken, because that is when people ask for it.
+as a health check. Collection is `agent.status.StatusCollector`, built by `agent.wiring`.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from agent.cli.config_cmd import add_config_option
-from agent.config import Config, config_path, load_config
-from agent.errors import AgentError
 
-if TYPE_CHECKING:  # imported where used: other commands must not pay for these modules
-    from agent.status import AgentStatus, PendingStatus
+if TYPE_CHECKING:  # imported when the command runs, not to build --help
+    from agent.config import Config
+    from agent.status import AgentStatus
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -27,44 +25,14 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 def collect(config: Config) -> AgentStatus:
-    from agent.clock import SystemClock
-    from agent.enroll import PENDING_FILE_NAME
-    from agent.est.pending import PendingStore
-    from agent.identity import IdentityStore
-    from agent.status import AgentStatus, IdentityStatus, identity_status, pending_status
+    from agent.wiring import status_collector
 
-    errors: list[str] = []
-    state_dir = config.paths.state_dir
-    try:
-        current = IdentityStore(state_dir=state_dir).current()
-        identity = identity_status(current, now=SystemClock().now())
-    except AgentError as e:
-        identity = IdentityStatus(state="unreadable")
-        errors.append(str(e))
-    pending: PendingStatus | None = None
-    try:
-        pending = pending_status(PendingStore(path=state_dir / PENDING_FILE_NAME).load())
-    except AgentError as e:
-        errors.append(str(e))
-    firmware: dict[str, Any] | None = None
-    if config.firmware.compatible:
-        from agent.firmware.wiring import firmware_status
-
-        try:
-            firmware = firmware_status(config).to_dict()
-        except AgentError as e:
-            errors.append(str(e))
-    return AgentStatus(
-        device_id=config.device.id,
-        config=str(config.source),
-        identity=identity,
-        est_pending=pending,
-        firmware=firmware,
-        errors=tuple(errors),
-    )
+    return status_collector(config).collect()
 
 
 def run(args: argparse.Namespace) -> int:
+    from agent.config import config_path, load_config
+
     status = collect(load_config(config_path(args.config)))
     if args.json:
         print(json.dumps(status.to_dict(), indent=2, sort_keys=True))

@@ -29,7 +29,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from agent.errors import StorageError
-from hal.storage import atomic_write, ensure_private_dir, read_bytes
+from hal.interfaces import Storage
 
 log = logging.getLogger(__name__)
 
@@ -71,24 +71,25 @@ def ca_set_sha256(certs: Sequence[x509.Certificate]) -> str:
     return hashlib.sha256(b"".join(hashlib.sha256(d).digest() for d in ders)).hexdigest()
 
 
-def file_sha256(path: Path) -> str:
-    try:
-        return hashlib.sha256(read_bytes(path, limit=1024 * 1024)).hexdigest()
-    except StorageError:
-        return ""
-
-
 class MemoryStore:
-    def __init__(self, *, state_dir: Path) -> None:
+    def __init__(self, *, state_dir: Path, storage: Storage) -> None:
         self.state_dir = state_dir
         self.path = state_dir / FILE_NAME
+        self._storage = storage
+
+    def file_sha256(self, path: Path) -> str:
+        """The SHA-256 of a file (the trust anchor), or "" when it cannot be read."""
+        try:
+            return hashlib.sha256(self._storage.read_bytes(path, limit=1024 * 1024)).hexdigest()
+        except StorageError:
+            return ""
 
     def load(self, *, server: str, anchor_sha256: str) -> ServerMemory:
         fresh = ServerMemory(server=server, anchor_sha256=anchor_sha256)
         try:
             if not self.path.exists():
                 return fresh
-            raw = read_bytes(self.path, limit=MAX_FILE_BYTES)
+            raw = self._storage.read_bytes(self.path, limit=MAX_FILE_BYTES)
         except (StorageError, OSError) as e:
             log.info("ignoring %s: %s", self.path, e)
             return fresh
@@ -133,5 +134,5 @@ class MemoryStore:
             "ca_set_sha256": memory.ca_set_sha256,
             "cacerts_sha256": memory.cacerts_sha256,
         }
-        ensure_private_dir(self.state_dir)
-        atomic_write(self.path, json.dumps(data, indent=1).encode() + b"\n")
+        self._storage.ensure_private_dir(self.state_dir)
+        self._storage.atomic_write(self.path, json.dumps(data, indent=1).encode() + b"\n")

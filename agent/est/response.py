@@ -22,6 +22,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from agent.errors import ChainValidationError, EnrollmentError
 from agent.pki import public_key_der
 from agent.pkix import UNDERSTOOD, PathError, validate_path
+from agent.validity import State, validity
 
 _E = TypeVar("_E", bound=x509.ExtensionType)
 
@@ -127,12 +128,13 @@ def validate_issued(
 
 
 def _check_validity(cert: x509.Certificate, now: datetime, skew: timedelta) -> None:
-    if now + skew < cert.not_valid_before_utc:
+    state = validity(cert, now, skew).state
+    if state is State.NOT_YET_VALID:
         raise ChainValidationError(
             f"the issued certificate is not valid before {cert.not_valid_before_utc.isoformat()} "
             f"(now {now.isoformat()}, clock skew allowed {skew.total_seconds():.0f} s)"
         )
-    if now - skew > cert.not_valid_after_utc:
+    if state is State.EXPIRED:
         raise ChainValidationError(
             f"the issued certificate expired at {cert.not_valid_after_utc.isoformat()}"
         )
@@ -206,11 +208,7 @@ def validate_ca_certs(
     certs: Sequence[x509.Certificate], *, now: datetime, clock_skew: timedelta
 ) -> list[x509.Certificate]:
     """The /cacerts certificates that are CA certificates and valid now (others dropped)."""
-    valid = [
-        c
-        for c in certs
-        if c.not_valid_before_utc <= now + clock_skew and now - clock_skew <= c.not_valid_after_utc
-    ]
+    valid = [c for c in certs if validity(c, now, clock_skew).valid]
     if not valid:
         raise EnrollmentError("/cacerts: none of the CA certificates is valid now")
     return valid

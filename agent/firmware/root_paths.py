@@ -9,12 +9,11 @@ light: `config check` runs it without importing the firmware verifier.
 
 from __future__ import annotations
 
-import os
+from collections.abc import Callable
 from pathlib import Path
 
 from agent.config import BootloaderKind, Config
 from agent.errors import ConfigError
-from hal.secure_dir import untrusted_ancestor
 
 
 def root_used_paths(config: Config) -> list[tuple[str, Path]]:
@@ -41,13 +40,12 @@ def root_used_paths(config: Config) -> list[tuple[str, Path]]:
     return [(key, path) for key, path in paths if path is not None]
 
 
-def check_root_paths(config: Config) -> None:
-    """As root, refuse any firmware path that a user other than root could replace: the
-    service user must not steer what root's OTA hooks read, write or trust."""
-    if os.geteuid() != 0:
-        return
+def check_root_paths(config: Config, why_untrusted: Callable[[Path], str | None]) -> None:
+    """Refuse any firmware path that a user other than root could replace (`why_untrusted`
+    says why, or None): the service user must not steer what root's OTA hooks read, write or
+    trust. The caller runs it as root (agent.wiring)."""
     for key, path in root_used_paths(config):
-        why = untrusted_ancestor(path)
+        why = why_untrusted(path)
         if why is not None:
             raise ConfigError(
                 f"{config.source}: {key} = {str(path)!r}: {why}, so that user could replace it "

@@ -14,8 +14,8 @@ import re
 import subprocess
 from collections.abc import Mapping, Sequence
 
-from agent.errors import BootControlError
 from hal import faults
+from hal.errors import BootControlError
 from hal.interfaces import BootState
 
 log = logging.getLogger(__name__)

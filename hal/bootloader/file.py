@@ -8,9 +8,9 @@ import zlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from agent.errors import BootControlError, StorageError
 from hal.bootloader.base import DEFAULT_SLOTS, EnvBootControl, corrupt, parse_lines
 from hal.bootloader.uboot import UBootScheme
+from hal.errors import BootControlError, StorageError
 from hal.storage import atomic_write, read_bytes
 
 MAX_ENV_BYTES = 64 * 1024

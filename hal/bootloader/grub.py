@@ -21,7 +21,6 @@ import stat
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from agent.errors import BootControlError
 from hal.bootloader.base import (
     DEFAULT_SLOTS,
     Env,
@@ -31,6 +30,7 @@ from hal.bootloader.base import (
     parse_lines,
     run_tool,
 )
+from hal.errors import BootControlError
 from hal.interfaces import BootState
 from hal.storage import fsync_dir, temp_name
 

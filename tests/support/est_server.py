@@ -137,6 +137,7 @@ class EstOptions:
     #: with keep_alive: after this many requests a connection is closed without saying so
     #: (as servers close idle connections)
     keep_alive_requests: int | None = None
+    reject_client_certs: bool = False  # trust no client CA: a presented certificate gets UNKNOWN_CA
 
 
 @dataclass
@@ -233,9 +234,12 @@ class EstServer:
     def ssl_context(self) -> ssl.SSLContext:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.load_cert_chain(self.server_cert, self.server_key)
-        anchors = b"".join(pem(c) for c in self.ca.chain()) + pem(self.idevid_ca.cert)
-        ctx.load_verify_locations(cadata=anchors.decode())
-        ctx.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
+        if self.options.reject_client_certs:
+            ctx.load_verify_locations(cadata=pem(self.rogue_ca.cert).decode())
+        else:
+            anchors = b"".join(pem(c) for c in self.ca.chain()) + pem(self.idevid_ca.cert)
+            ctx.load_verify_locations(cadata=anchors.decode())
+            ctx.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
         ctx.verify_mode = ssl.CERT_OPTIONAL
         if self.options.tls12_only:
             ctx.maximum_version = ssl.TLSVersion.TLSv1_2
@@ -343,6 +347,17 @@ class EstServer:
         return False
 
 
+def _drain(sock: socket.socket) -> None:
+    """After a failed handshake (its alert already sent), read until the client closes: closing
+    with its unread request in the buffer would send a RST, and the client could lose the alert
+    (in TLS 1.3 the client's request is on its way before the server rejects the certificate)."""
+    with contextlib.suppress(OSError):  # the plain socket's calls: no TLS state is left
+        socket.socket.shutdown(sock, socket.SHUT_WR)
+        sock.settimeout(5)
+        while socket.socket.recv(sock, 65536):
+            pass
+
+
 class _HttpServer(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
@@ -356,8 +371,16 @@ class _HttpServer(ThreadingHTTPServer):
         request.settimeout(10)
         request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # no 40 ms delayed-ACK stalls
         try:
-            tls = self.est.ssl_context().wrap_socket(request, server_side=True)
+            tls = self.est.ssl_context().wrap_socket(
+                request, server_side=True, do_handshake_on_connect=False
+            )
         except (ssl.SSLError, OSError):
+            return
+        try:
+            tls.do_handshake()
+        except (ssl.SSLError, OSError):
+            _drain(tls)
+            tls.close()
             return
         with self.est._lock:
             self.est.connections += 1

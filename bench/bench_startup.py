@@ -1,0 +1,87 @@
+"""Start-up cost of the read-only commands, whole process (printed, never asserted):
+
+median of N runs of `devid-agent status` (not enrolled; enrolled with a software key) and
+`devid-agent firmware status` (file boot env, file counter), each as a ratio to
+`.venv/bin/python -c pass` measured in the same run. Goal: <= 2.5x.
+
+Run: .venv/bin/python bench/bench_startup.py [--runs 30]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from agent.identity import IdentityStore  # noqa: E402
+from hal.disk import FileStorage, FlockLock  # noqa: E402
+from hal.interfaces import KeyAlgorithm  # noqa: E402
+from hal.softkeys import SoftwareKeyStore  # noqa: E402
+from tests.support.ca import TestCA  # noqa: E402
+from tests.support.firmware import Rig  # noqa: E402
+
+GOAL = 2.5
+AGENT = [sys.executable, "-m", "agent.cli"]
+
+
+def wall(argv: list[str], runs: int, *, expect: int | None = None) -> float:
+    samples = []
+    for _ in range(runs + 1):  # one warm-up run (page cache, .pyc)
+        started = time.perf_counter()
+        proc = subprocess.run(argv, cwd=ROOT, capture_output=True)
+        samples.append(time.perf_counter() - started)
+        if expect is not None and proc.returncode != expect:
+            raise SystemExit(f"{' '.join(argv)}: exit {proc.returncode}: {proc.stderr.decode()}")
+    return statistics.median(samples[1:])
+
+
+def enrolled_config(root: Path) -> Path:
+    state = root / "state"
+    keys = SoftwareKeyStore()
+    blob = keys.generate(KeyAlgorithm.EC_P256)
+    ca = TestCA()
+    cert = ca.issue(keys.public_key(blob), subject="gw-bench")
+    store = IdentityStore(state_dir=state, storage=FileStorage(), lock=FlockLock())
+    store.install(key_blob=blob, key_file_name=keys.key_file_name, certificate=cert,
+                  chain=[], ca_certs=[ca.cert])  # fmt: skip
+    path = root / "enrolled.toml"
+    path.write_text(f'[device]\nid = "gw-bench"\n[paths]\nstate_dir = "{state}"\n'
+                    '[keys]\nstore = "software"\n')  # fmt: skip
+    return path
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--runs", type=int, default=30)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="bench-startup-") as tmp:
+        root = Path(tmp)
+        bare = root / "bare.toml"
+        bare.write_text(f'[device]\nid = "gw-bench"\n[paths]\nstate_dir = "{root / "none"}"\n')
+        enrolled = enrolled_config(root)
+        rig = Rig(root / "fw", bootloader="file", counter="file")
+        cases = [
+            ("status, not enrolled", [*AGENT, "--config", str(bare), "status"], 1),
+            ("status, enrolled", [*AGENT, "--config", str(enrolled), "status"], 0),
+            ("firmware status", [*AGENT, "--config", str(rig.config), "firmware", "status"], 0),
+        ]
+        reference = wall([sys.executable, "-c", "pass"], args.runs)
+        print(f"start-up, whole process, median of {args.runs} (python -c pass = 1.0x)")
+        print(f"  {'python -c pass':24s} {reference * 1e3:7.1f} ms")
+        for name, argv, code in cases:
+            median = wall(argv, args.runs, expect=code)
+            ratio = median / reference
+            verdict = "meets" if ratio <= GOAL else "MISSES"
+            print(f"  {name:24s} {median * 1e3:7.1f} ms  {ratio:4.1f}x  ({verdict} <= {GOAL}x)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

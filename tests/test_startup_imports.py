@@ -1,0 +1,85 @@
+"""`status` and `firmware` commands import only what they use: building the parser imports no
+command's machinery, and neither `status` nor `firmware status` pulls in EST enrollment (whose
+ASN.1 modules alone cost ~70 ms). Figures: bench/bench_startup.py."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT
+from tests.support.firmware import Rig
+
+PROBE = """
+import json, sys
+from agent.cli import main
+code = main(sys.argv[1:])
+sys.stdout.flush()
+print("\\n" + json.dumps({"code": code, "modules": sorted(sys.modules)}))
+"""
+
+ENROLL_MACHINERY = ("agent.enroll", "agent.est.client", "agent.est.transport",
+                    "agent.est.csrattrs", "agent.est.csr", "agent.tls", "pyasn1",
+                    "pyasn1_modules", "tpm2_pytss", "http.client", "ssl")  # fmt: skip
+
+
+def loaded(*argv: str) -> tuple[int, set[str]]:
+    proc = subprocess.run(
+        [sys.executable, "-c", PROBE, *argv], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    return report["code"], set(report["modules"])
+
+
+def _heavy(modules: set[str]) -> set[str]:
+    return {m for m in modules if any(m == h or m.startswith(h + ".") for h in ENROLL_MACHINERY)}
+
+
+def test_building_the_parser_imports_no_command_machinery(tmp_path: Path) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text('[device]\nid = "gw-1"\n')
+    code, modules = loaded("--config", str(config), "config", "check")
+    assert code == 0
+    assert _heavy(modules) == set()
+    assert not {"agent.status", "agent.identity", "cryptography.x509"} & modules
+
+
+@pytest.mark.parametrize("enrolled", [False, True])
+def test_status_imports_no_enrollment(tmp_path: Path, enrolled: bool) -> None:
+    state = tmp_path / "state"
+    config = tmp_path / "c.toml"
+    config.write_text(f'[device]\nid = "gw-1"\n[paths]\nstate_dir = "{state}"\n'
+                      '[keys]\nstore = "software"\n')  # fmt: skip
+    if enrolled:
+        from agent import wiring
+        from agent.config import load_config
+        from hal.interfaces import KeyAlgorithm
+        from hal.softkeys import SoftwareKeyStore
+        from tests.support.ca import TestCA
+
+        keys = SoftwareKeyStore()
+        blob = keys.generate(KeyAlgorithm.EC_P256)
+        ca = TestCA()
+        wiring.identity_store(load_config(config)).install(
+            key_blob=blob,
+            key_file_name=keys.key_file_name,
+            certificate=ca.issue(keys.public_key(blob), subject="gw-1"),
+            chain=[],
+            ca_certs=[ca.cert],
+        )
+    code, modules = loaded("--config", str(config), "status")
+    assert code == (0 if enrolled else 1)
+    assert _heavy(modules) == set()
+    # before the first enrollment there is no certificate to parse
+    assert ("cryptography.x509" in modules) is enrolled
+
+
+def test_firmware_status_imports_no_enrollment(tmp_path: Path) -> None:
+    rig = Rig(tmp_path / "fw", bootloader="file", counter="file")
+    code, modules = loaded("--config", str(rig.config), "firmware", "status")
+    assert code == 0
+    assert _heavy(modules) == set()
