@@ -372,6 +372,55 @@ class FirmwareConfig:
     buffer_kib: int = checked(1024, check=_buffer_kib)
 
 
+def _window_fraction(value: float) -> str | None:
+    return None if 0.05 <= value <= 0.95 else "a share of the lifetime from 0.05 to 0.95"
+
+
+def _retry_seconds(value: float) -> str | None:
+    ok = 1 <= value <= 7 * 86400
+    return None if ok else "a number of seconds from 1 to 604800 (7 days)"
+
+
+def _wait_share(value: float) -> str | None:
+    return None if 0.01 <= value <= 0.5 else "a share of the time left from 0.01 to 0.5"
+
+
+@dataclass(frozen=True)
+class RenewalConfig:
+    """When the daemon renews (agent/renewal.py)."""
+
+    #: the renewal point is drawn once per certificate in this share of its lifetime
+    window_start_fraction: float = checked(0.55, check=_window_fraction)
+    window_end_fraction: float = checked(0.70, check=_window_fraction)
+    #: backoff after failures: full jitter, doubling from min to max (seconds)
+    retry_min_seconds: float = checked(60.0, check=_retry_seconds)
+    retry_max_seconds: float = checked(4 * 3600.0, check=_retry_seconds)
+    #: no wait longer than this share of the time the certificate has left
+    max_wait_share_of_time_left: float = checked(0.25, check=_wait_share)
+
+
+def _hook_seconds(value: float) -> str | None:
+    return None if 1 <= value <= 600 else "a number of seconds from 1 to 600"
+
+
+def _argv(value: tuple[str, ...]) -> str | None:
+    if not value:
+        return "a non-empty argument list"
+    return (
+        None
+        if value[0].startswith("/")
+        else "an argument list whose first item is an absolute path"
+    )
+
+
+@dataclass(frozen=True)
+class HooksConfig:
+    #: commands run after every rotation, each an argument list (no shell), with DEVID_CERT,
+    #: DEVID_KEY, DEVID_CHAIN, DEVID_FULLCHAIN, DEVID_GENERATION set; a failure is reported
+    post_rotate: tuple[tuple[str, ...], ...] = checked((), item_check=_argv)
+    timeout_seconds: float = checked(60.0, check=_hook_seconds)
+
+
 @dataclass(frozen=True)
 class LoggingConfig:
     level: str = checked("info", check=_log_level)
@@ -388,6 +437,8 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     est: EstConfig = field(default_factory=EstConfig)
     firmware: FirmwareConfig = field(default_factory=FirmwareConfig)
+    renewal: RenewalConfig = field(default_factory=RenewalConfig)
+    hooks: HooksConfig = field(default_factory=HooksConfig)
     #: where this config was read from (not a TOML key)
     source: Path = field(default=Path("<defaults>"), metadata={"internal": True})
 
@@ -428,6 +479,19 @@ def check_cross_keys(config: Config) -> None:
     if bool(est.username) != (est.password_file is not None):
         missing = "est.password_file" if est.password_file is None else "est.username"
         raise fail(missing, "not set; est.username and est.password_file go together")
+    renewal = config.renewal
+    if renewal.window_start_fraction > renewal.window_end_fraction:
+        raise fail(
+            "renewal.window_start_fraction",
+            f"{renewal.window_start_fraction:g} exceeds renewal.window_end_fraction "
+            f"({renewal.window_end_fraction:g})",
+        )
+    if renewal.retry_min_seconds > renewal.retry_max_seconds:
+        raise fail(
+            "renewal.retry_min_seconds",
+            f"{renewal.retry_min_seconds:g} exceeds renewal.retry_max_seconds "
+            f"({renewal.retry_max_seconds:g})",
+        )
     if est.proof_of_possession is ProofOfPossession.ALWAYS and config.tls.min_version == "1.3":
         raise fail(
             "est.proof_of_possession",

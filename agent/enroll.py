@@ -122,6 +122,7 @@ class Enroller:
         transport_factory: TransportFactory,
         tls_setup: Callable[[Path], None],
         credentials: BasicCredentials | None,
+        prove_rotation: bool = False,
     ) -> None:
         check_est_config(config)
         self._config = config
@@ -131,6 +132,7 @@ class Enroller:
         self._transport_factory = transport_factory
         self._tls_setup = tls_setup
         self._credentials = credentials
+        self._prove_rotation = prove_rotation
         self._prefix = urlsplit(self._est.url).path.rstrip("/")
         self.store = store
         self.pending = pending
@@ -283,6 +285,7 @@ class Enroller:
             certificate=issued.certificate,
             chain=issued.chain,
             ca_certs=ca_certs,
+            prove=self._prove if (self._prove_rotation and reenroll) else None,
         )
         self.pending.clear()
         memory = replace(
@@ -350,6 +353,18 @@ class Enroller:
             fingerprint=self._est.bootstrap_fingerprint_sha256,
             state_dir=state_dir,
         )
+
+    def _prove(self, identity: Identity) -> None:
+        """Verified rotation: before a new identity becomes current, it must carry a real
+        mutual-TLS exchange with the EST server (a /cacerts request over a connection
+        authenticated with the new key and certificate; on TLS 1.3 a rejection comes with the
+        first read). The enrollment's own connection is closed by now, so the TPM budget holds."""
+        self._tls_setup(identity.key_file)
+        client = self._client(self._anchor(), ClientIdentity(identity.cert_file, identity.key_file))
+        with client:
+            client.cacerts()
+        log.info("the new identity (generation %d) proved itself over mutual TLS",
+                 identity.generation)  # fmt: skip
 
     def _client(
         self,

@@ -217,8 +217,13 @@ class IdentityStore:
         certificate: x509.Certificate,
         chain: Sequence[x509.Certificate],
         ca_certs: Sequence[x509.Certificate],
+        prove: Callable[[Identity], None] | None = None,
     ) -> Identity:
-        """Write a new generation, move `current` to it, then write the CA certificates."""
+        """Write a new generation, move `current` to it, then write the CA certificates.
+
+        With `prove`, the new generation must pass it (a real mutual-TLS exchange with the new
+        key and certificate) before `current` moves: if it raises, the old identity stays
+        current, the new generation is kept aside for diagnosis, and the error propagates."""
         if key_file_name not in KEY_FILE_NAMES:
             raise StorageError(f"unexpected key file name {key_file_name!r}")
         # mkdir(parents=True) gives parents the umask's mode
@@ -244,6 +249,15 @@ class IdentityStore:
             )  # gen-N's own entry is durable before `current` names it
         except OSError as e:
             raise StorageError(f"cannot sync {self.root}: {e.strerror}") from e
+        if prove is not None:
+            try:
+                prove(self._load(generation))
+            except AgentError as e:
+                log.warning(
+                    "identity generation %d failed its proof (%s); generation %s stays current, "
+                    "the new one is kept aside in %s", generation, e, previous, directory,
+                )  # fmt: skip
+                raise
         self._storage.atomic_symlink(directory.name, self.current_link)
         log.info("identity generation %d is now current", generation)
         # after the swap: a failure before it leaves every file as it was

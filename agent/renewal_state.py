@@ -55,7 +55,7 @@ def record_attempt(state: SchedulerState, now: datetime) -> SchedulerState:
         state,
         history=history,
         last_error="interrupted: the agent stopped during the attempt",
-        last_disposition="retry",
+        last_disposition="interrupted",
     )
 
 

@@ -6,6 +6,7 @@ overrides. Each builder imports what it builds, so `status` does not pay for EST
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -15,7 +16,10 @@ from agent.errors import ConfigError
 from hal.interfaces import BootControl, FileStore, KeyStore, Lock, MonotonicCounter, Storage
 
 if TYPE_CHECKING:
+    from datetime import datetime
+
     from agent.clock import Clock
+    from agent.daemon import Daemon, DaemonParts
     from agent.enroll import Enroller, TransportFactory
     from agent.est.memory import MemoryStore
     from agent.est.pending import PendingStore
@@ -23,6 +27,8 @@ if TYPE_CHECKING:
     from agent.firmware.device import FirmwareDevice
     from agent.firmware.status import FirmwareStatus
     from agent.identity import IdentityStore
+    from agent.renewal import RenewalPolicy
+    from agent.renewal_state import SchedulerStateStore
     from agent.status import StatusCollector
     from hal.openssl_provider import ProviderInfo
 
@@ -140,6 +146,7 @@ def enroller(config: Config, **overrides: Any) -> Enroller:
         "credentials": lambda: load_basic_credentials(
             config.est.username, config.est.password_file
         ),
+        "prove_rotation": lambda: False,  # the daemon proves every rotation (agent/daemon.py)
     }
     unknown = set(parts) - set(builders)
     if unknown:
@@ -342,3 +349,83 @@ def tpm_owner_auth_set(config: Config) -> bool:
     from hal.tpm import owner_auth_set
 
     return owner_auth_set(config.tpm.tcti)
+
+
+# -- the service --------------------------------------------------------------------------------
+
+
+def renewal_policy(config: Config) -> RenewalPolicy:
+    from agent.renewal import RenewalPolicy
+
+    r = config.renewal
+    return RenewalPolicy(
+        window_start_fraction=r.window_start_fraction,
+        window_end_fraction=r.window_end_fraction,
+        retry_min_seconds=r.retry_min_seconds,
+        retry_max_seconds=r.retry_max_seconds,
+        max_wait_share_of_time_left=r.max_wait_share_of_time_left,
+    )
+
+
+def scheduler_state_store(config: Config) -> SchedulerStateStore:
+    from agent.renewal_state import SchedulerStateStore
+    from hal.secure_dir import DirStore
+
+    return SchedulerStateStore(store=DirStore(config.paths.state_dir))
+
+
+def daemon_parts(config: Config) -> DaemonParts:
+    from agent.daemon import DaemonParts
+
+    est = config.est
+    return DaemonParts(
+        config=config,
+        enroller=enroller(config, prove_rotation=True),
+        identities=identity_store(config),
+        policy=renewal_policy(config),
+        bootstrap_available=bool(est.username) or est.idevid_cert is not None,
+    )
+
+
+def build_time() -> datetime:
+    """When this software was installed (its package's files' mtime): the clock floor's base.
+    A device whose clock reads earlier has no trustworthy clock (agent/renewal.py)."""
+    from datetime import datetime, timezone
+
+    import agent
+
+    return datetime.fromtimestamp(Path(agent.__file__).stat().st_mtime, timezone.utc)
+
+
+def daemon(config: Config, *, load: Callable[[], Config]) -> Daemon:
+    from agent.clock import SystemClock
+    from agent.daemon import Daemon
+    from hal.systemd import notify, watchdog_interval
+
+    first = [config]
+
+    def load_once_then_reload() -> Config:  # the first build uses the config already checked
+        return first.pop() if first else load()
+
+    return Daemon(
+        load_config=load_once_then_reload,
+        build=daemon_parts,
+        state_store=scheduler_state_store,
+        clock=SystemClock(),
+        build_time=build_time(),
+        notify=notify,
+        watchdog_seconds=watchdog_interval(),
+    )
+
+
+def service_log_handler() -> logging.Handler:
+    """stderr, one line per event; with `<N>` priorities when stderr is the journal."""
+    from hal.systemd import JournalFormatter, stderr_is_journal
+
+    handler = logging.StreamHandler()
+    fmt = "%(name)s: %(message)s"
+    if stderr_is_journal():
+        handler.setFormatter(JournalFormatter(fmt))
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s " + fmt))
+    return handler

@@ -87,12 +87,13 @@ Register = Callable[["argparse._SubParsersAction[argparse.ArgumentParser]"], Non
 
 def _modules() -> list[Register]:
     """Each command module's register(); imported here so `--help` lists every command."""
-    from agent.cli import config_cmd, doctor_cmd, enroll_cmd, firmware_cmd, status_cmd
+    from agent.cli import config_cmd, doctor_cmd, enroll_cmd, firmware_cmd, run_cmd, status_cmd
 
     return [
         config_cmd.register,
         doctor_cmd.register,
         enroll_cmd.register,
+        run_cmd.register,
         status_cmd.register,
         firmware_cmd.register,
     ]

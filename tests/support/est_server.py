@@ -194,6 +194,8 @@ class EstServer:
             with open(self.server_cert, "ab") as f:
                 f.write(b"".join(pem(c) for c in tls_issuer.chain()[:-1]))
         self.records: list[Record] = []
+        #: set when a request starts hanging (fault "hang"): tests wait on it, not on time
+        self.hang_started = threading.Event()
         self.connections = 0  # TLS connections accepted
         self.issued: list[x509.Certificate] = []
         self._pending_counts: dict[bytes, int] = {}
@@ -635,6 +637,7 @@ class _Handler(BaseHTTPRequestHandler):
         if fault == "html":
             return self._send(200, b"<html>login</html>", "text/html")
         if fault == "hang":
+            self.est.hang_started.set()
             self.est.stopping.wait(self.est.options.hang_seconds)
             return 0
         if fault in ("oversized", "oversized-stream"):

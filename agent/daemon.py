@@ -1,0 +1,303 @@
+"""`devid-agent run`: one process that keeps the device's identity valid, by itself.
+
+One loop in one thread. Each turn: read the current identity, ask the pure policy
+(agent/renewal.py) what to do and when, act when it is time, then sleep until the next decision
+or the next watchdog ping, whichever comes first. Signal handlers only set a flag and write a
+byte to a wake-up pipe (no logging, no I/O beyond that byte): SIGTERM/SIGINT stop the loop after
+the step in progress (each is bounded by the configured timeouts), SIGHUP reloads the config (an
+invalid one is refused in one line and the old one kept).
+
+Every attempt is recorded in the scheduler state before the network is used
+(agent/renewal_state.py), so a crash counts as a failed attempt and a restart resumes the
+backoff. A renewal's new identity must prove itself over mutual TLS before `identity/current`
+moves (Enroller's verified rotation); then the post-rotation hooks run.
+
+systemd: `READY=1` once the state is read, a readable `STATUS=` after every turn, `WATCHDOG=1`
+only from the loop, so a step that hangs (a TPM or network call) stops the pings and lets the
+watchdog restart the service; `RELOADING=1` and `STOPPING=1`.
+
+Everything it touches comes in through `DaemonParts` (built by agent/wiring.py for each config),
+so a reload rebuilds them and tests can give their own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import select
+import signal
+import subprocess
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from types import FrameType
+
+from agent.clock import Clock
+from agent.config import Config
+from agent.enroll import Enroller, EnrollResult
+from agent.errors import AgentError, classify
+from agent.identity import Identity, IdentityStore
+from agent.renewal import Action, CertFacts, Decision, Failure, RenewalPolicy, decide
+from agent.renewal_state import (
+    SchedulerState,
+    SchedulerStateStore,
+    clock_floor,
+    record_attempt,
+    record_failure,
+    record_success,
+)
+
+log = logging.getLogger(__name__)
+
+#: the longest the loop sleeps without looking at the clock again (a clock set while we sleep)
+MAX_SLEEP_SECONDS = 300.0
+#: Retry-After honoured up to this long (a server asking for years is clamped)
+MAX_RETRY_AFTER_SECONDS = 7 * 86400.0
+HOOK_OUTPUT_CHARS = 2000
+
+
+@dataclass(frozen=True)
+class DaemonParts:
+    """What the daemon works with under one config."""
+
+    config: Config
+    enroller: Enroller
+    identities: IdentityStore
+    policy: RenewalPolicy
+    bootstrap_available: bool
+
+
+class Wakeup:
+    """A self-pipe: signal handlers write a byte, the loop sleeps on it."""
+
+    def __init__(self) -> None:
+        self._read, self._write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+
+    def poke(self) -> None:
+        with contextlib.suppress(BlockingIOError):  # already full of wake-ups: one is enough
+            os.write(self._write, b"!")
+
+    def wait(self, seconds: float) -> None:
+        ready, _, _ = select.select([self._read], [], [], max(0.0, seconds))
+        if ready:
+            with contextlib.suppress(BlockingIOError):
+                while os.read(self._read, 4096):
+                    pass
+
+    def close(self) -> None:
+        os.close(self._read)
+        os.close(self._write)
+
+
+class Daemon:
+    def __init__(
+        self,
+        *,
+        load_config: Callable[[], Config],
+        build: Callable[[Config], DaemonParts],
+        state_store: Callable[[Config], SchedulerStateStore],
+        clock: Clock,
+        build_time: datetime,
+        notify: Callable[..., bool],
+        watchdog_seconds: float | None,
+    ) -> None:
+        self._load_config = load_config
+        self._build = build
+        self._state_store = state_store
+        self._clock = clock
+        self._build_time = build_time
+        self._notify = notify
+        self._watchdog = watchdog_seconds
+        self._wakeup = Wakeup()
+        self._stop = False
+        self._reload = False
+
+    # -- signals: flags and a byte, nothing else ----------------------------------------------
+
+    def _on_stop(self, signum: int, frame: FrameType | None) -> None:
+        self._stop = True
+        self._wakeup.poke()
+
+    def _on_reload(self, signum: int, frame: FrameType | None) -> None:
+        self._reload = True
+        self._wakeup.poke()
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    def run(self) -> int:
+        signal.signal(signal.SIGTERM, self._on_stop)
+        signal.signal(signal.SIGINT, self._on_stop)
+        signal.signal(signal.SIGHUP, self._on_reload)
+        parts = self._build(self._load_config())
+        store = self._state_store(parts.config)
+        state = store.load()
+        self._say("READY=1", f"STATUS=started: {self._describe(parts, state)}")
+        log.info("devid-agent is running: %s", self._describe(parts, state))
+        try:
+            while not self._stop:
+                if self._reload:
+                    parts, store = self._reloaded(parts, store)
+                now = self._clock.now()
+                decision = self._decide(parts, state, now)
+                if decision.action is not Action.WAIT and decision.at <= now:
+                    state = self._attempt(parts, store, state, decision, now)
+                    continue
+                self._say(f"STATUS={self._status_line(parts, state, decision, now)}")
+                self._sleep_until(decision.at, now)
+        finally:
+            self._say("STOPPING=1")
+            self._wakeup.close()
+        log.info("devid-agent stopped")
+        return 0
+
+    def _sleep_until(self, at: datetime, now: datetime) -> None:
+        seconds = min((at - now).total_seconds(), MAX_SLEEP_SECONDS)
+        if self._watchdog is not None:
+            self._say("WATCHDOG=1")  # only here: a turn that hangs stops the pings
+            seconds = min(seconds, self._watchdog)
+        self._wakeup.wait(seconds)
+
+    def _reloaded(
+        self, parts: DaemonParts, store: SchedulerStateStore
+    ) -> tuple[DaemonParts, SchedulerStateStore]:
+        self._reload = False
+        self._say("RELOADING=1")
+        try:
+            new = self._build(self._load_config())
+        except AgentError as e:
+            log.error("reload refused, the running configuration is kept: %s", e)
+            self._say("READY=1")
+            return parts, store
+        log.info("configuration reloaded from %s", new.config.source)
+        self._say("READY=1")
+        return new, self._state_store(new.config)
+
+    # -- deciding and acting ------------------------------------------------------------------
+
+    def _current(self, parts: DaemonParts) -> Identity | None:
+        try:
+            return parts.identities.current()
+        except AgentError as e:  # damaged: the enroller repairs it (falls back or re-enrolls)
+            log.warning("the current identity cannot be read (%s): enrolling repairs it", e)
+            return None
+
+    def _decide(self, parts: DaemonParts, state: SchedulerState, now: datetime) -> Decision:
+        current = self._current(parts)
+        cert = None
+        if current is not None:
+            c = current.certificate
+            cert = CertFacts(c.not_valid_before_utc, c.not_valid_after_utc, c.serial_number)
+        return decide(
+            cert=cert,
+            device_id=parts.config.device.id,
+            history=state.history,
+            now=now,
+            clock_floor=clock_floor(state, self._build_time),
+            bootstrap_available=parts.bootstrap_available,
+            policy=parts.policy,
+        )
+
+    def _attempt(
+        self,
+        parts: DaemonParts,
+        store: SchedulerStateStore,
+        state: SchedulerState,
+        decision: Decision,
+        now: datetime,
+    ) -> SchedulerState:
+        log.info("%s: %s", decision.action.value, decision.reason)
+        self._say(f"STATUS={decision.action.value}: {decision.reason}")
+        state = store.save(record_attempt(state, now), now)  # before any network use
+        try:
+            if decision.action is Action.RENEW:
+                result = parts.enroller.renew()
+            else:  # ENROLL, or BOOTSTRAP after expiry: the bootstrap credential
+                result = parts.enroller.enroll(force=decision.action is Action.BOOTSTRAP)
+        except AgentError as e:
+            disposition = classify(e)
+            failure = Failure.SECURITY if disposition.kind.security else Failure.RETRYABLE
+            until = disposition.until(now, maximum_seconds=MAX_RETRY_AFTER_SECONDS)
+            log.warning("%s failed (%s): %s", decision.action.value, disposition.kind.value, e)
+            state = record_failure(
+                state,
+                failure=failure,
+                message=str(e),
+                disposition=disposition.kind.value,
+                retry_after_until=until,
+            )
+        else:
+            issued = result.identity.certificate
+            state = record_success(state, self._clock.now(), issued.not_valid_before_utc)
+            log.info(
+                "identity generation %d is current: serial %x, valid until %s",
+                result.identity.generation, issued.serial_number,
+                issued.not_valid_after_utc.isoformat(timespec="seconds"),
+            )  # fmt: skip
+            if result.changed:
+                self._run_hooks(parts, result)
+        return store.save(state, self._clock.now())
+
+    def _run_hooks(self, parts: DaemonParts, result: EnrollResult) -> None:
+        identity = result.identity
+        env = {
+            "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
+            "LC_ALL": "C",
+            "DEVID_CERT": str(identity.cert_file),
+            "DEVID_KEY": str(identity.key_file),
+            "DEVID_CHAIN": str(identity.chain_file),
+            "DEVID_FULLCHAIN": str(identity.directory / "fullchain.pem"),
+            "DEVID_GENERATION": str(identity.generation),
+        }
+        hooks = parts.config.hooks
+        for argv in hooks.post_rotate:
+            try:
+                done = subprocess.run(
+                    list(argv), env=env, capture_output=True, text=True, errors="replace",
+                    timeout=hooks.timeout_seconds, check=False, stdin=subprocess.DEVNULL,
+                )  # fmt: skip
+            except (OSError, subprocess.TimeoutExpired) as e:
+                log.warning("post-rotate hook %s failed: %s", argv[0], e)
+                continue
+            output = " ".join((done.stdout + done.stderr).split())[:HOOK_OUTPUT_CHARS]
+            if done.returncode != 0:
+                log.warning("post-rotate hook %s exited %d: %s", argv[0], done.returncode, output)
+            else:
+                log.info("post-rotate hook %s done%s", argv[0], f": {output}" if output else "")
+
+    # -- for people ---------------------------------------------------------------------------
+
+    def _describe(self, parts: DaemonParts, state: SchedulerState) -> str:
+        current = self._current(parts)
+        if current is None:
+            return "not enrolled"
+        end = current.certificate.not_valid_after_utc
+        return f"identity generation {current.generation}, valid until {end:%Y-%m-%dT%H:%M:%SZ}"
+
+    def _status_line(
+        self, parts: DaemonParts, state: SchedulerState, decision: Decision, now: datetime
+    ) -> str:
+        wait = _duration(decision.at - now)
+        if decision.action is Action.WAIT:
+            return f"waiting for a trustworthy clock: {decision.reason}"
+        what = self._describe(parts, state)
+        if state.history.failures:
+            return (
+                f"{what}; {decision.action.value} failing ({state.history.failures} in a row: "
+                f"{state.last_error}); next attempt in {wait}"
+            )
+        return f"{what}; {decision.action.value} in {wait}"
+
+    def _say(self, *fields: str) -> None:
+        try:
+            self._notify(*fields)
+        except OSError as e:  # never fatal: the service must go on without systemd
+            log.warning("cannot notify systemd: %s", e)
+
+
+def _duration(delta: timedelta) -> str:
+    seconds = max(0, int(delta.total_seconds()))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size} {unit}"
+    return f"{seconds} s"

@@ -1,0 +1,266 @@
+"""`devid-agent run` as a real process: swtpm, the test EST server issuing short-lived
+certificates, a datagram socket standing in for systemd's NOTIFY_SOCKET.
+
+Waits poll for a condition with a generous deadline (a deadline only turns a hang into a
+failure); nothing asserts how fast anything is.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+
+from hal.tpm import transient_objects
+from tests.conftest import ROOT
+from tests.support.est_server import EstOptions, EstServer
+from tests.support.swtpm import Swtpm
+from tests.test_enroll_cli import Device
+
+#: with the server back-dating notBefore by 60 s, a 105 s certificate at 60% of its lifetime is
+#: due 3 s after it was issued: rotations follow each other by themselves, quickly
+LIFETIME = 105
+FAST = {"window_start_fraction": 0.6, "window_end_fraction": 0.6, "retry_min_seconds": 1.0,
+        "retry_max_seconds": 2.0}  # fmt: skip
+
+
+class Notifications:
+    """Everything sent to our NOTIFY_SOCKET, with when it arrived."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.settimeout(0.2)
+        self.messages: list[tuple[float, str]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._collect, daemon=True)
+        self._thread.start()
+
+    def _collect(self) -> None:
+        while not self._stop.is_set():
+            try:
+                data = self.sock.recv(65536)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            for line in data.decode().split("\n"):
+                self.messages.append((time.monotonic(), line))
+
+    def lines(self) -> list[str]:
+        return [m for _, m in list(self.messages)]
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self.sock.close()
+
+
+@pytest.fixture
+def est(tmp_path: Path) -> Iterator[EstServer]:
+    with EstServer(tmp_path / "est", EstOptions(cert_lifetime_seconds=LIFETIME)) as server:
+        yield server
+
+
+@pytest.fixture
+def device(tmp_path: Path, swtpm: Swtpm, est: EstServer) -> Device:
+    d = Device(tmp_path, swtpm, est)
+    d.basic()  # the bootstrap credential
+    return d
+
+
+@pytest.fixture
+def notify(tmp_path: Path) -> Iterator[Notifications]:
+    n = Notifications(tmp_path / "notify")
+    yield n
+    n.close()
+
+
+def configure(device: Device, **renewal: float) -> None:
+    text = device.config.read_text()
+    text += "[renewal]\n" + "".join(f"{k} = {v}\n" for k, v in {**FAST, **renewal}.items())
+    device.config.write_text(text)
+
+
+class Service:
+    def __init__(self, device: Device, notify: Notifications, watchdog_usec: int | None) -> None:
+        env = {k: v for k, v in os.environ.items() if k not in ("WATCHDOG_USEC", "WATCHDOG_PID")}
+        env["NOTIFY_SOCKET"] = str(notify.path)
+        if watchdog_usec is not None:
+            env["WATCHDOG_USEC"] = str(watchdog_usec)
+        self.log = device.tmp_path / "daemon.log"
+        self.out = open(self.log, "ab")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "agent.cli", "--config", str(device.config), "run"],
+            cwd=ROOT, env=env, stdout=self.out, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            code = self.proc.wait(30)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait()
+            self.out.close()
+        return code
+
+
+@pytest.fixture
+def services() -> Iterator[list[Service]]:
+    started: list[Service] = []
+    yield started
+    for s in started:
+        if s.proc.poll() is None:
+            s.stop(signal.SIGKILL)
+
+
+def wait_for(check: Callable[[], bool], what: str, service: Service, seconds: float = 90) -> None:
+    deadline = time.monotonic() + seconds
+    while not check():
+        assert service.proc.poll() is None, (
+            f"the daemon exited while waiting for {what}:\n" + (service.text()[-3000:])
+        )
+        assert time.monotonic() < deadline, (
+            f"no {what} within {seconds} s:\n{service.text()[-3000:]}"
+        )
+        time.sleep(0.05)
+
+
+def generations(device: Device) -> list[int]:
+    root = device.state_dir / "identity"
+    if not root.exists():
+        return []
+    return sorted(int(p.name[4:]) for p in root.iterdir() if p.name.startswith("gen-"))
+
+
+def current(device: Device) -> int | None:
+    link = device.state_dir / "identity" / "current"
+    return int(os.readlink(link)[4:]) if link.is_symlink() else None
+
+
+def state(device: Device) -> dict[str, object]:
+    path = device.state_dir / "renewal-state.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def test_the_service_enrolls_then_rotates_by_itself_with_new_keys_and_stops_cleanly(
+    device: Device, notify: Notifications, services: list[Service]
+) -> None:
+    configure(device)
+    service = Service(device, notify, watchdog_usec=1_000_000)
+    services.append(service)
+    wait_for(lambda: (current(device) or 0) >= 4, "three rotations after the enrollment", service)
+    assert service.stop() == 0
+    lines = notify.lines()
+    assert lines[0] == "READY=1" and lines[-1] == "STOPPING=1"
+    assert any(line.startswith("STATUS=identity generation") and " in " in line for line in lines)
+    assert "WATCHDOG=1" in lines
+    keys = set()
+    kept = generations(device)  # older ones are pruned (est.generations_kept)
+    assert len(kept) >= 3
+    for n in kept:
+        cert = x509.load_pem_x509_certificate(
+            (device.state_dir / "identity" / f"gen-{n}" / "cert.pem").read_bytes()
+        )
+        keys.add(cert.public_key().public_numbers())  # type: ignore[union-attr]
+        assert (device.state_dir / "identity" / f"gen-{n}" / "key.tss2.pem").exists()
+    assert len(keys) == len(kept)  # a new TPM key every time
+    operations = [(r.operation, r.client_cert) for r in device.est.records]
+    renewals = [op for op in operations if op[0] == "simplereenroll"]
+    proofs = [op for op in operations if op == ("cacerts", "commonName=gw-0001")]
+    assert len(renewals) >= 3 and len(proofs) >= len(renewals)  # each new identity proved itself
+    assert state(device)["failures"] == 0 and state(device)["last_success"]
+    assert transient_objects(device.tpm.tcti)[0] == 0  # nothing left loaded in the TPM
+
+
+def test_failures_back_off_survive_a_kill_and_the_next_start_finishes_the_job(
+    device: Device, notify: Notifications, services: list[Service]
+) -> None:
+    configure(device)
+    assert device.run("enroll").code == 0
+    device.est.options.fault = "5xx"
+    service = Service(device, notify, watchdog_usec=None)
+    services.append(service)
+
+    def two_failures_seen() -> bool:
+        s = state(device)
+        return int(s.get("failures", 0)) >= 2 and "HTTP 500" in str(s.get("last_error"))
+
+    wait_for(two_failures_seen, "two failed renewals", service)
+    failed = state(device)
+    assert failed["last_disposition"] in ("retry_later", "retry_soon", "bad_response")
+    assert "HTTP 500" in str(failed["last_error"])
+    # a renewal in flight when the process dies still counts: it was recorded before the request
+    device.est.options.fault = "hang"
+    device.est.options.hang_seconds = 30
+    wait_for(device.est.hang_started.is_set, "a renewal in flight", service)
+    in_flight = state(device)
+    service.stop(signal.SIGKILL)
+    assert current(device) == 1  # the old identity, whole
+    device.est.options.fault = None
+    restarted = Service(device, notify, watchdog_usec=None)
+    services.append(restarted)
+    wait_for(lambda: (current(device) or 0) >= 2, "the renewal after the restart", restarted)
+    assert restarted.stop() == 0
+    done = state(device)
+    assert done["failures"] == 0 and int(in_flight["failures"]) >= 3  # type: ignore[call-overload]
+    assert done["last_success"] is not None
+
+
+def test_sighup_reloads_and_an_invalid_config_is_refused_and_the_old_one_kept(
+    device: Device, notify: Notifications, services: list[Service]
+) -> None:
+    configure(device, window_start_fraction=0.9, window_end_fraction=0.9)  # no renewal soon
+    service = Service(device, notify, watchdog_usec=None)
+    services.append(service)
+    wait_for(lambda: current(device) == 1, "the enrollment", service)
+    good = device.config.read_text()
+    device.config.write_text(good + "[renewal]\nretry_min_seconds = 'soon'\n")
+    service.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: "reload refused" in service.text(), "the refusal", service)
+    refusal = next(line for line in service.text().splitlines() if "reload refused" in line)
+    assert "config.toml" in refusal  # one line naming the file and what was wrong
+    device.config.write_text(good)
+    service.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: "configuration reloaded" in service.text(), "the reload", service)
+    assert service.stop() == 0
+    lines = notify.lines()
+    assert lines.count("RELOADING=1") == 2 and lines.count("READY=1") == 3
+
+
+def test_a_stuck_step_stops_the_watchdog_pings(
+    device: Device, notify: Notifications, services: list[Service]
+) -> None:
+    configure(device)
+    assert device.run("enroll").code == 0
+    device.est.options.fault = "hang"
+    device.est.options.hang_seconds = 4
+    service = Service(device, notify, watchdog_usec=200_000)  # a ping every 0.1 s
+    services.append(service)
+    wait_for(device.est.hang_started.is_set, "the renewal hanging at the server", service)
+    device.est.options.fault = None  # the next attempt goes through
+    wait_for(lambda: (current(device) or 0) >= 2, "a renewal after the hang", service)
+    assert service.stop() == 0
+    messages = list(notify.messages)
+    start = next(t for t, m in messages if m.startswith("STATUS=renew:"))
+    after = [t for t, m in messages if m == "WATCHDOG=1" and t > start]
+    before = [t for t, m in messages if m == "WATCHDOG=1" and t < start]
+    assert before and after  # pinging before and after the stuck step...
+    assert after[0] - start >= 3.0  # ...and not while it hung (the server held it 4 s)
