@@ -22,7 +22,7 @@ def installed_copy(unit: Path, tmp_path: Path) -> Path:
 
 
 def test_there_are_units() -> None:
-    assert [u.name for u in UNITS] == ["devid-agent-enroll.service"]
+    assert [u.name for u in UNITS] == ["devid-agent-enroll.service", "devid-agent.service"]
 
 
 @pytest.mark.parametrize("unit", UNITS, ids=lambda u: u.name)
@@ -78,3 +78,39 @@ def test_enroll_unit_never_retries_what_the_readme_says_not_to() -> None:
     for code in (EXIT_TRUST, EXIT_REJECTED, EXIT_CONFIG, EXIT_CLIENT_REJECTED):
         row = next(line for line in readme.splitlines() if line.startswith(f"| {code} |"))
         assert "do not retry" in row or "needs a human" in row
+
+
+def test_sysusers_makes_the_service_user_a_member_of_tss(tmp_path: Path) -> None:
+    (tmp_path / "etc").mkdir()
+    conf = ROOT / "systemd" / "sysusers.d" / "devid-agent.conf"
+    done = subprocess.run(["systemd-sysusers", f"--root={tmp_path}", str(conf)],
+                          capture_output=True, text=True, check=False)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    passwd = (tmp_path / "etc" / "passwd").read_text()
+    assert re.search(r"^devid-agent:x:\d+:\d+:.*:/var/lib/devid-agent:/usr/sbin/nologin$", passwd,
+                     re.M)  # fmt: skip
+    assert re.search(r"^tss:x:\d+:devid-agent$", (tmp_path / "etc" / "group").read_text(), re.M)
+
+
+def test_tmpfiles_keeps_roots_firmware_state_apart_from_the_service(tmp_path: Path) -> None:
+    conf = ROOT / "systemd" / "tmpfiles.d" / "devid-agent.conf"
+    text = conf.read_text()
+    assert "d /var/lib/devid-agent 0700 devid-agent devid-agent -" in text
+    assert "d /var/lib/devid-agent-firmware 0755 root root -" in text
+    assert "d /var/lib/devid-agent-firmware/private 0700 root root -" in text
+    (tmp_path / "var" / "lib").mkdir(parents=True)
+    root_only = conf.read_text().replace("devid-agent devid-agent", "root root")
+    (tmp_path / "t.conf").write_text(root_only)
+    done = subprocess.run(["systemd-tmpfiles", f"--root={tmp_path}", "--create",
+                           str(tmp_path / "t.conf")], capture_output=True, text=True, check=False)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    fw = tmp_path / "var" / "lib" / "devid-agent-firmware"
+    assert (fw.stat().st_mode & 0o777, (fw / "private").stat().st_mode & 0o777) == (0o755, 0o700)
+
+
+def test_the_service_unit_is_a_notify_service_with_a_watchdog() -> None:
+    unit = ROOT / "systemd" / "devid-agent.service"
+    assert _setting(unit, "Type") == ["notify"]
+    assert _setting(unit, "ExecStart") == ["/usr/bin/devid-agent", "run"]
+    assert _setting(unit, "WatchdogSec") and _setting(unit, "Restart") == ["on-failure"]
+    assert _setting(unit, "Conflicts") == ["devid-agent-enroll.service"]
