@@ -105,7 +105,8 @@ def idle(work: Path, tpm: Swtpm, seconds: float) -> None:
           f"ratio {d_rss / r_rss:.2f} (goal <= 35 MiB)")  # fmt: skip
     reference_per_minute = (r1 - r0) * 60 / seconds
     print(f"idle CPU:  daemon {per_minute:.3f} s per minute, reference "
-          f"{reference_per_minute:.3f} s per minute (goal <= 0.1), over {seconds:.0f} s")  # fmt: skip
+          f"{reference_per_minute:.3f} s per minute (goal <= 0.1), "
+          f"over {seconds:.0f} s")  # fmt: skip
 
 
 def rotations(work: Path, tpm: Swtpm, count: int) -> None:
