@@ -264,3 +264,46 @@ def test_a_stuck_step_stops_the_watchdog_pings(
     before = [t for t, m in messages if m == "WATCHDOG=1" and t < start]
     assert before and after  # pinging before and after the stuck step...
     assert after[0] - start >= 3.0  # ...and not while it hung (the server held it 4 s)
+
+
+def test_a_crash_at_every_point_of_a_rotation_leaves_a_whole_identity(
+    device: Device, notify: Notifications, services: list[Service]
+) -> None:
+    """hal.faults: the service dies at crash point N (every write, fsync and rename of the
+    identity store and the scheduler state) for N = 1, 2, ... until a run gets through a whole
+    rotation. After each death `identity/current` is complete, its key loads and signs in the
+    TPM, nothing is left loaded in the TPM, and the next start carries on."""
+    from agent import wiring
+    from agent.config import load_config
+    from hal.faults import CRASH_EXIT, ENV
+    from tests.test_enroll_powercut import check_current
+
+    configure(device)
+    assert device.run("enroll").code == 0
+    points: list[str] = []
+    for n in range(1, 200):
+        before = state(device).get("last_success")
+        os.environ[ENV] = str(n)
+        try:
+            service = Service(device, notify, watchdog_usec=None)
+        finally:
+            del os.environ[ENV]
+        services.append(service)
+        assert service.proc.wait(90) == CRASH_EXIT, service.text()[-2000:]
+        service.out.close()
+        points.append(service.text().strip().rsplit("crash point ", 1)[-1])
+        check_current(device, required=True)  # whole, loads, signs, no TPM object left
+        if state(device).get("last_success") != before:
+            break  # this run recorded a whole rotation: every point of one has been cut
+    else:
+        raise AssertionError("no run got through a rotation")
+    finished = Service(device, notify, watchdog_usec=None)
+    services.append(finished)
+    start = current(device) or 0
+    wait_for(lambda: (current(device) or 0) > start, "a rotation after the crashes", finished)
+    assert finished.stop() == 0
+    store = wiring.identity_store(load_config(device.config))
+    assert store.current() is not None
+    kinds = {p.split(": ", 1)[-1].split()[0] for p in points}
+    assert {"write", "fsync", "rename", "symlink"} <= kinds, points
+    assert any("renewal-state.json" in p for p in points) and any("current" in p for p in points)
