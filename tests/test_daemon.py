@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
@@ -307,3 +308,25 @@ def test_a_crash_at_every_point_of_a_rotation_leaves_a_whole_identity(
     kinds = {p.split(": ", 1)[-1].split()[0] for p in points}
     assert {"write", "fsync", "rename", "symlink"} <= kinds, points
     assert any("renewal-state.json" in p for p in points) and any("current" in p for p in points)
+
+
+def test_an_expired_identity_is_re_bootstrapped_with_the_idevid(
+    tmp_path: Path, swtpm: Swtpm, notify: Notifications, services: list[Service]
+) -> None:
+    with EstServer(tmp_path / "est2", EstOptions(cert_lifetime_seconds=62, auth="cert")) as est:
+        device = Device(tmp_path, swtpm, est)
+        device.idevid()  # the manufacturer's certificate, in this TPM
+        assert device.run("enroll").code == 0
+        first = x509.load_pem_x509_certificate(
+            (device.state_dir / "identity" / "current" / "cert.pem").read_bytes()
+        )
+        while datetime.now(timezone.utc) <= first.not_valid_after_utc:  # 2 s of validity
+            time.sleep(0.1)
+        est.records.clear()
+        service = Service(device, notify, watchdog_usec=None)
+        services.append(service)
+        wait_for(lambda: (current(device) or 0) >= 2, "the re-bootstrap", service)
+        assert service.stop() == 0
+        bootstrap = [r for r in est.records if r.operation == "simpleenroll"]
+        assert bootstrap and bootstrap[0].client_cert == "commonName=idevid SN-0001"
+        assert "bootstrap: expired: re-enrolling with the bootstrap credential" in service.text()
