@@ -4,11 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from tests.support.ca import TestCA
+from tests.support.est_server import EstOptions, EstServer
 from tests.support.swtpm import Swtpm
+
+if TYPE_CHECKING:
+    from tests.support.device import Device
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -54,3 +59,19 @@ def tpm2_provider(session_swtpm: Swtpm) -> Swtpm:
 @pytest.fixture
 def test_ca() -> TestCA:
     return TestCA()
+
+
+@pytest.fixture
+def est(tmp_path: Path) -> Iterator[EstServer]:
+    """Our HTTPS EST server with default options on a free loopback port (a module may define
+    its own `est` with other options)."""
+    with EstServer(tmp_path / "est", EstOptions()) as server:
+        yield server
+
+
+@pytest.fixture
+def device(tmp_path: Path, swtpm: Swtpm, est: EstServer) -> Device:
+    """A device (tests/support/device.py) with its own swtpm, pointed at `est`."""
+    from tests.support.device import Device
+
+    return Device(tmp_path, swtpm, est)

@@ -24,9 +24,9 @@ from cryptography import x509
 
 from hal.tpm import transient_objects
 from tests.conftest import ROOT
+from tests.support.device import Device
 from tests.support.est_server import EstOptions, EstServer
 from tests.support.swtpm import Swtpm
-from tests.test_enroll_cli import Device
 
 #: with the server back-dating notBefore by 60 s, a 105 s certificate at 60% of its lifetime is
 #: due 3 s after it was issued: rotations follow each other by themselves, quickly

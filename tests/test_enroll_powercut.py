@@ -11,8 +11,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives import hashes
@@ -23,22 +21,9 @@ from agent.config import load_config
 from hal.faults import CRASH_EXIT, ENV
 from hal.tpm import TpmKeyStore, transient_objects
 from tests.conftest import ROOT
-from tests.support.est_server import EstOptions, EstServer
-from tests.support.swtpm import Swtpm
-from tests.test_enroll_cli import Device
+from tests.support.device import Device
 
 MAX_POINTS = 200
-
-
-@pytest.fixture
-def est(tmp_path: Path) -> Iterator[EstServer]:
-    with EstServer(tmp_path / "est", EstOptions()) as server:
-        yield server
-
-
-@pytest.fixture
-def device(tmp_path: Path, swtpm: Swtpm, est: EstServer) -> Device:
-    return Device(tmp_path, swtpm, est)
 
 
 def run(device: Device, command: str, crash_at: int | None) -> subprocess.CompletedProcess[str]:

@@ -10,25 +10,12 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from tests.support.est_server import EstOptions, EstServer
-from tests.support.swtpm import Swtpm
-from tests.test_enroll_cli import Device
-
-
-@pytest.fixture
-def est(tmp_path: Path) -> Iterator[EstServer]:
-    with EstServer(tmp_path / "est", EstOptions()) as server:
-        yield server
-
-
-@pytest.fixture
-def device(tmp_path: Path, swtpm: Swtpm, est: EstServer) -> Device:
-    return Device(tmp_path, swtpm, est)
+from tests.support.device import Device
 
 
 def gen(device: Device, n: int) -> Path:

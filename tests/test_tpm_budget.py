@@ -12,16 +12,10 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
-from pathlib import Path
-
-import pytest
 
 from hal.tpm import transient_objects
 from tests.conftest import ROOT, provider_path
-from tests.support.est_server import EstOptions, EstServer
-from tests.support.swtpm import Swtpm
-from tests.test_enroll_cli import Device
+from tests.support.device import Device
 
 HOLDER = """
 import ssl, sys
@@ -38,17 +32,6 @@ for line in sys.stdin:          # "swap DIR": a second context beside the first,
     held = fresh
     print("swapped", flush=True)
 """
-
-
-@pytest.fixture
-def est(tmp_path: Path) -> Iterator[EstServer]:
-    with EstServer(tmp_path / "est", EstOptions()) as server:
-        yield server
-
-
-@pytest.fixture
-def device(tmp_path: Path, swtpm: Swtpm, est: EstServer) -> Device:
-    return Device(tmp_path, swtpm, est)
 
 
 def generation(device: Device, n: int) -> str:
