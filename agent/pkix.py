@@ -26,7 +26,7 @@ checks (`verify_directly_issued_by`). The policy, in short (docs/est.md has it i
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TypeVar
@@ -253,14 +253,22 @@ def _issuer_candidate(child: x509.Certificate, cert: x509.Certificate) -> bool:
 
 
 def _check_critical(cert: x509.Certificate) -> None:
+    check_critical(cert, who=_who(cert))
+
+
+def check_critical(
+    cert: x509.Certificate, *, who: str, fail: Callable[[str], Exception] = PathError
+) -> None:
+    """Refuse (with `fail`) a certificate that carries a critical extension this agent does not
+    understand, or whose extensions do not parse; `who` names it in the message."""
     try:
         extensions = list(cert.extensions)
     except _MALFORMED as e:
-        raise PathError(f"{_who(cert)} has malformed extensions: {e}") from e
+        raise fail(f"{who} has malformed extensions: {e}") from e
     for ext in extensions:
         if ext.critical and ext.oid not in UNDERSTOOD:
-            raise PathError(
-                f"{_who(cert)} carries a critical extension this agent does not understand "
+            raise fail(
+                f"{who} carries a critical extension this agent does not understand "
                 f"({ext.oid.dotted_string})"
             )
 
@@ -390,12 +398,24 @@ def _self_issued(cert: x509.Certificate) -> bool:
 
 
 def _ext(cert: x509.Certificate, kind: type[_E]) -> _E | None:
+    return extension(cert, kind, who=_who(cert))
+
+
+def extension(
+    cert: x509.Certificate,
+    kind: type[_E],
+    *,
+    who: str,
+    fail: Callable[[str], Exception] = PathError,
+) -> _E | None:
+    """The value of `cert`'s extension of `kind`, None when absent; malformed ones are refused
+    with `fail` (cryptography parses extensions lazily, and raises on first access)."""
     try:
         return cert.extensions.get_extension_for_class(kind).value
     except x509.ExtensionNotFound:
         return None
     except _MALFORMED as e:
-        raise PathError(f"{_who(cert)} has malformed extensions: {e}") from e
+        raise fail(f"{who} has malformed extensions: {e}") from e
 
 
 def _ext_quiet(cert: x509.Certificate, kind: type[_E]) -> _E | None:

@@ -21,7 +21,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from agent.errors import ChainValidationError, EnrollmentError
 from agent.pki import public_key_der
-from agent.pkix import UNDERSTOOD, PathError, validate_path
+from agent.pkix import PathError, check_critical, extension, validate_path
 from agent.validity import State, validity
 
 _E = TypeVar("_E", bound=x509.ExtensionType)
@@ -154,33 +154,13 @@ def _check_usage(cert: x509.Certificate) -> None:
 
 
 def _check_critical(cert: x509.Certificate) -> None:
-    try:
-        extensions = list(cert.extensions)
-    except _MALFORMED as e:
-        raise EnrollmentError(f"the issued certificate has malformed extensions: {e}") from e
-    for ext in extensions:
-        if ext.critical and ext.oid not in UNDERSTOOD:
-            raise EnrollmentError(
-                "the issued certificate carries a critical extension this agent does not "
-                f"understand ({ext.oid.dotted_string})"
-            )
-
-
-# cryptography parses a certificate's key, names and extensions lazily: a malformed one raises
-# on first access (ValueError, UnsupportedAlgorithm, and DuplicateExtension, which is not a
-# ValueError); none of them may escape as a traceback.
-_MALFORMED = (ValueError, x509.DuplicateExtension, x509.UnsupportedGeneralNameType)
+    check_critical(cert, who="the issued certificate", fail=EnrollmentError)
 
 
 def _extension(
     cert: x509.Certificate, kind: type[_E], what: str = "the issued certificate"
 ) -> _E | None:
-    try:
-        return cert.extensions.get_extension_for_class(kind).value
-    except x509.ExtensionNotFound:
-        return None
-    except _MALFORMED as e:
-        raise EnrollmentError(f"{what} has malformed extensions: {e}") from e
+    return extension(cert, kind, who=what, fail=EnrollmentError)
 
 
 def _spki(cert: x509.Certificate) -> bytes | None:
