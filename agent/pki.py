@@ -129,3 +129,29 @@ def describe_key(key: PublicKeyTypes) -> str:
     if isinstance(key, rsa.RSAPublicKey):
         return f"RSA {key.key_size}"
     return type(key).__name__
+
+
+KEY_CHECK_DATA = b"devid-agent: does this key sign for its certificate?"
+
+
+def signs_for(key: CertificateIssuerPrivateKeyTypes, public: PublicKeyTypes) -> bool:
+    """Whether `key` (in the TPM or a file) makes a signature that `public` verifies: the
+    identity's key loads, signs, and is the certificate's."""
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives.asymmetric import padding
+
+    try:
+        if isinstance(key, ec.EllipticCurvePrivateKey) and isinstance(
+            public, ec.EllipticCurvePublicKey
+        ):
+            algorithm = ec.ECDSA(default_hash(public))
+            public.verify(key.sign(KEY_CHECK_DATA, algorithm), KEY_CHECK_DATA, algorithm)
+            return True
+        if isinstance(key, rsa.RSAPrivateKey) and isinstance(public, rsa.RSAPublicKey):
+            digest = hashes.SHA256()
+            signature = key.sign(KEY_CHECK_DATA, padding.PKCS1v15(), digest)
+            public.verify(signature, KEY_CHECK_DATA, padding.PKCS1v15(), digest)
+            return True
+    except InvalidSignature:
+        return False
+    return False

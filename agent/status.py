@@ -9,7 +9,7 @@ device that is half broken, because that is when people ask for it.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -42,6 +42,8 @@ class IdentityStatus:
     hardware_backed: bool | None = None
     key_file: str = ""
     cert_file: str = ""
+    #: the key loaded and made a signature the certificate verifies (None: not checked)
+    key_usable: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -190,6 +192,7 @@ class StatusCollector:
         firmware: Callable[[], FirmwareReport] | None,
         clock: Clock,
         skew: timedelta,
+        key_check: Callable[[Identity], None] | None = None,
     ) -> None:
         self._device_id = device_id
         self._config_source = config_source
@@ -198,16 +201,23 @@ class StatusCollector:
         self._firmware = firmware
         self._clock = clock
         self._skew = skew
+        self._key_check = key_check
 
     def collect(self) -> AgentStatus:
         errors: list[str] = []
         try:
-            identity = identity_status(
-                self._identities.current(), now=self._clock.now(), skew=self._skew
-            )
+            current = self._identities.current()
+            identity = identity_status(current, now=self._clock.now(), skew=self._skew)
         except AgentError as e:
-            identity = IdentityStatus(state="unreadable")
+            current, identity = None, IdentityStatus(state="unreadable")
             errors.append(str(e))
+        if current is not None and self._key_check is not None:
+            try:  # healthy only when the key loads and signs for the certificate
+                self._key_check(current)
+                identity = replace(identity, key_usable=True)
+            except AgentError as e:
+                identity = replace(identity, key_usable=False)
+                errors.append(f"the identity's key is unusable: {e}")
         pending: PendingStatus | None = None
         try:
             pending = pending_status(self._pending.load())

@@ -26,15 +26,16 @@ if TYPE_CHECKING:
     from agent.firmware.chain import TrustPolicy
     from agent.firmware.device import FirmwareDevice
     from agent.firmware.status import FirmwareStatus
-    from agent.identity import IdentityStore
+    from agent.identity import Identity, IdentityStore
     from agent.renewal import RenewalPolicy
     from agent.renewal_state import SchedulerStateStore
     from agent.status import StatusCollector
     from hal.openssl_provider import ProviderInfo
 
 
-def key_store(config: Config) -> KeyStore:
-    if config.keys.store is KeyStoreKind.TPM:
+def key_store(config: Config, *, tpm: bool | None = None) -> KeyStore:
+    """The configured key store, or with `tpm` the one a given key file needs."""
+    if (config.keys.store is KeyStoreKind.TPM) if tpm is None else tpm:
         from hal.tpm import TpmKeyStore
 
         return TpmKeyStore(tcti=config.tpm.tcti)
@@ -320,7 +321,26 @@ def status_collector(config: Config, *, clock: Clock | None = None) -> StatusCol
         firmware=(lambda: firmware_status(config)) if config.firmware.compatible else None,
         clock=clock or SystemClock(),
         skew=timedelta(seconds=config.est.clock_skew_seconds),
+        key_check=identity_key_check(config),
     )
+
+
+def identity_key_check(config: Config) -> Callable[[Identity], None]:
+    """Raise KeyStoreError unless the identity's key loads, signs, and is its certificate's."""
+
+    def check(identity: Identity) -> None:
+        from agent.errors import KeyStoreError
+        from agent.pki import signs_for
+
+        blob = identity_store(config).key_blob(identity)
+        with key_store(config, tpm=identity.key_in_tpm).signer(blob) as key:
+            if not signs_for(key, identity.certificate.public_key()):
+                raise KeyStoreError(
+                    f"{identity.key_file} does not sign for {identity.cert_file}: it is not the "
+                    "certificate's key"
+                )
+
+    return check
 
 
 # -- the TPM, for doctor -----------------------------------------------------------------------

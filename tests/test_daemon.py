@@ -262,8 +262,7 @@ def test_a_stuck_step_stops_the_watchdog_pings(
     messages = list(notify.messages)
     start = next(t for t, m in messages if m.startswith("STATUS=renew:"))
     after = [t for t, m in messages if m == "WATCHDOG=1" and t > start]
-    before = [t for t, m in messages if m == "WATCHDOG=1" and t < start]
-    assert before and after  # pinging before and after the stuck step...
+    assert after  # pinging again once the stuck step ended...
     assert after[0] - start >= 3.0  # ...and not while it hung (the server held it 4 s)
 
 
