@@ -3,7 +3,8 @@
 Starts a software TPM and our EST server (HTTP Basic after a 401 challenge, TLS 1.2 only,
 proof-of-possession required) on loopback, writes a config into a temporary directory, runs the
 real `devid-agent` CLI as a subprocess: `enroll`, `renew`, `enroll` again (already enrolled),
-shows the identity on disk, and stops everything it started, by PID.
+shows the identity on disk, then runs the service (`devid-agent run`) through two rotations of
+its own, and stops everything it started, by PID.
 
 Further steps (firmware) plug in through `tests/support/demo_firmware.py`: if that module
 exists, its `run(workdir: Path)` is called after the identity steps.
@@ -69,11 +70,13 @@ def provider_path() -> Path:
     return Path(marker.read_text().strip()).resolve()
 
 
-def start_est_server(directory: Path, started: list[subprocess.Popen[bytes]]) -> dict[str, object]:
+def start_est_server(
+    directory: Path, started: list[subprocess.Popen[bytes]], *, lifetime: int = 3600
+) -> dict[str, object]:
     proc = procs.start(
         [
             sys.executable, "-m", "tests.support.est_server", "--dir", str(directory),
-            "--auth", "basic", "--tls12-only", "--pop-required", "--lifetime", "3600",
+            "--auth", "basic", "--tls12-only", "--pop-required", "--lifetime", str(lifetime),
         ],
         cwd=ROOT,
         stdout=subprocess.PIPE,
@@ -100,6 +103,50 @@ def identity_steps(ctx: DemoContext) -> None:
         info = path.lstat()
         kind = f"-> {os.readlink(path)}" if path.is_symlink() else f"{info.st_size} bytes"
         print(f"  {info.st_mode & 0o7777:04o}  {path.relative_to(ctx.state_dir)}  {kind}")
+
+
+def service_step(ctx: DemoContext, rotations: int = 2) -> None:
+    """`devid-agent run` with certificates that live 105 s (the EST server back-dates them by
+    60 s, so at 60% of their lifetime they are due 3 s after issue): it enrolls, then rotates
+    by itself, each time with a new TPM key proven over mutual TLS."""
+    import signal
+    import time
+
+    banner(f"devid-agent run: the service enrolls, then rotates {rotations} times by itself")
+    est = start_est_server(ctx.workdir / "est-service", ctx.started, lifetime=105)
+    config = write_config(
+        ctx.workdir / "service.toml",
+        state_dir=ctx.workdir / "service-state",
+        tcti=ctx.tpm.tcti,
+        provider=ctx.provider,
+        url=est["url"],
+        trust_anchor=est["ca_file"],
+        username="device",
+        password_file=str(password_file(ctx.workdir)),
+    )
+    config.write_text(
+        config.read_text() + "[renewal]\nwindow_start_fraction = 0.6\nwindow_end_fraction = 0.6\n"
+    )
+    print(f"$ devid-agent --config {config.name} run", flush=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "agent.cli", "--config", str(config), "run"],
+        cwd=ROOT, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert proc.stderr is not None
+    seen = 0
+    deadline = time.monotonic() + 120
+    try:
+        for line in proc.stderr:
+            if " agent.daemon: " in line or "proved itself" in line:
+                print("  " + line.split(" INFO ", 1)[-1].split(" WARNING ", 1)[-1].rstrip())
+            if "agent.daemon: identity generation" in line:
+                seen += 1
+            if seen > rotations or time.monotonic() > deadline:
+                break
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(60)
+    print(f"  (SIGTERM: exit {code})", flush=True)
 
 
 def firmware_step(ctx: DemoContext) -> None:
@@ -146,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
             started=started,
         )
         identity_steps(ctx)
+        service_step(ctx)
         firmware_step(ctx)
         banner("done")
         return 0
