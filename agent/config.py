@@ -377,6 +377,29 @@ class LoggingConfig:
     level: str = checked("info", check=_log_level)
 
 
+def _audit_bytes(value: int) -> str | None:
+    ok = 16 * 1024 <= value <= 64 * 1024 * 1024
+    return None if ok else "an integer from 16384 to 67108864 (64 MiB)"
+
+
+def _keep_files(value: int) -> str | None:
+    return None if 1 <= value <= 100 else "an integer from 1 to 100"
+
+
+@dataclass(frozen=True)
+class AuditConfig:
+    #: an audit file is rotated before it would pass this size
+    max_bytes: int = checked(1024 * 1024, check=_audit_bytes)
+    #: rotated files kept (audit.jsonl.1 .. audit.jsonl.N)
+    keep_files: int = checked(4, check=_keep_files)
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    #: Prometheus textfile for node_exporter (written 0644, atomically); None = off
+    textfile: Path | None = checked(None, check=_optional_absolute_path)
+
+
 @dataclass(frozen=True)
 class Config:
     device: DeviceConfig
@@ -388,6 +411,8 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     est: EstConfig = field(default_factory=EstConfig)
     firmware: FirmwareConfig = field(default_factory=FirmwareConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     #: where this config was read from (not a TOML key)
     source: Path = field(default=Path("<defaults>"), metadata={"internal": True})
 

@@ -12,9 +12,18 @@ from typing import TYPE_CHECKING, Any
 
 from agent.config import BootloaderKind, Config, CounterKind, KeyStoreKind
 from agent.errors import ConfigError
-from hal.interfaces import BootControl, FileStore, KeyStore, Lock, MonotonicCounter, Storage
+from hal.interfaces import (
+    AppendStore,
+    BootControl,
+    FileStore,
+    KeyStore,
+    Lock,
+    MonotonicCounter,
+    Storage,
+)
 
 if TYPE_CHECKING:
+    from agent.audit_log import AuditLog
     from agent.clock import Clock
     from agent.enroll import Enroller, TransportFactory
     from agent.est.memory import MemoryStore
@@ -124,7 +133,7 @@ def enroller(config: Config, **overrides: Any) -> Enroller:
     """The enroller for the CLI (and the daemon): the configured key store, the disk, HTTPS,
     the Basic credentials, the system clock. `overrides` replace any of them by name (tests)."""
     from agent.clock import SystemClock
-    from agent.enroll import Enroller, check_est_config
+    from agent.enroll import check_est_config
     from agent.est.auth import load_basic_credentials
 
     check_est_config(config)  # before anything is built from it
@@ -140,6 +149,7 @@ def enroller(config: Config, **overrides: Any) -> Enroller:
         "credentials": lambda: load_basic_credentials(
             config.est.username, config.est.password_file
         ),
+        "audit": lambda: service_audit_log(config),
     }
     unknown = set(parts) - set(builders)
     if unknown:
@@ -147,7 +157,39 @@ def enroller(config: Config, **overrides: Any) -> Enroller:
     for name, build in builders.items():
         if name not in parts:
             parts[name] = build()
-    return Enroller(config=config, **parts)
+    from agent.audit_enroll import AuditedEnroller
+
+    return AuditedEnroller(config=config, **parts)
+
+
+# -- audit trail -------------------------------------------------------------------------------
+
+
+def service_audit_log(config: Config, *, clock: Clock | None = None) -> AuditLog:
+    """The service's audit trail, `paths.state_dir/audit.jsonl`."""
+    from hal.secure_dir import DirStore
+
+    return _audit_log(config, DirStore(config.paths.state_dir), clock)
+
+
+def firmware_audit_log(config: Config, *, clock: Clock | None = None) -> AuditLog:
+    """Root's audit trail of firmware events, in root's own `firmware.state_dir` (never in the
+    service's directory, which the service user could rewrite: docs/security.md)."""
+    from hal.secure_dir import DirStore
+
+    return _audit_log(config, DirStore(config.firmware.state_dir), clock)
+
+
+def _audit_log(config: Config, store: AppendStore, clock: Clock | None) -> AuditLog:
+    from agent.audit_log import AuditLog
+    from agent.clock import SystemClock
+
+    return AuditLog(
+        store=store,
+        clock=clock or SystemClock(),
+        max_bytes=config.audit.max_bytes,
+        keep_files=config.audit.keep_files,
+    )
 
 
 # -- firmware ----------------------------------------------------------------------------------
@@ -221,8 +263,8 @@ def counter(config: Config) -> MonotonicCounter:
 
 
 def firmware_device(config: Config, *, clock: Clock | None = None) -> FirmwareDevice:
+    from agent.audit_firmware import AuditedFirmwareDevice
     from agent.clock import SystemClock
-    from agent.firmware.device import FirmwareDevice
     from hal.slots import DeviceSlot, booted_slot
 
     fw = config.firmware
@@ -234,7 +276,8 @@ def firmware_device(config: Config, *, clock: Clock | None = None) -> FirmwareDe
         "B": DeviceSlot(name="B", path=fw.slot_b),
     }
     cmdline: Path = fw.cmdline
-    return FirmwareDevice(
+    return AuditedFirmwareDevice(
+        audit=firmware_audit_log(config, clock=clock),
         boot=boot_control(config),
         slots=slots,
         counter=counter(config),
