@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from agent.firmware.device import FirmwareDevice
     from agent.firmware.status import FirmwareStatus
     from agent.identity import IdentityStore
+    from agent.metrics import RenewalFacts
     from agent.status import StatusCollector
     from hal.openssl_provider import ProviderInfo
 
@@ -357,6 +358,42 @@ def status_collector(config: Config, *, clock: Clock | None = None) -> StatusCol
         clock=clock or SystemClock(),
         skew=timedelta(seconds=config.est.clock_skew_seconds),
     )
+
+
+# -- metrics -------------------------------------------------------------------------------------
+
+
+def renewal_facts(config: Config) -> RenewalFacts | None:
+    """What the scheduler's state file says (None: no file yet, or unreadable)."""
+    from agent.errors import AgentError
+    from agent.metrics import RenewalFacts
+    from agent.renewal_state import SchedulerStateStore
+    from hal.secure_dir import DirStore
+
+    try:
+        state = SchedulerStateStore(store=DirStore(config.paths.state_dir)).load()
+    except AgentError:
+        return None
+    return RenewalFacts(
+        last_success=state.last_success,
+        last_attempt=state.history.last_attempt,
+        consecutive_failures=state.history.failures,
+    )
+
+
+def write_metrics(config: Config, *, clock: Clock | None = None) -> Path | None:
+    """Render the metrics and replace `metrics.textfile` (0644) atomically; None when off."""
+    from agent.clock import SystemClock
+    from agent.metrics import render
+    from hal.textfile import write_public
+
+    path = config.metrics.textfile
+    if path is None:
+        return None
+    clock = clock or SystemClock()
+    status = status_collector(config, clock=clock).collect()
+    write_public(path, render(status, renewal_facts(config), clock.now()).encode())
+    return path
 
 
 # -- the TPM, for doctor -----------------------------------------------------------------------

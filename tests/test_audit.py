@@ -292,7 +292,7 @@ def test_firmware_events_go_to_roots_firmware_state_dir(tmp_path: Path) -> None:
     assert fw.cli(rig.config, "install", str(good))[0] == 0
     rig.reboot()
     assert fw.cli(rig.config, "commit")[0] == 0
-    assert fw.cli(rig.config, "rollback")[0] == 74  # A was overwritten-ready: nothing to go to
+    assert fw.cli(rig.config, "rollback")[0] == 74  # nothing to roll back to
     got = records(rig.state_dir / "audit.jsonl")
     assert [(r["event"], r["outcome"]) for r in got] == [
         ("bundle_verified", "ok"),

@@ -89,7 +89,15 @@ Register = Callable[["argparse._SubParsersAction[argparse.ArgumentParser]"], Non
 
 def _modules() -> list[Register]:
     """Each command module's register(); imported here so `--help` lists every command."""
-    from agent.cli import audit_cmd, config_cmd, doctor_cmd, enroll_cmd, firmware_cmd, status_cmd
+    from agent.cli import (
+        audit_cmd,
+        config_cmd,
+        doctor_cmd,
+        enroll_cmd,
+        firmware_cmd,
+        metrics_cmd,
+        status_cmd,
+    )
 
     return [
         audit_cmd.register,
@@ -98,6 +106,7 @@ def _modules() -> list[Register]:
         enroll_cmd.register,
         status_cmd.register,
         firmware_cmd.register,
+        metrics_cmd.register,
     ]
 
 
