@@ -171,8 +171,8 @@ def check_est_trust_anchor(ctx: Context) -> Finding:
     for cert in _load_pem_certs(anchor):
         status, detail = _expiry(cert.subject.rfc4514_string(), cert, ctx.now)
         details.append(detail)
-        if status != OK:
-            worst = status if worst != ERROR else worst
+        if status == ERROR or (status == WARNING and worst == OK):
+            worst = status
     return Finding("est_trust_anchor", worst, f"{anchor}: " + "; ".join(details))
 
 
