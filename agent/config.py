@@ -400,6 +400,16 @@ class MetricsConfig:
     textfile: Path | None = checked(None, check=_optional_absolute_path)
 
 
+def _share(value: float) -> str | None:
+    return None if 0 < value <= 1 else "a share of the lifetime, above 0 and at most 1"
+
+
+@dataclass(frozen=True)
+class StatusConfig:
+    #: `status` exits 85 when renewals fail and less than this share of the lifetime is left
+    renewal_failing_share: float = checked(0.2, check=_share)
+
+
 @dataclass(frozen=True)
 class Config:
     device: DeviceConfig
@@ -413,6 +423,7 @@ class Config:
     firmware: FirmwareConfig = field(default_factory=FirmwareConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    status: StatusConfig = field(default_factory=StatusConfig)
     #: where this config was read from (not a TOML key)
     source: Path = field(default=Path("<defaults>"), metadata={"internal": True})
 

@@ -136,7 +136,7 @@ def test_device_without_libtss2_runs_with_software_keys(tmp_path: Path) -> None:
     assert "ERROR    key_store" not in run(software, "doctor").stdout
     assert run(software, "config", "check").stdout == "OK\n"
     status = run(software, "status")
-    assert (status.returncode, status.stderr) == (1, "")  # not enrolled; no traceback
+    assert (status.returncode, status.stderr) == (81, "")  # not enrolled; no traceback
     assert "identity:  none" in status.stdout
 
     result = run(write_config(tmp_path / "tpm", "device:/dev/null", provider_path()), "doctor")

@@ -38,6 +38,7 @@ PURE = [
     "agent.audit",
     "agent.audit_events",
     "agent.metrics",
+    "agent.status_codes",
     "agent.config",
     "agent.config_loader",
     "agent.pki",

@@ -33,6 +33,8 @@ EXIT_NOT_ENROLLED = 81  # no identity: run `devid-agent enroll`
 EXIT_IDENTITY_EXPIRED = 82  # the identity expired and cannot renew: run `devid-agent enroll`
 EXIT_CLIENT_REJECTED = 83  # the EST server's TLS alert rejected our client certificate
 EXIT_AUDIT_BROKEN = 84  # `audit verify`: the hash chain is broken (a line removed or edited)
+EXIT_RENEWAL_FAILING = 85  # `status`: renewals fail and little of the lifetime is left
+EXIT_IDENTITY_UNUSABLE = 86  # `status`: the identity is unreadable or not yet valid
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a process ended by Ctrl-C
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: the reader of our output went away (`| head -0`)
 
@@ -70,6 +72,8 @@ exit codes:
   82   the identity expired and cannot renew: run `devid-agent enroll`
   83   the EST server rejected our client certificate (TLS alert): security event
   84   audit verify: the audit trail's hash chain is broken (security event)
+  85   status: renewal failing with less than status.renewal_failing_share of the lifetime left
+  86   status: the identity is unusable (key or certificate unreadable, or not yet valid)
   130  interrupted
   141  our output pipe was closed by its reader
 """
