@@ -7,6 +7,7 @@ patching the clock."""
 from __future__ import annotations
 
 import io
+import json
 import os
 import signal
 import subprocess
@@ -21,7 +22,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from agent.cli import main
-from agent.cli.doctor_cmd import Finding, run_checks
+from agent.cli.doctor_cmd import Context, Finding, check_key_store, run_checks
 from agent.config import load_config
 from agent.wiring import enroller
 from hal.interfaces import KeyAlgorithm
@@ -189,7 +190,7 @@ def test_a_tpm_with_no_free_object_slots_is_an_error(tmp_path: Path, swtpm: Swtp
     )  # fmt: skip
     try:
         assert leaker.stdout is not None and leaker.stdout.readline() == "loaded\n"
-        found = checks(config)["key_store"]
+        found = check_key_store(Context(load_config(config)))  # not the provider: one per process
     finally:
         os.kill(leaker.pid, signal.SIGKILL)
         leaker.communicate()
@@ -202,8 +203,12 @@ def test_a_provider_that_cannot_load_is_an_error(tmp_path: Path, swtpm: Swtpm) -
         config.read_text().replace('store = "software"', 'store = "tpm"')
         + f'[tpm]\ntcti = "{swtpm.tcti}"\nopenssl_provider = "{tmp_path / "tpm2.so"}"\n'
     )
-    found = checks(config)["tls_provider"]
-    assert found.status == "error"
+    result = subprocess.run(  # its own process: a provider loads once per process
+        [sys.executable, "-m", "agent.cli", "--config", str(config), "doctor", "--json"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    found = {f["check"]: f for f in json.loads(result.stdout)}["tls_provider"]
+    assert result.returncode == 1 and found["status"] == "error", found
 
 
 def test_a_corrupt_bootloader_env_is_an_error(tmp_path: Path) -> None:

@@ -56,9 +56,15 @@ class Context:
     """What a run of checks shares: the config, the time, and what one check learned for another."""
 
     config: Config
-    now: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
+    now: datetime = field(default_factory=lambda: _system_now())
     #: the EST server's HTTP Date header, when the probe got one
     server_date: datetime | None = None
+
+
+def _system_now() -> datetime:
+    from agent.clock import SystemClock
+
+    return SystemClock().now()
 
 
 def _when(moment: datetime) -> str:
