@@ -333,3 +333,27 @@ def test_audit_verify_in_a_fresh_process_against_a_tampered_trail(tmp_path: Path
         "prev is not the SHA-256 of the line before it (that line was edited, or lines were "
         "removed, inserted or reordered here)\n"
     )
+
+
+WRITER = """
+import sys
+from pathlib import Path
+from agent.audit_log import AuditLog
+from agent.clock import SystemClock
+from hal.secure_dir import DirStore
+log = AuditLog(store=DirStore(Path(sys.argv[1])), clock=SystemClock(), max_bytes=16384)
+for i in range(int(sys.argv[2])):
+    assert log.record("renewal", {"outcome": "ok", "writer": sys.argv[3], "n": i})
+"""
+
+
+def test_concurrent_writers_keep_one_chain(tmp_path: Path) -> None:
+    """The daemon, `enroll` and `renew` may write at once: the lock keeps one chain."""
+    state = tmp_path / "state"
+    procs = [
+        subprocess.Popen([sys.executable, "-c", WRITER, str(state), "20", str(w)], cwd=ROOT)
+        for w in range(4)
+    ]
+    assert [p.wait(timeout=60) for p in procs] == [0, 0, 0, 0]
+    report = AuditLog(store=DirStore(state), clock=StepClock(), max_bytes=16384).verify()
+    assert report.intact and report.lines == 80 and report.head.seq == 80
