@@ -426,6 +426,39 @@ class LoggingConfig:
     level: str = checked("info", check=_log_level)
 
 
+def _audit_bytes(value: int) -> str | None:
+    ok = 16 * 1024 <= value <= 64 * 1024 * 1024
+    return None if ok else "an integer from 16384 to 67108864 (64 MiB)"
+
+
+def _keep_files(value: int) -> str | None:
+    return None if 1 <= value <= 100 else "an integer from 1 to 100"
+
+
+@dataclass(frozen=True)
+class AuditConfig:
+    #: an audit file is rotated before it would pass this size
+    max_bytes: int = checked(1024 * 1024, check=_audit_bytes)
+    #: rotated files kept (audit.jsonl.1 .. audit.jsonl.N)
+    keep_files: int = checked(4, check=_keep_files)
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    #: Prometheus textfile for node_exporter (written 0644, atomically); None = off
+    textfile: Path | None = checked(None, check=_optional_absolute_path)
+
+
+def _share(value: float) -> str | None:
+    return None if 0 < value <= 1 else "a share of the lifetime, above 0 and at most 1"
+
+
+@dataclass(frozen=True)
+class StatusConfig:
+    #: `status` exits 85 when renewals fail and less than this share of the lifetime is left
+    renewal_failing_share: float = checked(0.2, check=_share)
+
+
 @dataclass(frozen=True)
 class Config:
     device: DeviceConfig
@@ -439,6 +472,9 @@ class Config:
     firmware: FirmwareConfig = field(default_factory=FirmwareConfig)
     renewal: RenewalConfig = field(default_factory=RenewalConfig)
     hooks: HooksConfig = field(default_factory=HooksConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    status: StatusConfig = field(default_factory=StatusConfig)
     #: where this config was read from (not a TOML key)
     source: Path = field(default=Path("<defaults>"), metadata={"internal": True})
 

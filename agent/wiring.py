@@ -13,11 +13,20 @@ from typing import TYPE_CHECKING, Any
 
 from agent.config import BootloaderKind, Config, CounterKind, KeyStoreKind
 from agent.errors import ConfigError
-from hal.interfaces import BootControl, FileStore, KeyStore, Lock, MonotonicCounter, Storage
+from hal.interfaces import (
+    AppendStore,
+    BootControl,
+    FileStore,
+    KeyStore,
+    Lock,
+    MonotonicCounter,
+    Storage,
+)
 
 if TYPE_CHECKING:
     from datetime import datetime
 
+    from agent.audit_log import AuditLog
     from agent.clock import Clock
     from agent.daemon import Daemon, DaemonParts
     from agent.enroll import Enroller, TransportFactory
@@ -27,6 +36,7 @@ if TYPE_CHECKING:
     from agent.firmware.device import FirmwareDevice
     from agent.firmware.status import FirmwareStatus
     from agent.identity import Identity, IdentityStore
+    from agent.metrics import RenewalFacts
     from agent.renewal import RenewalPolicy
     from agent.renewal_state import SchedulerStateStore
     from agent.status import StatusCollector
@@ -131,7 +141,7 @@ def enroller(config: Config, **overrides: Any) -> Enroller:
     """The enroller for the CLI (and the daemon): the configured key store, the disk, HTTPS,
     the Basic credentials, the system clock. `overrides` replace any of them by name (tests)."""
     from agent.clock import SystemClock
-    from agent.enroll import Enroller, check_est_config
+    from agent.enroll import check_est_config
     from agent.est.auth import load_basic_credentials
 
     check_est_config(config)  # before anything is built from it
@@ -148,6 +158,7 @@ def enroller(config: Config, **overrides: Any) -> Enroller:
             config.est.username, config.est.password_file
         ),
         "prove_rotation": lambda: False,  # the daemon proves every rotation (agent/daemon.py)
+        "audit": lambda: service_audit_log(config),
     }
     unknown = set(parts) - set(builders)
     if unknown:
@@ -155,7 +166,39 @@ def enroller(config: Config, **overrides: Any) -> Enroller:
     for name, build in builders.items():
         if name not in parts:
             parts[name] = build()
-    return Enroller(config=config, **parts)
+    from agent.audit_enroll import AuditedEnroller
+
+    return AuditedEnroller(config=config, **parts)
+
+
+# -- audit trail -------------------------------------------------------------------------------
+
+
+def service_audit_log(config: Config, *, clock: Clock | None = None) -> AuditLog:
+    """The service's audit trail, `paths.state_dir/audit.jsonl`."""
+    from hal.secure_dir import DirStore
+
+    return _audit_log(config, DirStore(config.paths.state_dir), clock)
+
+
+def firmware_audit_log(config: Config, *, clock: Clock | None = None) -> AuditLog:
+    """Root's audit trail of firmware events, in root's own `firmware.state_dir` (never in the
+    service's directory, which the service user could rewrite: docs/security.md)."""
+    from hal.secure_dir import DirStore
+
+    return _audit_log(config, DirStore(config.firmware.state_dir), clock)
+
+
+def _audit_log(config: Config, store: AppendStore, clock: Clock | None) -> AuditLog:
+    from agent.audit_log import AuditLog
+    from agent.clock import SystemClock
+
+    return AuditLog(
+        store=store,
+        clock=clock or SystemClock(),
+        max_bytes=config.audit.max_bytes,
+        keep_files=config.audit.keep_files,
+    )
 
 
 # -- firmware ----------------------------------------------------------------------------------
@@ -229,8 +272,8 @@ def counter(config: Config) -> MonotonicCounter:
 
 
 def firmware_device(config: Config, *, clock: Clock | None = None) -> FirmwareDevice:
+    from agent.audit_firmware import AuditedFirmwareDevice
     from agent.clock import SystemClock
-    from agent.firmware.device import FirmwareDevice
     from hal.slots import DeviceSlot, booted_slot
 
     fw = config.firmware
@@ -242,7 +285,8 @@ def firmware_device(config: Config, *, clock: Clock | None = None) -> FirmwareDe
         "B": DeviceSlot(name="B", path=fw.slot_b),
     }
     cmdline: Path = fw.cmdline
-    return FirmwareDevice(
+    return AuditedFirmwareDevice(
+        audit=firmware_audit_log(config, clock=clock),
         boot=boot_control(config),
         slots=slots,
         counter=counter(config),
@@ -341,6 +385,42 @@ def identity_key_check(config: Config) -> Callable[[Identity], None]:
                 )
 
     return check
+
+
+# -- metrics -------------------------------------------------------------------------------------
+
+
+def renewal_facts(config: Config) -> RenewalFacts | None:
+    """What the scheduler's state file says (None: no file yet, or unreadable)."""
+    from agent.errors import AgentError
+    from agent.metrics import RenewalFacts
+    from agent.renewal_state import SchedulerStateStore
+    from hal.secure_dir import DirStore
+
+    try:
+        state = SchedulerStateStore(store=DirStore(config.paths.state_dir)).load()
+    except AgentError:
+        return None
+    return RenewalFacts(
+        last_success=state.last_success,
+        last_attempt=state.history.last_attempt,
+        consecutive_failures=state.history.failures,
+    )
+
+
+def write_metrics(config: Config, *, clock: Clock | None = None) -> Path | None:
+    """Render the metrics and replace `metrics.textfile` (0644) atomically; None when off."""
+    from agent.clock import SystemClock
+    from agent.metrics import render
+    from hal.textfile import write_public
+
+    path = config.metrics.textfile
+    if path is None:
+        return None
+    clock = clock or SystemClock()
+    status = status_collector(config, clock=clock).collect()
+    write_public(path, render(status, renewal_facts(config), clock.now()).encode())
+    return path
 
 
 # -- the TPM, for doctor -----------------------------------------------------------------------

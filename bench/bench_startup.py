@@ -68,7 +68,7 @@ def main() -> int:
         enrolled = enrolled_config(root)
         rig = Rig(root / "fw", bootloader="file", counter="file")
         cases = [
-            ("status, not enrolled", [*AGENT, "--config", str(bare), "status"], 1),
+            ("status, not enrolled", [*AGENT, "--config", str(bare), "status"], 81),
             ("status, enrolled", [*AGENT, "--config", str(enrolled), "status"], 0),
             ("firmware status", [*AGENT, "--config", str(rig.config), "firmware", "status"], 0),
         ]

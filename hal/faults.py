@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 
 ENV = "DEVID_AGENT_CRASH_AT"
-CRASH_EXIT = 86
+CRASH_EXIT = 99  # no exit code of the CLI (agent/cli EXIT_CODES) uses it
 
 _raw = os.environ.get(ENV, "")
 _target: int | None = int(_raw) if _raw.isascii() and _raw.isdigit() else None

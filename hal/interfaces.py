@@ -207,3 +207,20 @@ class FileStore(Protocol):
     ) -> AbstractContextManager[None]:
         """Hold an exclusive lock on the file `name` for the block."""
         ...
+
+
+@runtime_checkable
+class AppendStore(FileStore, Protocol):
+    """A `FileStore` that can also append and rename (hal.secure_dir.DirStore): the audit trail."""
+
+    def append(self, name: str, data: bytes, *, mode: int = 0o600) -> int:
+        """Append `data` in one O_APPEND write and fsync it; the file's new size."""
+        ...
+
+    def tail(self, name: str, *, max_bytes: int) -> tuple[int, bytes] | None:
+        """(size, the last `max_bytes` bytes at most), or None if the file does not exist."""
+        ...
+
+    def rename(self, src: str, dst: str) -> bool:
+        """Rename `src` over `dst` durably; False if `src` does not exist."""
+        ...

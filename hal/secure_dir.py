@@ -226,6 +226,59 @@ class SecureDir:
                     os.unlink(tmp, dir_fd=self.fd)
             raise StorageError(f"cannot write {self.path / name}: {e.strerror}") from e
 
+    def append(self, name: str, data: bytes, *, mode: int = FILE_MODE) -> int:
+        """Append `data` in one O_APPEND write (created `mode` if missing), fsync; the new size."""
+        try:
+            fd = self._open_regular(name, os.O_WRONLY | os.O_APPEND | os.O_CREAT, "append to")
+        except OSError as e:
+            raise self._refused(name, e) from e
+        try:
+            created = os.fstat(fd).st_size == 0
+            if created:
+                os.fchmod(fd, mode)
+            view = memoryview(data)
+            while view:
+                faults.point(f"append {self.path / name}")
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+            size = os.fstat(fd).st_size
+            if created:
+                os.fsync(self.fd)
+            return size
+        except OSError as e:
+            raise StorageError(f"cannot append to {self.path / name}: {e.strerror}") from e
+        finally:
+            os.close(fd)
+
+    def tail(self, name: str, *, max_bytes: int) -> tuple[int, bytes] | None:
+        """(the file's size, its last `max_bytes` bytes at most), or None if it does not exist."""
+        try:
+            fd = self._open_regular(name, os.O_RDONLY, "read")
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            raise self._refused(name, e) from e
+        try:
+            size = os.fstat(fd).st_size
+            start = max(0, size - max_bytes)
+            return size, os.pread(fd, size - start, start)
+        except OSError as e:
+            raise StorageError(f"cannot read {self.path / name}: {e.strerror}") from e
+        finally:
+            os.close(fd)
+
+    def rename(self, src: str, dst: str) -> bool:
+        """Rename `src` to `dst` (replacing it) and fsync the directory; False if `src` is
+        missing. Neither name is followed if it is a symlink (renameat moves the entry)."""
+        try:
+            os.replace(src, dst, src_dir_fd=self.fd, dst_dir_fd=self.fd)
+            os.fsync(self.fd)
+        except FileNotFoundError:
+            return False
+        except OSError as e:
+            raise StorageError(f"cannot rename {self.path / src}: {e.strerror}") from e
+        return True
+
     @contextlib.contextmanager
     def lock(
         self, name: str, *, wait: bool = True, holder: str = "another process"
@@ -288,6 +341,21 @@ class DirStore:
     ) -> Iterator[None]:
         with self._open() as sd, sd.lock(name, wait=wait, holder=holder):
             yield
+
+    def append(self, name: str, data: bytes, *, mode: int = FILE_MODE) -> int:
+        with self._open() as sd:
+            return sd.append(name, data, mode=mode)
+
+    def tail(self, name: str, *, max_bytes: int) -> tuple[int, bytes] | None:
+        sd = SecureDir.open(self.directory, create=False, private=self.private)
+        if sd is None:
+            return None
+        with sd:
+            return sd.tail(name, max_bytes=max_bytes)
+
+    def rename(self, src: str, dst: str) -> bool:
+        with self._open() as sd:
+            return sd.rename(src, dst)
 
     def _open(self) -> SecureDir:
         sd = SecureDir.open(self.directory, create=True, private=self.private)

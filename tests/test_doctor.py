@@ -34,14 +34,23 @@ def write_config(tmp_path: Path, tcti: str, provider: Path, store: str = "tpm") 
 def test_doctor_all_ok_with_tpm(swtpm: Swtpm, tmp_path: Path) -> None:
     config = write_config(tmp_path, swtpm.tcti, provider_path())
     result = doctor(config, "--json")
-    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.returncode == 1, result.stdout + result.stderr  # est.url unset: enroll fails
     findings = {f["check"]: f for f in json.loads(result.stdout)}
     assert {name: f["status"] for name, f in findings.items()} == {
         "config": "ok",
         "state_dir": "ok",
+        "est_config": "error",
+        "est_credentials": "ok",
+        "est_trust_anchor": "ok",
+        "est_reachable": "ok",
+        "clock": "ok",
+        "identity": "warning",  # not enrolled
+        "identity_key": "ok",
         "key_store": "ok",
-        "tpm_owner_auth": "warn",  # a fresh swtpm has an empty owner auth
+        "tpm_owner_auth": "warning",  # a fresh swtpm has an empty owner auth
         "tls_provider": "ok",
+        "bootloader_env": "ok",
+        "firmware_anchors": "ok",
     }
     assert "manufacturer IBM" in findings["key_store"]["detail"]  # swtpm reports IBM's TPM
     assert findings["tls_provider"]["detail"].startswith("tpm2 OpenSSL provider 1.")
@@ -71,16 +80,18 @@ def test_doctor_reports_unreachable_tpm(tmp_path: Path) -> None:
     result = doctor(write_config(tmp_path, tcti, provider_path()))
     assert result.returncode == 1
     lines = result.stdout.splitlines()
-    assert lines[0].startswith("ok    config:")
-    assert lines[2].startswith(f"FAIL  key_store: cannot open the TPM at '{tcti}'")
+    assert lines[0].startswith("ok       config:")
+    [key_store] = [line for line in lines if " key_store: " in line]
+    assert key_store.startswith(f"ERROR    key_store: cannot open the TPM at '{tcti}'")
     assert result.stderr == ""  # libtss2's own "ERROR:tcti:..." lines are silenced
 
 
 def test_doctor_warns_about_software_keys(tmp_path: Path) -> None:
     result = doctor(write_config(tmp_path, "device:/dev/null", provider_path(), store="software"))
-    assert result.returncode == 0
+    assert result.returncode == 1  # est.url is not set
     assert (
-        "warn  key_store: software keys: the private key is a file root can copy" in result.stdout
+        "warning  key_store: software keys: the private key is a file root can copy"
+        in result.stdout
     )
 
 
@@ -89,7 +100,7 @@ def test_doctor_reports_config_error(tmp_path: Path) -> None:
     path.write_text("[device]\n")
     result = doctor(path)
     assert result.returncode == 1
-    assert result.stdout == f"FAIL  config: {path}: device.id: missing required key (a string)\n"
+    assert result.stdout == f"FATAL    config: {path}: device.id: missing required key (a string)\n"
 
 
 BLOCK_TPM2_PYTSS = """
@@ -122,16 +133,16 @@ def test_device_without_libtss2_runs_with_software_keys(tmp_path: Path) -> None:
         )  # fmt: skip
 
     software = write_config(tmp_path / "sw", "device:/dev/null", provider_path(), "software")
-    assert run(software, "doctor").returncode == 0
+    assert "ERROR    key_store" not in run(software, "doctor").stdout
     assert run(software, "config", "check").stdout == "OK\n"
     status = run(software, "status")
-    assert (status.returncode, status.stderr) == (1, "")  # not enrolled; no traceback
+    assert (status.returncode, status.stderr) == (81, "")  # not enrolled; no traceback
     assert "identity:  none" in status.stdout
 
     result = run(write_config(tmp_path / "tpm", "device:/dev/null", provider_path()), "doctor")
     assert result.returncode == 1
     assert (
-        "FAIL  key_store: the TPM key store needs tpm2-pytss and libtss2, which cannot be "
+        "ERROR    key_store: the TPM key store needs tpm2-pytss and libtss2, which cannot be "
         "imported (libtss2-esys.so.0: cannot open shared object file); install them, or set "
         'keys.store = "software"'
     ) in result.stdout.splitlines()
@@ -151,5 +162,5 @@ def test_doctor_fails_a_state_dir_owned_by_someone_else(tmp_path: Path) -> None:
     result = doctor(config)
     assert result.returncode == 1
     assert (
-        f"FAIL  state_dir: {state} belongs to uid {owner}, not to this user (uid {os.geteuid()})"
+        f"ERROR    state_dir: {state} belongs to uid {owner}, not to this user (uid {os.geteuid()})"
     ) in result.stdout

@@ -57,7 +57,7 @@ def test_not_enrolled_is_reported_and_unhealthy(tmp_path: Path) -> None:
     rig, _ = device(tmp_path)
     code, out, err = status(rig.config, "--json")
     report = json.loads(out)
-    assert (code, err) == (1, "")
+    assert (code, err) == (81, "")
     assert report["identity"]["state"] == "none"
     assert report["device_id"] == "gw-test"
     assert report["firmware"]["booted"] == "A"
@@ -91,7 +91,7 @@ def test_expired_identity_is_unhealthy(tmp_path: Path, test_ca: TestCA) -> None:
         not_after=utcnow() - dt.timedelta(days=1),
     )
     code, out, _ = status(rig.config, "--json")
-    assert code == 1
+    assert code == 82
     assert json.loads(out)["identity"]["state"] == "expired"
 
 
@@ -118,7 +118,7 @@ def test_a_broken_part_is_reported_not_fatal(tmp_path: Path, test_ca: TestCA) ->
     rig.file_env.write_bytes(b"garbage\n")
     code, out, _ = status(rig.config, "--json")
     report = json.loads(out)
-    assert code == 1
+    assert code == 74
     assert report["identity"]["state"] == "valid"  # still shown
     assert report["firmware"] is None
     assert len(report["errors"]) == 1 and str(rig.file_env) in report["errors"][0]
@@ -135,7 +135,7 @@ def test_unreadable_identity_is_not_shown_as_a_software_key(tmp_path: Path) -> N
     assert "identity:  unreadable (see the error below)" in text
     assert "WEAKER" not in text and "generation None" not in text
     assert text.splitlines()[-1].startswith("error:     ") and "gen-7" in text
-    assert code == 1
+    assert code == 86
 
 
 def test_unreadable_identity_text() -> None:
@@ -157,7 +157,7 @@ def test_config_option_after_the_subcommand(tmp_path: Path) -> None:
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         code = main(["status", "--json", "--config", str(rig.config)])
-    assert code == 1 and json.loads(out.getvalue())["device_id"] == "gw-test"
+    assert code == 81 and json.loads(out.getvalue())["device_id"] == "gw-test"
 
 
 def test_foreign_exception_is_one_line_not_a_traceback(

@@ -27,7 +27,7 @@ def test_a_key_that_is_not_the_certificates_is_unhealthy(device: Device) -> None
     key = device.state_dir / "identity" / "current" / "key.tss2.pem"
     key.write_bytes(TpmKeyStore(tcti=device.tpm.tcti).generate(KeyAlgorithm.EC_P256))
     code, report = status(device)
-    assert code == 1
+    assert code == 86  # identity unusable
     assert report["identity"]["state"] == "valid"  # type: ignore[index]
     assert report["identity"]["key_usable"] is False  # type: ignore[index]
     assert report["errors"] == [
@@ -41,5 +41,5 @@ def test_a_key_the_tpm_cannot_load_is_unhealthy(device: Device) -> None:
     key = device.state_dir / "identity" / "current" / "key.tss2.pem"
     key.write_bytes(b"")
     code, report = status(device)
-    assert code == 1 and report["identity"]["key_usable"] is False  # type: ignore[index]
+    assert code == 86 and report["identity"]["key_usable"] is False  # type: ignore[index]
     assert "the identity's key is unusable" in str(report["errors"])

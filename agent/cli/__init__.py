@@ -32,6 +32,9 @@ EXIT_BUSY = 80  # another devid-agent process holds the lock: retry in a moment
 EXIT_NOT_ENROLLED = 81  # no identity: run `devid-agent enroll`
 EXIT_IDENTITY_EXPIRED = 82  # the identity expired and cannot renew: run `devid-agent enroll`
 EXIT_CLIENT_REJECTED = 83  # the EST server's TLS alert rejected our client certificate
+EXIT_AUDIT_BROKEN = 84  # `audit verify`: the hash chain is broken (a line removed or edited)
+EXIT_RENEWAL_FAILING = 85  # `status`: renewals fail and little of the lifetime is left
+EXIT_IDENTITY_UNUSABLE = 86  # `status`: the identity is unreadable or not yet valid
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a process ended by Ctrl-C
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: the reader of our output went away (`| head -0`)
 
@@ -68,6 +71,9 @@ exit codes:
   81   not enrolled: run `devid-agent enroll`
   82   the identity expired and cannot renew: run `devid-agent enroll`
   83   the EST server rejected our client certificate (TLS alert): security event
+  84   audit verify: the audit trail's hash chain is broken (security event)
+  85   status: renewal failing with less than status.renewal_failing_share of the lifetime left
+  86   status: the identity is unusable (key or certificate unreadable, or not yet valid)
   130  interrupted
   141  our output pipe was closed by its reader
 """
@@ -87,15 +93,26 @@ Register = Callable[["argparse._SubParsersAction[argparse.ArgumentParser]"], Non
 
 def _modules() -> list[Register]:
     """Each command module's register(); imported here so `--help` lists every command."""
-    from agent.cli import config_cmd, doctor_cmd, enroll_cmd, firmware_cmd, run_cmd, status_cmd
+    from agent.cli import (
+        audit_cmd,
+        config_cmd,
+        doctor_cmd,
+        enroll_cmd,
+        firmware_cmd,
+        metrics_cmd,
+        run_cmd,
+        status_cmd,
+    )
 
     return [
+        audit_cmd.register,
         config_cmd.register,
         doctor_cmd.register,
         enroll_cmd.register,
         run_cmd.register,
         status_cmd.register,
         firmware_cmd.register,
+        metrics_cmd.register,
     ]
 
 
@@ -177,6 +194,11 @@ def _main(argv: Sequence[str] | None) -> int:
 def one_line(text: str) -> str:
     """`text` with control characters (newlines from a server's message, ...) escaped."""
     return _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
+
+
+def fail(message: str) -> None:
+    """One line on stderr, `devid-agent: ...` (for commands that report and return a code)."""
+    _fail(message)
 
 
 def _fail(message: str) -> None:

@@ -1,7 +1,8 @@
 """`devid-agent status [--json]`: the identity, a pending EST request and the firmware slots.
 
-Exit status 0 when the identity is valid and every part could be read, 1 otherwise, so it serves
-as a health check. Collection is `agent.status.StatusCollector`, built by `agent.wiring`.
+Exit status (`agent.status_codes`, README "Exit codes"): 0 healthy; 81 not enrolled; 86 identity
+unusable; 82 expired; 85 renewal failing with little lifetime left; 74 a part could not be
+read. Collection is `agent.status.StatusCollector`, built by `agent.wiring`.
 """
 
 from __future__ import annotations
@@ -18,7 +19,13 @@ if TYPE_CHECKING:  # imported when the command runs, not to build --help
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    status = subparsers.add_parser("status", help="identity, pending enrollment and firmware state")
+    status = subparsers.add_parser(
+        "status",
+        help="identity, pending enrollment and firmware state",
+        description="Exit 0 healthy, 81 not enrolled, 86 identity unusable (unreadable, or not "
+        "yet valid), 82 expired, 85 renewal failing with less than "
+        "status.renewal_failing_share of the lifetime left, 74 a part could not be read.",
+    )
     add_config_option(status)
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.set_defaults(func=run)
@@ -32,10 +39,14 @@ def collect(config: Config) -> AgentStatus:
 
 def run(args: argparse.Namespace) -> int:
     from agent.config import config_path, load_config
+    from agent.status_codes import status_code
+    from agent.wiring import renewal_facts
 
-    status = collect(load_config(config_path(args.config)))
+    config = load_config(config_path(args.config))
+    status = collect(config)
     if args.json:
         print(json.dumps(status.to_dict(), indent=2, sort_keys=True))
     else:
         print(status.to_text())
-    return 0 if status.healthy else 1
+    share = config.status.renewal_failing_share
+    return status_code(status, renewal_facts(config), failing_share=share)

@@ -69,7 +69,8 @@ def write_config(path: Path, **kwargs: Any) -> Path:
 
 def snapshot(root: Path) -> dict[str, tuple[int, bytes]]:
     """Every path under `root` with its mode and bytes (a symlink: its target), except the
-    enrollment lock file, which any run may create: checked here to be empty and 0600."""
+    enrollment lock file, which any run may create: checked here to be empty and 0600, and the
+    audit trail (`audit.jsonl*`, `audit.lock`), which records every attempt, refused ones too."""
     result: dict[str, tuple[int, bytes]] = {}
     if not root.exists():
         return result
@@ -84,6 +85,8 @@ def snapshot(root: Path) -> dict[str, tuple[int, bytes]]:
             else:
                 data = path.read_bytes()
             result[str(path.relative_to(root))] = (info.st_mode, data)
+    for name in [n for n in result if n.startswith("audit.")]:  # the record of the attempt
+        del result[name]
     lock = result.pop(LOCK_FILE_NAME, None)
     assert lock in (None, (stat.S_IFREG | 0o600, b"")), f"{LOCK_FILE_NAME}: {lock}"
     return result

@@ -308,7 +308,11 @@ class Rig:
         """Every byte the device's firmware state consists of."""
         paths = [*self.slot.values(), *self.env_files]
         if self.state_dir.exists():
-            paths += sorted(p for p in self.state_dir.iterdir() if p.name != "lock")
+            paths += sorted(
+                p
+                for p in self.state_dir.iterdir()
+                if p.name != "lock" and not p.name.startswith("audit.")  # audit records attempts
+            )
         return {str(p): p.read_bytes() for p in paths if p.exists()}
 
     def write_bundle(self, data: bytes, name: str = "bundle.fw") -> Path:
