@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from agent.est.pending import PendingStore
     from agent.firmware.chain import TrustPolicy
     from agent.firmware.device import FirmwareDevice
+    from agent.firmware.fetch import BundleOpener, DownloadSettings
     from agent.firmware.status import FirmwareStatus
     from agent.identity import IdentityStore
     from agent.status import StatusCollector
@@ -248,6 +249,24 @@ def firmware_device(config: Config, *, clock: Clock | None = None) -> FirmwareDe
         check_slot_at_commit=fw.check_slot_at_commit,
         buffer_bytes=fw.buffer_kib * 1024,
     )
+
+
+def download_settings(config: Config) -> DownloadSettings:
+    from agent.firmware.fetch import DownloadSettings
+
+    fw = config.firmware
+    return DownloadSettings(
+        ca=fw.download_ca,
+        connect_timeout_seconds=fw.download_connect_timeout_seconds,
+        read_timeout_seconds=fw.download_read_timeout_seconds,
+    )
+
+
+def bundle_opener(config: Config) -> BundleOpener:
+    """`install|verify https://...`: the bundle streamed over HTTPS (requests), never on disk."""
+    from agent.firmware.fetch import bundle_opener as opener
+
+    return opener(download_settings(config))
 
 
 def check_firmware_root_paths(config: Config) -> None:

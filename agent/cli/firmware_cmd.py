@@ -52,9 +52,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     sign.add_argument("image", type=Path, metavar="IMAGE")
     sign.set_defaults(func=run_sign)
 
-    verify = actions.add_parser("verify", help="verify BUNDLE ('-' = stdin); change nothing")
+    verify = actions.add_parser(
+        "verify", help="verify BUNDLE (file, '-' = stdin, https:// URL); change nothing"
+    )
     verify.add_argument("bundle", metavar="BUNDLE")
-    install = actions.add_parser("install", help="verify BUNDLE and write it to the inactive slot")
+    install = actions.add_parser(
+        "install", help="verify BUNDLE (file, '-', https:// URL streamed) into the inactive slot"
+    )
     install.add_argument("bundle", metavar="BUNDLE")
     install.add_argument("--slot", help="target slot (default: the one not booted)")
     status = actions.add_parser("status", help="slots, versions, tries, committed version")
@@ -78,10 +82,20 @@ def _config(args: argparse.Namespace) -> Config:
     return load_config(config_path(args.config))
 
 
+def _is_url(name: str) -> bool:
+    return name.startswith(("https://", "http://"))
+
+
 @contextlib.contextmanager
-def _open_bundle(name: str) -> Iterator[BinaryIO]:
+def _open_bundle(name: str, config: Config) -> Iterator[BinaryIO]:
     from agent.errors import StorageError
 
+    if _is_url(name):  # streamed, never copied to disk (docs/firmware.md "Install from HTTPS")
+        from agent.wiring import bundle_opener
+
+        with bundle_opener(config)(name) as stream:
+            yield stream
+        return
     if name == "-":
         yield sys.stdin.buffer
         return
@@ -148,8 +162,9 @@ def run_sign(args: argparse.Namespace) -> int:
 def run_verify(args: argparse.Namespace) -> int:
     from agent.wiring import firmware_device
 
-    device = firmware_device(_config(args))
-    with _open_bundle(args.bundle) as stream:
+    config = _config(args)
+    device = firmware_device(config)
+    with _open_bundle(args.bundle, config) as stream:
         manifest = device.verify(stream)
     print(
         f"OK: {manifest.compatible} {manifest.version} security_version "
@@ -161,8 +176,9 @@ def run_verify(args: argparse.Namespace) -> int:
 def run_install(args: argparse.Namespace) -> int:
     from agent.wiring import firmware_device
 
-    device = firmware_device(_config(args))
-    with _open_bundle(args.bundle) as stream:
+    config = _config(args)
+    device = firmware_device(config)
+    with _open_bundle(args.bundle, config) as stream:
         slot, manifest = device.install(stream, slot=args.slot)
     print(f"installed {manifest.version} into slot {slot}; it boots next")
     return 0
