@@ -65,7 +65,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     status.add_argument("--json", action="store_true", help="print JSON")
     commit = actions.add_parser("commit", help="mark the booted slot good; raise the counter")
     rollback = actions.add_parser("rollback", help="boot the other good slot next")
+    crl = actions.add_parser("crl", help="certificate revocation lists of the firmware PKI")
+    crl_actions = crl.add_subparsers(dest="crl_command", metavar="ACTION", required=True)
+    refresh = crl_actions.add_parser(
+        "refresh", help="fetch, check and store the CRLs (distribution points, crl_urls)"
+    )
     for parser, func in (
+        (refresh, run_crl_refresh),
         (verify, run_verify),
         (install, run_install),
         (status, run_status),
@@ -212,3 +218,19 @@ def run_rollback(args: argparse.Namespace) -> int:
     slot = firmware_device(_config(args)).rollback()
     print(f"slot {slot} boots next")
     return 0
+
+
+def run_crl_refresh(args: argparse.Namespace) -> int:
+    """One line per CRL: stored (with its next update) on stdout, refused on stderr; the exit
+    code is that of the first refusal (65 a bad CRL, 69 a download failure)."""
+    from agent.cli import exit_code_for, one_line
+    from agent.wiring import crl_refresh
+
+    code = 0
+    for outcome in crl_refresh(_config(args)):
+        if outcome.error is None:
+            print(outcome.line())
+        else:
+            print(f"devid-agent: {one_line(outcome.line())}", file=sys.stderr)
+            code = code or exit_code_for(outcome.error)
+    return code
