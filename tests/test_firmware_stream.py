@@ -159,3 +159,26 @@ def test_plain_http_and_no_download_ca_are_refused(rig: Rig, tmp_path: Path) -> 
 def test_query_strings_stay_out_of_messages(rig: Rig, server: FwServer) -> None:
     code, _, err = cli(rig.config, "install", server.url("/missing.fw?X-Amz-Signature=s3cr3t"))
     assert code == EXIT_UNAVAILABLE and "s3cr3t" not in err and "/missing.fw" in err
+
+
+def test_the_system_store_is_used_only_when_configured_and_warned(
+    rig: Rig, server: FwServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    configure(rig, "system")
+    server.routes["/good.fw"] = Route(body=make_bundle(PAYLOAD, [rig.vendor.signer]))
+    code, _, err = cli(rig.config, "verify", server.url("/good.fw"))
+    assert code == EXIT_TRUST  # the test CA is in no system store
+    assert "is not trusted by firmware.download_ca" in err
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any('firmware.download_ca = "system": any CA in the system store' in w for w in warnings)
+
+
+def test_download_ca_is_a_root_used_path(rig: Rig) -> None:
+    from agent.config import load_config
+    from agent.firmware.root_paths import root_used_paths
+
+    keys = dict(root_used_paths(load_config(rig.config)))
+    assert keys["firmware.download_ca"] == rig.root.parent / "download-ca.pem"
+    assert keys["firmware.crl_dir"] == rig.root / "fwcrl"
+    configure(rig, "system")
+    assert "firmware.download_ca" not in dict(root_used_paths(load_config(rig.config)))

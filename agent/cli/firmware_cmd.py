@@ -1,9 +1,11 @@
-"""`devid-agent firmware sign|verify|install|status|commit|rollback`.
+"""`devid-agent firmware sign|verify|install|status|commit|rollback|crl refresh`.
 
-Run by OTA hooks as root. Exit status: 0 done; 65 the bundle was refused (signature, chain,
-compatible, downgrade, truncated or altered payload) or commit found the booted slot changed;
+Run by OTA hooks as root. Exit status: 0 done; 65 the bundle (or a CRL) was refused (signature,
+chain, compatible, downgrade, truncated or altered payload) or commit found the booted slot
+changed; 69 a download failed (unreachable, timed out, cut short, 4xx/5xx, redirect to http);
 74 bootloader env, slot, bundle file, counter or state failed (a corrupt env, writing the booted
 slot); 78 configuration. One line on stderr says why (docs/firmware.md, contrib/README.md).
+A bundle named by an https:// URL is streamed (agent.firmware.fetch, built in agent.wiring).
 """
 
 from __future__ import annotations

@@ -74,6 +74,11 @@ def _chain_of(e: BaseException) -> Iterator[BaseException]:
                 todo.append(nxt)
 
 
+def _length(response: requests.Response) -> int | None:
+    text = response.headers.get("content-length", "").strip()
+    return int(text) if text.isascii() and text.isdigit() and len(text) <= 18 else None
+
+
 def _reason(e: BaseException) -> str:
     import ssl
 
@@ -189,14 +194,26 @@ class _BodyStream(io.RawIOBase):
     one-line TransportErrors (a download cut short is retryable; a short bundle is not)."""
 
     def __init__(
-        self, raw: Any, where: str, what: str = "bundle download", after: str = ""
+        self,
+        raw: Any,
+        where: str,
+        what: str = "bundle download",
+        after: str = "",
+        length: int | None = None,
     ) -> None:
         super().__init__()
+        #: the body's Content-Length, when the server sent one
+        self._length = length
         self._raw = raw
         self._where = where
         self._what = what
         self._after = after
         self.received = 0
+        # urllib3's response wraps http.client's, which reads straight into the caller's
+        # buffer (no copy) and still checks Content-Length (IncompleteRead when cut short);
+        # with decode_content off (requests' stream) urllib3 adds nothing we need on the way.
+        fp: Any = getattr(raw, "_fp", None)
+        self._readinto = fp.readinto if hasattr(fp, "readinto") else self._copy_into
 
     def readable(self) -> bool:
         return True
@@ -206,17 +223,25 @@ class _BodyStream(io.RawIOBase):
 
     def readinto(self, buffer: Any) -> int:
         try:
-            data = self._raw.read(len(buffer))
+            n: int = self._readinto(buffer) or 0
         except Exception as e:  # urllib3's ReadTimeoutError, ProtocolError, SSL and OS errors
             what = "no data within the read timeout" if _reason(e) == "timed out" else _reason(e)
             raise TransportError(
                 f"{self._what} {self._where} broke off after {self.received} bytes: "
                 f"{what}{self._after}"
             ) from e
-        n = len(data)
-        buffer[:n] = data
+        if not n and len(buffer) and self._length is not None and self.received < self._length:
+            raise TransportError(
+                f"{self._what} {self._where} broke off after {self.received} of the "
+                f"{self._length} bytes the server announced{self._after}"
+            )
         self.received += n
         return n
+
+    def _copy_into(self, buffer: Any) -> int:
+        data = self._raw.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
 
 
 @contextlib.contextmanager
@@ -228,7 +253,12 @@ def open_bundle_url(url: str, settings: DownloadSettings) -> Iterator[BinaryIO]:
     try:
         response = session.get(url, "bundle download")
         try:
-            body = _BodyStream(response.raw, shown(url), after="; the booted slot is untouched")
+            body = _BodyStream(
+                response.raw,
+                shown(url),
+                after="; the booted slot is untouched",
+                length=_length(response),
+            )
             yield cast(BinaryIO, body)
         finally:
             response.close()
@@ -247,7 +277,9 @@ def fetch_bytes(url: str, limit: int, settings: DownloadSettings) -> bytes:
     try:
         response = session.get(url, "CRL download")
         try:
-            body = _BodyStream(response.raw, shown(url), what="CRL download")
+            body = _BodyStream(
+                response.raw, shown(url), what="CRL download", length=_length(response)
+            )
             out = bytearray()
             buf = bytearray(64 * 1024)
             while len(out) <= limit:
