@@ -118,8 +118,24 @@ def test_a_short_bundle_without_length_is_truncated(rig: Rig, server: FwServer) 
 
 
 def test_over_long_download(rig: Rig, server: FwServer) -> None:
+    """Its Content-Length says so before the payload: refused before any slot is touched."""
     server.routes["/long.fw"] = Route(body=make_bundle(PAYLOAD, [rig.vendor.signer]) + b"x" * 9)
+    before = rig.snapshot()
+    refused(rig, server.url("/long.fw"), EXIT_TRUST, "the download announces 98313 payload bytes")
+    assert rig.snapshot() == before
+
+
+def test_over_long_download_without_length(rig: Rig, server: FwServer) -> None:
+    body = make_bundle(PAYLOAD, [rig.vendor.signer]) + b"x" * 9
+    server.routes["/long.fw"] = Route(body=body, no_length=True)
     refused(rig, server.url("/long.fw"), EXIT_TRUST, "payload is longer than")
+
+
+def test_a_short_content_length_is_refused_before_writing(rig: Rig, server: FwServer) -> None:
+    server.routes["/short.fw"] = Route(body=make_bundle(PAYLOAD, [rig.vendor.signer])[:-1])
+    before = rig.snapshot()
+    refused(rig, server.url("/short.fw"), EXIT_TRUST, "announces 98303 payload bytes")
+    assert rig.snapshot() == before
 
 
 def test_a_trickling_server_times_out(rig: Rig, server: FwServer, tmp_path: Path) -> None:

@@ -215,6 +215,12 @@ class _BodyStream(io.RawIOBase):
         fp: Any = getattr(raw, "_fp", None)
         self._readinto = fp.readinto if hasattr(fp, "readinto") else self._copy_into
 
+    @property
+    def declared_remaining(self) -> int | None:
+        """Bytes the server still announces (Content-Length less what was read), or None: the
+        device compares it with the manifest's payload size before it touches a slot."""
+        return None if self._length is None else self._length - self.received
+
     def readable(self) -> bool:
         return True
 
