@@ -226,3 +226,10 @@ def test_a_crl_issuer_not_below_an_anchor_is_a_config_error(setup: Setup, tmp_pa
     setup.rig.config.write_text(text.replace(str(tmp_path / "crl-issuers.pem"), str(stray)))
     code, _, err = setup.refresh()
     assert code == EXIT_CONFIG and "CN=stray is not issued by a firmware trust anchor" in err
+
+
+def test_without_crl_numbers_an_earlier_this_update_is_older(setup: Setup) -> None:
+    key = setup.vendor.inter.key
+    setup.serve_inter(make_crl(setup.inter_name, key, number=None))  # type: ignore[arg-type]
+    older = make_crl(setup.inter_name, key, number=None, last=dt.timedelta(hours=-2))  # type: ignore[arg-type]
+    refused_keeps_the_old(setup, older, "is older than the stored one: thisUpdate")
