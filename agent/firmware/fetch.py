@@ -5,7 +5,8 @@
 A bundle is never copied to disk: `open_bundle_url` yields a read-only, unseekable stream over
 the response body (`stream=True`, read in the caller's buffer), so the verifier reads the
 header, checks the signatures, and only then reads the payload into the slot while hashing it,
-never more than the manifest's size plus one byte (to see the end). Bounds: a connect timeout,
+never more than the manifest's size plus one byte (to see the end); a reader thread decrypts
+at most `_Prefetch.BUFFERS` chunks ahead. Bounds: a connect timeout,
 a read timeout on every wait for bytes, at most `MAX_REDIRECTS` redirects and each to https://
 only, an identity encoding (no decompression), no proxy or .netrc from the environment. TLS is
 verified against `firmware.download_ca`; "system" (the system store) is allowed when configured
@@ -189,6 +190,67 @@ class _Session:
         raise TransportError(f"{what} {shown(url)}: more than {MAX_REDIRECTS} redirects")
 
 
+class _Prefetch:
+    """Reads ahead in a thread, so that TLS decryption of the next chunk overlaps the hashing
+    and slot writing of this one (both release the GIL). Memory stays bounded: at most
+    `BUFFERS` chunks are filled ahead; the reader waits for a free one."""
+
+    CHUNK = 512 * 1024
+    BUFFERS = 4
+
+    def __init__(self, source: Callable[[Any], int]) -> None:
+        import queue
+        import threading
+
+        self._source = source
+        self._filled: queue.SimpleQueue[tuple[bytearray, int, BaseException | None]] = (
+            queue.SimpleQueue()
+        )
+        self._free: queue.SimpleQueue[bytearray | None] = queue.SimpleQueue()
+        for _ in range(self.BUFFERS):
+            self._free.put(bytearray(self.CHUNK))
+        self._current: bytearray | None = None
+        self._pos = self._end = 0
+        self._done = False
+        self._thread = threading.Thread(target=self._run, name="bundle-prefetch", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (buf := self._free.get()) is not None:
+            try:
+                n = self._source(memoryview(buf)) or 0
+            except BaseException as e:  # handed to the reader, which raises it
+                self._filled.put((buf, 0, e))
+                return
+            self._filled.put((buf, n, None))
+            if not n:
+                return
+
+    def readinto(self, buffer: Any) -> int:
+        if self._current is None:
+            if self._done:
+                return 0
+            buf, n, error = self._filled.get()
+            if error is not None:
+                self._done = True
+                raise error
+            if not n:
+                self._done = True
+                return 0
+            self._current, self._pos, self._end = buf, 0, n
+        take = min(len(buffer), self._end - self._pos)
+        buffer[:take] = memoryview(self._current)[self._pos : self._pos + take]
+        self._pos += take
+        if self._pos == self._end:
+            self._free.put(self._current)
+            self._current = None
+        return take
+
+    def stop(self) -> None:
+        self._done = True
+        self._free.put(None)  # the reader ends at its next free-buffer wait
+
+
 class _BodyStream(io.RawIOBase):
     """The response body as an unseekable binary stream; network failures while reading become
     one-line TransportErrors (a download cut short is retryable; a short bundle is not)."""
@@ -200,6 +262,7 @@ class _BodyStream(io.RawIOBase):
         what: str = "bundle download",
         after: str = "",
         length: int | None = None,
+        prefetch: bool = False,
     ) -> None:
         super().__init__()
         #: the body's Content-Length, when the server sent one
@@ -214,6 +277,14 @@ class _BodyStream(io.RawIOBase):
         # with decode_content off (requests' stream) urllib3 adds nothing we need on the way.
         fp: Any = getattr(raw, "_fp", None)
         self._readinto = fp.readinto if hasattr(fp, "readinto") else self._copy_into
+        self._prefetch = _Prefetch(self._readinto) if prefetch else None
+        if self._prefetch is not None:
+            self._readinto = self._prefetch.readinto
+
+    def close(self) -> None:
+        if self._prefetch is not None:
+            self._prefetch.stop()
+        super().close()
 
     @property
     def declared_remaining(self) -> int | None:
@@ -264,8 +335,12 @@ def open_bundle_url(url: str, settings: DownloadSettings) -> Iterator[BinaryIO]:
                 shown(url),
                 after="; the booted slot is untouched",
                 length=_length(response),
+                prefetch=True,
             )
-            yield cast(BinaryIO, body)
+            try:
+                yield cast(BinaryIO, body)
+            finally:
+                body.close()
         finally:
             response.close()
     finally:
