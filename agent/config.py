@@ -312,6 +312,16 @@ def _required_signers(value: int) -> str | None:
     return None if 1 <= value <= 4 else "an integer from 1 to 4 (a bundle carries at most 4)"
 
 
+def _download_ca(value: str) -> str | None:
+    ok = value in ("", "system") or Path(value).is_absolute()
+    return None if ok else 'a PEM file by absolute path, "system" (the system store) or ""'
+
+
+def _crl_url(value: str) -> str | None:
+    ok = value.startswith(("https://", "http://")) and not any(ch.isspace() for ch in value)
+    return None if ok else "an http:// or https:// URL (a CRL is signed: plain HTTP is usual)"
+
+
 def _buffer_kib(value: int) -> str | None:
     return None if 4 <= value <= 65536 else "an integer from 4 to 65536"
 
@@ -324,6 +334,20 @@ class FirmwareConfig:
     trust_anchors: Path = checked(Path("/etc/devid-agent/firmware-ca.pem"), check=_absolute_path)
     #: CRL files (PEM or DER) checked against every certificate of the signer chain
     crl_files: tuple[Path, ...] = checked(())
+    #: where `firmware crl refresh` stores the CRLs it fetched and checked (root's, 0700); the
+    #: verifier uses them besides crl_files
+    crl_dir: Path = checked(Path("/var/lib/devid-agent-firmware/crl"), check=_absolute_path)
+    #: CRLs `crl refresh` fetches besides the distribution points in the anchors' certificates
+    crl_urls: tuple[str, ...] = checked((), item_check=_crl_url)
+    #: PEM file of intermediate CAs (each issued by a trust anchor) whose CRLs `crl refresh`
+    #: accepts and whose distribution points it reads; they are not trust anchors
+    crl_issuers: Path | None = checked(None, check=_optional_absolute_path)
+    #: TLS trust for `install https://...`: a PEM file, "system" (the system store, warned on
+    #: each use) or "" (HTTPS downloads off)
+    download_ca: str = checked("", check=_download_ca)
+    download_connect_timeout_seconds: float = checked(10.0, check=_timeout)
+    #: the longest wait for the next bytes of a download (or a CRL) before it is abandoned
+    download_read_timeout_seconds: float = checked(30.0, check=_timeout)
     #: distinct signer keys (each chaining to a trust anchor) that must sign a bundle
     required_signers: int = checked(1, check=_required_signers)
     #: root's per-slot records, lock, TPM counter baseline and file counter (0700). Must lie

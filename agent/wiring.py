@@ -32,8 +32,10 @@ if TYPE_CHECKING:
     from agent.enroll import Enroller, TransportFactory
     from agent.est.memory import MemoryStore
     from agent.est.pending import PendingStore
-    from agent.firmware.chain import TrustPolicy
+    from agent.firmware.chain import NamedCrl, TrustPolicy
+    from agent.firmware.crl import Outcome as CrlOutcome
     from agent.firmware.device import FirmwareDevice
+    from agent.firmware.fetch import BundleOpener, DownloadSettings
     from agent.firmware.status import FirmwareStatus
     from agent.identity import Identity, IdentityStore
     from agent.metrics import RenewalFacts
@@ -212,8 +214,72 @@ def trust_policy(config: Config) -> TrustPolicy:
     fw = config.firmware
     return TrustPolicy(
         anchors=tuple(load_certificates(fw.trust_anchors)),
-        crls=tuple(load_crl(path) for path in fw.crl_files),
+        crls=(*(load_crl(path) for path in fw.crl_files), *stored_crls(config)),
         required_signers=fw.required_signers,
+    )
+
+
+def crl_store(config: Config) -> FileStore:
+    """`firmware.crl_dir`: the CRLs `crl refresh` fetched and checked (root's)."""
+    from hal.secure_dir import DirStore
+
+    return DirStore(config.firmware.crl_dir)
+
+
+def stored_crls(config: Config) -> list[NamedCrl]:
+    """The CRLs `crl refresh` stored, for the verifier (which refuses a stale one)."""
+    from agent.errors import StorageError
+    from agent.firmware.chain import NamedCrl
+    from agent.firmware.crl import MAX_CRL_BYTES, SUFFIX, parse_crl
+    from hal.secure_dir import DirStore
+
+    store = DirStore(config.firmware.crl_dir)
+    out = []
+    for name in store.names():
+        if not name.endswith(SUFFIX) or name.startswith("."):
+            continue
+        data = store.read(name, limit=MAX_CRL_BYTES)
+        if data is None:
+            continue
+        where = str(store.path(name))
+        try:
+            out.append(NamedCrl(source=where, crl=parse_crl(data, where)))
+        except Exception as e:
+            raise StorageError(f"{where}: {e}; run `devid-agent firmware crl refresh`") from e
+    return out
+
+
+def crl_refresh(config: Config, *, clock: Clock | None = None) -> list[CrlOutcome]:
+    """`firmware crl refresh`: the anchors' and CRL issuers' distribution points, then
+    `firmware.crl_urls`, fetched with requests, judged, stored in `firmware.crl_dir`."""
+    from agent.clock import SystemClock
+    from agent.firmware import crl
+    from agent.firmware.fetch import fetch_bytes, shown
+    from agent.firmware.pem import load_certificates
+
+    check_firmware_root_paths(config)
+    fw = config.firmware
+    now = (clock or SystemClock()).now
+    anchors = load_certificates(fw.trust_anchors)
+    extra = load_certificates(fw.crl_issuers) if fw.crl_issuers is not None else []
+    issuers = crl.checked_issuers(
+        anchors, extra, now(), f"{config.source}: firmware.crl_issuers = {str(fw.crl_issuers)!r}"
+    )
+    urls = crl.distribution_points(issuers)
+    urls += [u for u in fw.crl_urls if u not in urls]
+    if not urls:
+        raise ConfigError(
+            f"{config.source}: no CRL to refresh: the certificates in firmware.trust_anchors and "
+            "firmware.crl_issuers name no CRL distribution point, and firmware.crl_urls is empty"
+        )
+    settings = download_settings(config)
+    return crl.refresh(
+        urls,
+        issuers=issuers,
+        store=crl_store(config),
+        fetch=lambda url, limit: fetch_bytes(url, limit, settings),
+        now=now,
+        shown=shown,
     )
 
 
@@ -300,6 +366,24 @@ def firmware_device(config: Config, *, clock: Clock | None = None) -> FirmwareDe
         check_slot_at_commit=fw.check_slot_at_commit,
         buffer_bytes=fw.buffer_kib * 1024,
     )
+
+
+def download_settings(config: Config) -> DownloadSettings:
+    from agent.firmware.fetch import DownloadSettings
+
+    fw = config.firmware
+    return DownloadSettings(
+        ca=fw.download_ca,
+        connect_timeout_seconds=fw.download_connect_timeout_seconds,
+        read_timeout_seconds=fw.download_read_timeout_seconds,
+    )
+
+
+def bundle_opener(config: Config) -> BundleOpener:
+    """`install|verify https://...`: the bundle streamed over HTTPS (requests), never on disk."""
+    from agent.firmware.fetch import bundle_opener as opener
+
+    return opener(download_settings(config))
 
 
 def check_firmware_root_paths(config: Config) -> None:

@@ -170,6 +170,13 @@ class SecureDir:
             raise StorageError(f"cannot stat {self.path / name}: {e.strerror}") from e
         return True
 
+    def names(self) -> list[str]:
+        """The names of the entries in the directory, sorted (read through its descriptor)."""
+        try:
+            return sorted(os.listdir(self.fd))
+        except OSError as e:
+            raise StorageError(f"cannot list {self.path}: {e.strerror}") from e
+
     def read(self, name: str, *, limit: int) -> bytes | None:
         """The whole file (at most `limit` bytes), or None if it does not exist."""
         try:
@@ -330,6 +337,14 @@ class DirStore:
             return None
         with sd:
             return sd.read(name, limit=limit)
+
+    def names(self) -> list[str]:
+        """The entries of the directory, sorted; [] if it does not exist."""
+        sd = SecureDir.open(self.directory, create=False, private=self.private)
+        if sd is None:
+            return []
+        with sd:
+            return sd.names()
 
     def write(self, name: str, data: bytes, *, mode: int = FILE_MODE) -> None:
         with self._open() as sd:

@@ -14,7 +14,8 @@ import pytest
 from tests.support.firmware import Rig, image, make_bundle
 
 ROOT = Path(__file__).resolve().parent.parent
-NEVER = ("pyasn1", "pyasn1_modules", "agent.est", "agent.enroll", "agent.identity", "requests")
+NEVER = ("pyasn1", "pyasn1_modules", "agent.est", "agent.enroll", "agent.identity", "requests",
+         "urllib3", "agent.firmware.fetch")  # fmt: skip
 NO_X509 = ("cryptography.x509", "agent.firmware.chain", "agent.firmware.pem")
 
 PROBE = """
@@ -54,3 +55,19 @@ def test_verify_loads_no_est(rig: Rig) -> None:
     modules = modules_after("--config", str(rig.config), "firmware", "verify", str(bundle))
     assert loaded(modules, NEVER) == []
     assert "cryptography.x509" in modules  # what it needs, it has
+
+
+def test_verify_from_https_loads_requests_but_no_est(rig: Rig, tmp_path: Path) -> None:
+    from tests.support.ca import TestCA
+    from tests.support.fw_http_server import FwServer, Route
+
+    ca = TestCA(name="imports download CA")
+    config = tmp_path / "config.toml"
+    config.write_text(
+        rig.config.read_text() + f'download_ca = "{ca.write_cert(tmp_path / "ca.pem")}"\n'
+    )
+    with FwServer(ca.server_identity(tmp_path)) as server:
+        server.routes["/b.fw"] = Route(body=make_bundle(image(4096), [rig.vendor.signer]))
+        modules = modules_after("--config", str(config), "firmware", "verify", server.url("/b.fw"))
+    assert loaded(modules, NEVER[:5]) == []
+    assert "requests" in modules and "agent.firmware.fetch" in modules

@@ -341,7 +341,7 @@ def test_the_default_layout_gives_the_service_user_nothing_to_touch(world: Path)
     assert as_root["pending"] == "B"
 
 
-@pytest.mark.parametrize("key", ["trust_anchors", "grub_env", "cmdline"])
+@pytest.mark.parametrize("key", ["trust_anchors", "grub_env", "cmdline", "crl_dir"])
 def test_config_check_as_root_refuses_root_used_paths_the_service_user_could_replace(
     world: Path, key: str
 ) -> None:
@@ -349,7 +349,7 @@ def test_config_check_as_root_refuses_root_used_paths_the_service_user_could_rep
     svc = service_dir(world)
     text = rig.config.read_text()
     original = {"trust_anchors": rig.files["anchor"], "grub_env": rig.grubenv,
-                "cmdline": rig.cmdline}[key]  # fmt: skip
+                "cmdline": rig.cmdline, "crl_dir": rig.root / "fwcrl"}[key]  # fmt: skip
     rig.config.write_text(text.replace(f'{key} = "{original}"', f'{key} = "{svc}/{key}"'))
     from agent.cli import main
 

@@ -61,7 +61,7 @@ exit codes:
   1    other failure (a bug: run with -v)
   2    usage error
   65   a trust check failed (signature, chain, validity, downgrade, fingerprint): do not retry
-  69   EST server unreachable, timed out or 5xx: retry later
+  69   EST or download server unreachable, timed out, cut short or 5xx: retry later
   74   TPM, bootloader environment, slot, counter or disk failure, or an unsafe request
   75   come back later: request pending (202) or the server named a time (Retry-After)
   76   the EST server answered with something unusable

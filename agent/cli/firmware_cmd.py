@@ -1,9 +1,11 @@
-"""`devid-agent firmware sign|verify|install|status|commit|rollback`.
+"""`devid-agent firmware sign|verify|install|status|commit|rollback|crl refresh`.
 
-Run by OTA hooks as root. Exit status: 0 done; 65 the bundle was refused (signature, chain,
-compatible, downgrade, truncated or altered payload) or commit found the booted slot changed;
+Run by OTA hooks as root. Exit status: 0 done; 65 the bundle (or a CRL) was refused (signature,
+chain, compatible, downgrade, truncated or altered payload) or commit found the booted slot
+changed; 69 a download failed (unreachable, timed out, cut short, 4xx/5xx, redirect to http);
 74 bootloader env, slot, bundle file, counter or state failed (a corrupt env, writing the booted
 slot); 78 configuration. One line on stderr says why (docs/firmware.md, contrib/README.md).
+A bundle named by an https:// URL is streamed (agent.firmware.fetch, built in agent.wiring).
 """
 
 from __future__ import annotations
@@ -52,16 +54,26 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     sign.add_argument("image", type=Path, metavar="IMAGE")
     sign.set_defaults(func=run_sign)
 
-    verify = actions.add_parser("verify", help="verify BUNDLE ('-' = stdin); change nothing")
+    verify = actions.add_parser(
+        "verify", help="verify BUNDLE (file, '-' = stdin, https:// URL); change nothing"
+    )
     verify.add_argument("bundle", metavar="BUNDLE")
-    install = actions.add_parser("install", help="verify BUNDLE and write it to the inactive slot")
+    install = actions.add_parser(
+        "install", help="verify BUNDLE (file, '-', https:// URL streamed) into the inactive slot"
+    )
     install.add_argument("bundle", metavar="BUNDLE")
     install.add_argument("--slot", help="target slot (default: the one not booted)")
     status = actions.add_parser("status", help="slots, versions, tries, committed version")
     status.add_argument("--json", action="store_true", help="print JSON")
     commit = actions.add_parser("commit", help="mark the booted slot good; raise the counter")
     rollback = actions.add_parser("rollback", help="boot the other good slot next")
+    crl = actions.add_parser("crl", help="certificate revocation lists of the firmware PKI")
+    crl_actions = crl.add_subparsers(dest="crl_command", metavar="ACTION", required=True)
+    refresh = crl_actions.add_parser(
+        "refresh", help="fetch, check and store the CRLs (distribution points, crl_urls)"
+    )
     for parser, func in (
+        (refresh, run_crl_refresh),
         (verify, run_verify),
         (install, run_install),
         (status, run_status),
@@ -78,10 +90,20 @@ def _config(args: argparse.Namespace) -> Config:
     return load_config(config_path(args.config))
 
 
+def _is_url(name: str) -> bool:
+    return name.startswith(("https://", "http://"))
+
+
 @contextlib.contextmanager
-def _open_bundle(name: str) -> Iterator[BinaryIO]:
+def _open_bundle(name: str, config: Config) -> Iterator[BinaryIO]:
     from agent.errors import StorageError
 
+    if _is_url(name):  # streamed, never copied to disk (docs/firmware.md "Install from HTTPS")
+        from agent.wiring import bundle_opener
+
+        with bundle_opener(config)(name) as stream:
+            yield stream
+        return
     if name == "-":
         yield sys.stdin.buffer
         return
@@ -148,8 +170,9 @@ def run_sign(args: argparse.Namespace) -> int:
 def run_verify(args: argparse.Namespace) -> int:
     from agent.wiring import firmware_device
 
-    device = firmware_device(_config(args))
-    with _open_bundle(args.bundle) as stream:
+    config = _config(args)
+    device = firmware_device(config)
+    with _open_bundle(args.bundle, config) as stream:
         manifest = device.verify(stream)
     print(
         f"OK: {manifest.compatible} {manifest.version} security_version "
@@ -161,8 +184,9 @@ def run_verify(args: argparse.Namespace) -> int:
 def run_install(args: argparse.Namespace) -> int:
     from agent.wiring import firmware_device
 
-    device = firmware_device(_config(args))
-    with _open_bundle(args.bundle) as stream:
+    config = _config(args)
+    device = firmware_device(config)
+    with _open_bundle(args.bundle, config) as stream:
         slot, manifest = device.install(stream, slot=args.slot)
     print(f"installed {manifest.version} into slot {slot}; it boots next")
     return 0
@@ -196,3 +220,19 @@ def run_rollback(args: argparse.Namespace) -> int:
     slot = firmware_device(_config(args)).rollback()
     print(f"slot {slot} boots next")
     return 0
+
+
+def run_crl_refresh(args: argparse.Namespace) -> int:
+    """One line per CRL: stored (with its next update) on stdout, refused on stderr; the exit
+    code is that of the first refusal (65 a bad CRL, 69 a download failure)."""
+    from agent.cli import exit_code_for, one_line
+    from agent.wiring import crl_refresh
+
+    code = 0
+    for outcome in crl_refresh(_config(args)):
+        if outcome.error is None:
+            print(outcome.line())
+        else:
+            print(f"devid-agent: {one_line(outcome.line())}", file=sys.stderr)
+            code = code or exit_code_for(outcome.error)
+    return code

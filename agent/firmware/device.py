@@ -175,7 +175,16 @@ class FirmwareDevice:
         facts = DeviceFacts(
             compatible=self.compatible, committed_security_version=self.counter.read()
         )
-        return verify_header(header, policy=self.trust(), device=facts, now=self.clock.now())
+        manifest = verify_header(header, policy=self.trust(), device=facts, now=self.clock.now())
+        # A download knows its length before the payload arrives (agent.firmware.fetch): one
+        # that cannot be this payload is refused before any slot is touched.
+        remaining = getattr(stream, "declared_remaining", None)
+        if isinstance(remaining, int) and remaining != manifest.payload_size:
+            raise FirmwareVerificationError(
+                f"the download announces {remaining} payload bytes; the manifest states "
+                f"{manifest.payload_size}"
+            )
+        return manifest
 
     # -- commands -----------------------------------------------------------------------------
 

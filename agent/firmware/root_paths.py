@@ -28,7 +28,11 @@ def root_used_paths(config: Config) -> list[tuple[str, Path]]:
         ("firmware.cmdline", fw.cmdline),
         ("firmware.counter_owner_auth_file", fw.counter_owner_auth_file),
         *(("firmware.crl_files", crl) for crl in fw.crl_files),
+        ("firmware.crl_dir", fw.crl_dir),
+        ("firmware.crl_issuers", fw.crl_issuers),
     ]
+    if fw.download_ca not in ("", "system"):
+        paths.append(("firmware.download_ca", Path(fw.download_ca)))
     if fw.bootloader is BootloaderKind.UBOOT:
         paths.append(("firmware.uboot_env_config", fw.uboot_env_config))
     elif fw.bootloader is BootloaderKind.GRUB:

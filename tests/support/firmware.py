@@ -253,6 +253,7 @@ class Rig:
             f'trust_anchors = "{self.files["anchor"]}"',
             "crl_files = [" + ", ".join(f'"{p}"' for p in self.crl_files) + "]",
             f'state_dir = "{self.state_dir}"',
+            f'crl_dir = "{self.root / "fwcrl"}"',
             f'status_snapshot = "{self.status_snapshot}"',
             f'bootloader = "{self.bootloader}"',
             f'slot_a = "{overrides.get("slot_a", self.slot["A"])}"',
