@@ -26,11 +26,12 @@ test: setup
 demo: setup
 	$(BIN)/python -m tests.support.demo
 
-# coverage-guided fuzzing (atheris) of every parser of outside bytes, FUZZ_SECONDS per target;
-# prints executions, coverage (cov/ft) and findings per target (tests/fuzz/run.py)
+# coverage-guided fuzzing (atheris) of every parser of outside bytes, FUZZ_SECONDS per target
+# (FUZZ_RUNS=N: a target stops earlier once it has run N inputs); prints executions, coverage
+# (cov/ft) and findings per target (tests/fuzz/run.py)
 FUZZ_SECONDS ?= 60
 fuzz: setup
-	$(BIN)/python -m tests.fuzz.run --seconds $(FUZZ_SECONDS) $(FUZZ_TARGETS)
+	$(BIN)/python -m tests.fuzz.run --seconds $(FUZZ_SECONDS) $(if $(FUZZ_RUNS),--runs $(FUZZ_RUNS)) $(FUZZ_TARGETS)
 
 bench: setup
 	@for b in bench/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done

@@ -16,11 +16,13 @@ any target found something.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import re
 import resource
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +44,9 @@ def _one(target: str, seconds: int, runs: int | None, work: Path, memory_mb: int
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     import atheris
 
+    # the parsers log what they tolerate ("ignoring unparseable Retry-After ..."): millions of
+    # lines would slow the run and fill the disk
+    logging.disable(logging.CRITICAL)
     with atheris.instrument_imports(include=INSTRUMENTED):
         from tests.fuzz import targets
     if target not in targets.TARGETS:
@@ -77,6 +82,7 @@ class Result:
     ft: int
     findings: list[str]
     log: Path
+    seconds: float
 
     @property
     def ok(self) -> bool:
@@ -109,6 +115,7 @@ def fuzz(
     if runs is not None:
         cmd += ["--runs", str(runs)]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    started = time.monotonic()
     with log.open("wb") as out:
         proc = subprocess.run(
             cmd,
@@ -119,6 +126,7 @@ def fuzz(
             check=False,
             timeout=seconds + 120,
         )
+    elapsed = time.monotonic() - started
     text = log.read_text(errors="replace")
     findings = sorted(
         p.name
@@ -126,7 +134,7 @@ def fuzz(
         if p.name not in before and p.name.startswith(FINDING_PREFIXES)
     )
     execs, cov, ft = _figures(text)
-    return Result(target, proc.returncode, execs, cov, ft, findings, log)
+    return Result(target, proc.returncode, execs, cov, ft, findings, log, elapsed)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -134,7 +142,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("targets", nargs="*")
     parser.add_argument("--one", metavar="TARGET", help="run one target in this process")
     parser.add_argument("--seconds", type=int, default=60, help="per target (default 60)")
-    parser.add_argument("--runs", type=int, default=None, help="stop after this many inputs")
+    parser.add_argument(
+        "--runs", type=int, default=None, help="stop a target after this many inputs (a goal)"
+    )
     parser.add_argument("--work", type=Path, default=ROOT / ".fuzz")
     parser.add_argument("--memory-mb", type=int, default=MEMORY_MB)
     args = parser.parse_args(argv)
@@ -157,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
             runs=args.runs,
             memory_mb=args.memory_mb,
         )
-        rate = r.executions // max(args.seconds, 1)
+        rate = int(r.executions / max(r.seconds, 0.001))
         what = ", ".join(r.findings) if r.findings else ("none" if r.ok else f"exit {r.returncode}")
         print(f"{name:<20} {r.executions:>12} {rate:>8} {r.cov:>6} {r.ft:>7}  {what}", flush=True)
         if not r.ok:
