@@ -2,7 +2,7 @@
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup test lint typecheck pytest demo bench clean
+.PHONY: setup test lint typecheck pytest demo bench fuzz clean
 
 setup:
 	@bash scripts/setup.sh
@@ -26,8 +26,15 @@ test: setup
 demo: setup
 	$(BIN)/python -m tests.support.demo
 
+# coverage-guided fuzzing (atheris) of every parser of outside bytes, FUZZ_SECONDS per target
+# (FUZZ_RUNS=N: a target stops earlier once it has run N inputs); prints executions, coverage
+# (cov/ft) and findings per target (tests/fuzz/run.py)
+FUZZ_SECONDS ?= 60
+fuzz: setup
+	$(BIN)/python -m tests.fuzz.run --seconds $(FUZZ_SECONDS) $(if $(FUZZ_RUNS),--runs $(FUZZ_RUNS)) $(FUZZ_TARGETS)
+
 bench: setup
 	@for b in bench/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
 
 clean:
-	rm -rf $(VENV) .deps .mypy_cache .pytest_cache .ruff_cache
+	rm -rf $(VENV) .deps .mypy_cache .pytest_cache .ruff_cache .fuzz

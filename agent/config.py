@@ -511,6 +511,8 @@ def parse_config(text: str, *, source: Path = Path("<string>")) -> Config:
         raise ConfigError(f"{source}: invalid TOML: {e}") from e
     except ValueError as e:  # e.g. an integer literal of thousands of digits (int() refuses it)
         raise ConfigError(f"{source}: invalid TOML: a value cannot be read ({e})") from e
+    except RecursionError as e:  # arrays or inline tables nested hundreds deep (found by fuzzing)
+        raise ConfigError(f"{source}: invalid TOML: values nested too deeply") from e
     loader = Loader(source)
     config = loader.build(Config, table)
     _check_subject(loader, config)

@@ -31,10 +31,20 @@ def parse_certs_only(der: bytes, what: str) -> list[x509.Certificate]:
     """The certificates of a DER PKCS#7 certs-only (degenerate SignedData) message."""
     try:
         certs = pkcs7.load_der_pkcs7_certificates(der)
-    except (ValueError, TypeError) as e:
+    # ValueError, UnsupportedAlgorithm (another PKCS#7 content type), x509.InvalidVersion...:
+    # any failure to parse these untrusted bytes is a refusal of the response
+    except Exception as e:
         raise EnrollmentError(f"{what}: not a PKCS#7 certs-only message: {e}") from e
     if not certs:
         raise EnrollmentError(f"{what}: the PKCS#7 message holds no certificates")
+    for i, cert in enumerate(certs):
+        # cryptography parses names and times lazily: read them now, so a malformed one is
+        # refused here with one line, not as a ValueError from whichever check reads it first
+        # (extensions are judged, with their own messages, by the checks that read them)
+        try:
+            _ = (cert.subject, cert.issuer, cert.not_valid_before_utc, cert.not_valid_after_utc)
+        except Exception as e:
+            raise EnrollmentError(f"{what}: certificate {i} is malformed: {e}") from e
     return certs
 
 

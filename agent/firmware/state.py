@@ -13,6 +13,7 @@ install, a fallback). Slot states:
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -60,6 +61,9 @@ class FirmwareState:
 
 
 def _corrupt(path: Path, what: str) -> StorageError:
+    # `what` may quote the file (a key name in a TypeError): control characters escaped, so
+    # the message stays one line
+    what = re.sub(r"[\x00-\x1f\x7f]", lambda m: f"\\x{ord(m.group()):02x}", what)
     return StorageError(f"firmware state file {path} is corrupt: {what}")
 
 
