@@ -132,18 +132,20 @@ class Daemon:
         parts = self._build(self._load_config())
         store = self._state_store(parts.config)
         state = store.load()
-        self._say("READY=1", f"STATUS=started: {self._describe(parts, state)}")
-        log.info("devid-agent is running: %s", self._describe(parts, state))
+        started = _describe(self._current(parts))
+        self._say("READY=1", f"STATUS=started: {started}")
+        log.info("devid-agent is running: %s", started)
         try:
             while not self._stop:
                 if self._reload:
                     parts, store = self._reloaded(parts, store)
                 now = self._clock.now()
-                decision = self._decide(parts, state, now)
+                current = self._current(parts)  # read once a turn: decide, then report
+                decision = self._decide(parts, state, current, now)
                 if decision.action is not Action.WAIT and decision.at <= now:
                     state = self._attempt(parts, store, state, decision, now)
                     continue
-                self._say(f"STATUS={self._status_line(parts, state, decision, now)}")
+                self._say(f"STATUS={_status_line(current, state, decision, now)}")
                 self._sleep_until(decision.at, now)
         finally:
             self._say("STOPPING=1")
@@ -182,8 +184,13 @@ class Daemon:
             log.warning("the current identity cannot be read (%s): enrolling repairs it", e)
             return None
 
-    def _decide(self, parts: DaemonParts, state: SchedulerState, now: datetime) -> Decision:
-        current = self._current(parts)
+    def _decide(
+        self,
+        parts: DaemonParts,
+        state: SchedulerState,
+        current: Identity | None,
+        now: datetime,
+    ) -> Decision:
         cert = None
         if current is not None:
             c = current.certificate
@@ -265,34 +272,35 @@ class Daemon:
             else:
                 log.info("post-rotate hook %s done%s", argv[0], f": {output}" if output else "")
 
-    # -- for people ---------------------------------------------------------------------------
-
-    def _describe(self, parts: DaemonParts, state: SchedulerState) -> str:
-        current = self._current(parts)
-        if current is None:
-            return "not enrolled"
-        end = current.certificate.not_valid_after_utc
-        return f"identity generation {current.generation}, valid until {end:%Y-%m-%dT%H:%M:%SZ}"
-
-    def _status_line(
-        self, parts: DaemonParts, state: SchedulerState, decision: Decision, now: datetime
-    ) -> str:
-        wait = _duration(decision.at - now)
-        if decision.action is Action.WAIT:
-            return f"waiting for a trustworthy clock: {decision.reason}"
-        what = self._describe(parts, state)
-        if state.history.failures:
-            return (
-                f"{what}; {decision.action.value} failing ({state.history.failures} in a row: "
-                f"{state.last_error}); next attempt in {wait}"
-            )
-        return f"{what}; {decision.action.value} in {wait}"
+    # -- systemd ------------------------------------------------------------------------------
 
     def _say(self, *fields: str) -> None:
         try:
             self._notify(*fields)
         except OSError as e:  # never fatal: the service must go on without systemd
             log.warning("cannot notify systemd: %s", e)
+
+
+def _describe(current: Identity | None) -> str:
+    if current is None:
+        return "not enrolled"
+    end = current.certificate.not_valid_after_utc
+    return f"identity generation {current.generation}, valid until {end:%Y-%m-%dT%H:%M:%SZ}"
+
+
+def _status_line(
+    current: Identity | None, state: SchedulerState, decision: Decision, now: datetime
+) -> str:
+    wait = _duration(decision.at - now)
+    if decision.action is Action.WAIT:
+        return f"waiting for a trustworthy clock: {decision.reason}"
+    what = _describe(current)
+    if state.history.failures:
+        return (
+            f"{what}; {decision.action.value} failing ({state.history.failures} in a row: "
+            f"{state.last_error}); next attempt in {wait}"
+        )
+    return f"{what}; {decision.action.value} in {wait}"
 
 
 def _duration(delta: timedelta) -> str:
