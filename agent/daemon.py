@@ -17,7 +17,10 @@ only from the loop, so a step that hangs (a TPM or network call) stops the pings
 watchdog restart the service; `RELOADING=1` and `STOPPING=1`.
 
 Everything it touches comes in through `DaemonParts` (built by agent/wiring.py for each config),
-so a reload rebuilds them and tests can give their own.
+so a reload rebuilds them and tests can give their own. The parts that live beside the loop (the
+MQTT channel, the control socket) are `components` (agent/components.py): the loop waits on
+their descriptors too, gives them turns, tells them what happened (events) and answers their
+requests (a snapshot, renew now, reload).
 """
 
 from __future__ import annotations
@@ -28,12 +31,15 @@ import os
 import select
 import signal
 import subprocess
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from functools import partial
 from types import FrameType
+from typing import TypeVar
 
 from agent.clock import Clock
+from agent.components import Component, Event, EventKind, IdentitySummary, Scalar, Snapshot
 from agent.config import Config
 from agent.enroll import Enroller, EnrollResult
 from agent.errors import AgentError, classify
@@ -49,6 +55,7 @@ from agent.renewal_state import (
 )
 
 log = logging.getLogger(__name__)
+_R = TypeVar("_R")
 
 #: the longest the loop sleeps without looking at the clock again (a clock set while we sleep)
 MAX_SLEEP_SECONDS = 300.0
@@ -66,6 +73,8 @@ class DaemonParts:
     identities: IdentityStore
     policy: RenewalPolicy
     bootstrap_available: bool
+    #: started after the build, stopped before a reload's replacements start
+    components: Sequence[Component] = field(default_factory=tuple)
 
 
 class Wakeup:
@@ -78,12 +87,16 @@ class Wakeup:
         with contextlib.suppress(BlockingIOError):  # already full of wake-ups: one is enough
             os.write(self._write, b"!")
 
-    def wait(self, seconds: float) -> None:
-        ready, _, _ = select.select([self._read], [], [], max(0.0, seconds))
-        if ready:
+    def wait(
+        self, seconds: float, readable: Sequence[int] = (), writable: Sequence[int] = ()
+    ) -> tuple[set[int], set[int]]:
+        """Sleep until a poke, a ready descriptor or `seconds`; the ready descriptors."""
+        ready, out, _ = select.select([self._read, *readable], writable, [], max(0.0, seconds))
+        if self._read in ready:
             with contextlib.suppress(BlockingIOError):
                 while os.read(self._read, 4096):
                     pass
+        return set(ready) - {self._read}, set(out)
 
     def close(self) -> None:
         os.close(self._read)
@@ -112,6 +125,12 @@ class Daemon:
         self._wakeup = Wakeup()
         self._stop = False
         self._reload = False
+        self._renewal_requested = False
+        self._components: list[Component] = []
+        self._events: list[Event] = []
+        self._ready: tuple[set[int], set[int]] = (set(), set())
+        self._started_at = clock.now()
+        self._view: tuple[Identity | None, SchedulerState, Decision] | None = None
 
     # -- signals: flags and a byte, nothing else ----------------------------------------------
 
@@ -133,6 +152,7 @@ class Daemon:
         store = self._state_store(parts.config)
         state = store.load()
         started = _describe(self._current(parts))
+        self._start_components(parts)
         self._say("READY=1", f"STATUS=started: {started}")
         log.info("devid-agent is running: %s", started)
         try:
@@ -142,23 +162,45 @@ class Daemon:
                 now = self._clock.now()
                 current = self._current(parts)  # read once a turn: decide, then report
                 decision = self._decide(parts, state, current, now)
+                self._view = (current, state, decision)
+                requested = self._renewal_requested
+                if requested:
+                    self._renewal_requested = False
+                    decision = self._requested(decision, now)
                 if decision.action is not Action.WAIT and decision.at <= now:
-                    state = self._attempt(parts, store, state, decision, now)
+                    state = self._attempt(parts, store, state, decision, now, requested=requested)
                     continue
                 self._say(f"STATUS={_status_line(current, state, decision, now)}")
                 self._sleep_until(decision.at, now)
+                self._turn_components()
         finally:
             self._say("STOPPING=1")
+            self._stop_components()
             self._wakeup.close()
         log.info("devid-agent stopped")
         return 0
+
+    def stop(self) -> None:
+        """Stop after the step in progress (as SIGTERM does)."""
+        self._stop = True
+        self._wakeup.poke()
 
     def _sleep_until(self, at: datetime, now: datetime) -> None:
         seconds = min((at - now).total_seconds(), MAX_SLEEP_SECONDS)
         if self._watchdog is not None:
             self._say("WATCHDOG=1")  # only here: a turn that hangs stops the pings
             seconds = min(seconds, self._watchdog)
-        self._wakeup.wait(seconds)
+        readable: list[int] = []
+        writable: list[int] = []
+        for component in list(self._components):
+            wants = self._guarded(component, "descriptors", component.descriptors)
+            if wants is not None:
+                readable.extend(wants[0])
+                writable.extend(wants[1])
+            due = self._guarded(component, "next_turn", component.next_turn)
+            if due is not None:
+                seconds = min(seconds, (due - now).total_seconds())
+        self._ready = self._wakeup.wait(seconds, readable, writable)
 
     def _reloaded(
         self, parts: DaemonParts, store: SchedulerStateStore
@@ -172,8 +214,129 @@ class Daemon:
             self._say("READY=1")
             return parts, store
         log.info("configuration reloaded from %s", new.config.source)
+        self._stop_components()
+        self._start_components(new)
+        self.emit(self._event(EventKind.RELOADED, source=str(new.config.source)))
+        self._dispatch()
         self._say("READY=1")
         return new, self._state_store(new.config)
+
+    # -- components (agent/components.py) ----------------------------------------------------
+
+    def _start_components(self, parts: DaemonParts) -> None:
+        for component in parts.components:
+            self._components.append(component)
+            self._guarded(component, "start", partial(component.start, self))  # or removed
+        self._dispatch()
+
+    def _stop_components(self) -> None:
+        components, self._components = self._components, []
+        for component in components:
+            try:
+                component.stop()
+            except Exception:  # stopping the others matters more
+                log.exception("component %s did not stop cleanly", component.name)
+
+    def _turn_components(self) -> None:
+        readable, writable = self._ready
+        self._ready = (set(), set())
+        now = self._clock.now()
+        for component in list(self._components):
+            wants = self._guarded(component, "descriptors", component.descriptors)
+            if wants is None:
+                continue
+            mine_r = readable.intersection(wants[0])
+            mine_w = writable.intersection(wants[1])
+            self._guarded(component, "turn", partial(component.turn, now, mine_r, mine_w))
+        self._dispatch()
+
+    def _guarded(self, component: Component, what: str, call: Callable[[], _R]) -> _R | None:
+        """Run a component's method; one that fails is stopped, the loop goes on without it
+        (an AgentError is an expected refusal, anything else is a bug: logged with its trace)."""
+        try:
+            return call()
+        except AgentError as e:
+            log.error("%s stopped: %s failed: %s", component.name, what, e)
+        except Exception:  # the identity must outlive a broken component
+            log.exception("%s stopped: %s raised", component.name, what)
+        if component in self._components:
+            self._components.remove(component)
+            with contextlib.suppress(Exception):
+                component.stop()
+        return None
+
+    def _dispatch(self) -> None:
+        """Give each queued event to every component (events they emit meanwhile included)."""
+        while self._events:
+            event = self._events.pop(0)
+            for component in list(self._components):
+                self._guarded(component, "on_event", partial(component.on_event, event))
+
+    def _event(self, kind: str, **detail: Scalar) -> Event:
+        return Event(kind=kind, at=self._clock.now(), detail=detail)
+
+    # -- the Host protocol (agent/components.py) ----------------------------------------------
+
+    def emit(self, event: Event) -> None:
+        self._events.append(event)
+        self._wakeup.poke()  # dispatched after this turn
+
+    def request_renewal(self) -> None:
+        self._renewal_requested = True
+        self._wakeup.poke()
+
+    def request_reload(self) -> None:
+        self._reload = True
+        self._wakeup.poke()
+
+    def snapshot(self) -> Snapshot:
+        now = self._clock.now()
+        if self._view is None:
+            raise RuntimeError("snapshot() before the first turn")
+        current, state, decision = self._view
+        identity = None
+        if current is not None:
+            c = current.certificate
+            identity = IdentitySummary(
+                generation=current.generation,
+                serial=f"{c.serial_number:x}",
+                not_before=c.not_valid_before_utc,
+                not_after=c.not_valid_after_utc,
+            )
+        statuses: dict[str, dict[str, Scalar]] = {}
+        for component in self._components:
+            got = self._guarded(component, "status", component.status)
+            if got is not None:
+                statuses[component.name] = dict(got)
+        return Snapshot(
+            now=now,
+            started_at=self._started_at,
+            identity=identity,
+            next_action=decision.action.value,
+            next_at=decision.at,
+            reason=decision.reason,
+            clock_trusted=decision.action is not Action.WAIT,
+            consecutive_failures=state.history.failures,
+            last_attempt=state.history.last_attempt,
+            last_success=state.last_success,
+            last_error=state.last_error,
+            last_disposition=state.last_disposition,
+            renewal_requested=self._renewal_requested,
+            components=statuses,
+        )
+
+    def _requested(self, decision: Decision, now: datetime) -> Decision:
+        if decision.action is Action.WAIT:  # no trustworthy clock: nothing can be checked
+            message = f"not attempted: {decision.reason}"
+            finished = self._event(
+                EventKind.ATTEMPT_FINISHED, action="renew", ok=False, requested=True,
+                disposition="clock", message=message,
+            )  # fmt: skip
+            self.emit(finished)
+            self._dispatch()
+            return decision
+        log.info("%s requested now (scheduled: %s)", decision.action.value, decision.reason)
+        return Decision(decision.action, now, "requested")
 
     # -- deciding and acting ------------------------------------------------------------------
 
@@ -212,10 +375,16 @@ class Daemon:
         state: SchedulerState,
         decision: Decision,
         now: datetime,
+        *,
+        requested: bool = False,
     ) -> SchedulerState:
-        log.info("%s: %s", decision.action.value, decision.reason)
-        self._say(f"STATUS={decision.action.value}: {decision.reason}")
+        action = decision.action.value
+        log.info("%s: %s", action, decision.reason)
+        self._say(f"STATUS={action}: {decision.reason}")
         state = store.save(record_attempt(state, now), now)  # before any network use
+        # before the TPM and the network are used: a component may free what it holds
+        self.emit(self._event(EventKind.ATTEMPT_STARTED, action=action, reason=decision.reason))
+        self._dispatch()
         try:
             if decision.action is Action.RENEW:
                 result = parts.enroller.renew()
@@ -225,7 +394,7 @@ class Daemon:
             disposition = classify(e)
             failure = Failure.SECURITY if disposition.kind.security else Failure.RETRYABLE
             until = disposition.until(now, maximum_seconds=MAX_RETRY_AFTER_SECONDS)
-            log.warning("%s failed (%s): %s", decision.action.value, disposition.kind.value, e)
+            log.warning("%s failed (%s): %s", action, disposition.kind.value, e)
             state = record_failure(
                 state,
                 failure=failure,
@@ -233,6 +402,11 @@ class Daemon:
                 disposition=disposition.kind.value,
                 retry_after_until=until,
             )
+            finished: dict[str, Scalar] = {
+                "ok": False, "disposition": disposition.kind.value, "message": str(e),
+            }  # fmt: skip
+            if decision.action is Action.RENEW:
+                self.emit(self._event(EventKind.ROTATION_FAILED, **finished))
         else:
             issued = result.identity.certificate
             state = record_success(state, self._clock.now(), issued.not_valid_before_utc)
@@ -241,9 +415,22 @@ class Daemon:
                 result.identity.generation, issued.serial_number,
                 issued.not_valid_after_utc.isoformat(timespec="seconds"),
             )  # fmt: skip
+            finished = {"ok": True, "disposition": "ok", "message": ""}
             if result.changed:
+                kind = EventKind.ROTATED if decision.action is Action.RENEW else EventKind.ENROLLED
+                news = self._event(
+                    kind, generation=result.identity.generation, action=action,
+                    serial=f"{issued.serial_number:x}",
+                    not_after=issued.not_valid_after_utc.isoformat(timespec="seconds"),
+                )  # fmt: skip
+                self.emit(news)
                 self._run_hooks(parts, result)
-        return store.save(state, self._clock.now())
+        state = store.save(state, self._clock.now())
+        self.emit(
+            self._event(EventKind.ATTEMPT_FINISHED, action=action, requested=requested, **finished)
+        )
+        self._dispatch()
+        return state
 
     def _run_hooks(self, parts: DaemonParts, result: EnrollResult) -> None:
         identity = result.identity
