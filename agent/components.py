@@ -40,6 +40,9 @@ class EventKind:
     COMMAND_REFUSED = "command_refused"
     PEER_REFUSED = "peer_refused"
     CHANNEL_REJECTED = "channel_rejected"  # the broker refused our identity; detail: reason
+    # requests between components (the control socket or a command asks, another acts):
+    CHANNEL_RECONNECT_REQUESTED = "channel_reconnect_requested"
+    CACERTS_REFRESH_REQUESTED = "cacerts_refresh_requested"
 
 
 @dataclass(frozen=True)
