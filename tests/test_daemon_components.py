@@ -197,3 +197,32 @@ def test_a_component_that_raises_is_stopped_and_the_identity_goes_on(
     assert EventKind.ROTATED in kinds(recorder)
     (seen,) = recorder.snapshots
     assert list(seen.components) == ["recorder"]
+
+
+def test_a_reload_stops_the_old_components_then_starts_the_new_ones(config: Config) -> None:
+    built: list[Recorder] = []
+    holder: list[Daemon] = []
+
+    def second_one_reloaded(r: Recorder, e: Event) -> bool:
+        if e.kind == EventKind.ATTEMPT_FINISHED and len(built) == 1:
+            assert r.host is not None
+            r.host.request_reload()
+        return e.kind == EventKind.RELOADED
+
+    def build(c: Config) -> Any:
+        recorder = Recorder(holder, second_one_reloaded)
+        built.append(recorder)
+        return replace(daemon_parts(c), components=(recorder,))
+
+    daemon = Daemon(
+        load_config=lambda: config, build=build, state_store=scheduler_state_store,
+        clock=SystemClock(), build_time=build_time(), notify=lambda *fields: True,
+        watchdog_seconds=None,
+    )  # fmt: skip
+    holder.append(daemon)
+    assert daemon.run() == 0
+
+    first, second = built
+    assert first.stopped == 1 and second.stopped == 1
+    assert EventKind.RELOADED not in kinds(first)  # stopped before the new ones started
+    assert kinds(second) == [EventKind.RELOADED]
