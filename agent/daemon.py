@@ -278,8 +278,7 @@ class Daemon:
     # -- the Host protocol (agent/components.py) ----------------------------------------------
 
     def emit(self, event: Event) -> None:
-        self._events.append(event)
-        self._wakeup.poke()  # dispatched after this turn
+        self._events.append(event)  # every call into a component is followed by a dispatch
 
     def request_renewal(self) -> None:
         self._renewal_requested = True
