@@ -197,14 +197,21 @@ def _claimed_id(payload: bytes) -> str | None:
     return value if isinstance(value, str) and ID.match(value) else None
 
 
+#: what cryptography raises on first access to a malformed part (it parses lazily)
+_MALFORMED = (ValueError, x509.DuplicateExtension, x509.UnsupportedGeneralNameType)
+
+
 def _certificates(chain: Sequence[bytes]) -> list[x509.Certificate]:
     certs = []
     for i, der in enumerate(chain):
         try:
             cert = x509.load_der_x509_certificate(der)
-            cert.subject  # noqa: B018  (parsed lazily: refuse a malformed name here)
-        except ValueError as e:
-            raise _malformed(f"chain[{i}] is not a DER certificate: {e}") from e
+            # parsed lazily: touch what the path walker reads, so a malformed part is refused
+            # here, naming the certificate, and not deep inside the walk
+            _ = (cert.subject, cert.issuer, list(cert.extensions), cert.serial_number)
+            _ = (cert.not_valid_before_utc, cert.not_valid_after_utc)
+        except _MALFORMED as e:
+            raise _malformed(f"chain[{i}] is not a well-formed DER certificate: {e}") from e
         certs.append(cert)
     return certs
 
@@ -368,7 +375,12 @@ def _verify(
         assert envelope.alg is not None
         certs = _certificates(envelope.chain)
         check_signature(certs[0], envelope.alg, envelope.sig, envelope.payload)
-        signer = _validate_signer(certs, anchors=anchors, now=now, skew=limits.clock_skew)
+        try:
+            signer = _validate_signer(certs, anchors=anchors, now=now, skew=limits.clock_skew)
+        except _MALFORMED as e:  # a part of these untrusted certificates nothing touched yet
+            raise CommandRefused(
+                "untrusted_signer", f"malformed certificate in the signer chain: {e}"
+            ) from e
     payload = _parse_payload(envelope.payload)
     if signer is not None:
         check_valid_at(signer, payload.issued_at, limits.clock_skew)
