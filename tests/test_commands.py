@@ -602,3 +602,20 @@ def test_the_eku_is_fixed() -> None:
     assert (
         "2.25.41675102310052449604932628050312790778" in (ROOT / "docs" / "commands.md").read_text()
     )
+
+
+def test_anchors_from_pem_and_the_error_tree(pki: CommandPki) -> None:
+    from agent.commands import parse_anchors
+    from agent.errors import ConfigError
+
+    both = pem(pki.root.cert) + pem(TestCA(name="second").cert)
+    anchors = parse_anchors(both, "a.pem")
+    assert len(anchors) == 2 and anchors[0].subject == pki.root.cert.subject
+    with pytest.raises(ConfigError, match=r"^x\.pem: no valid PEM certificates"):
+        parse_anchors(b"junk", "x.pem")
+    with pytest.raises(ValueError, match="unknown refusal code"):
+        CommandRefused("nope", "x")
+    assert (
+        json.loads(refused_response(CommandRefused("busy", "x", command_id="a b"), at=NOW))["id"]
+        is None
+    )  # an id that is not an id is never echoed
