@@ -47,6 +47,13 @@ PURE = [
     "agent.est.csrattrs",
     "agent.firmware.manifest",
     "agent.firmware.verify",
+    "agent.bounded_json",
+    "agent.commands",
+    "agent.commands.envelope",
+    "agent.commands.errors",
+    "agent.commands.replay",
+    "agent.commands.response",
+    "agent.commands.signer",
     "hal.errors",
     "hal.interfaces",
 ]
