@@ -11,10 +11,11 @@ import contextlib
 import os
 import threading
 import time
+from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from typing import Protocol
 
-__all__ = ["Clock", "Interrupt", "ManualClock", "SystemClock"]
+__all__ = ["Clock", "Interrupt", "ManualClock", "ShiftedClock", "SystemClock"]
 
 
 class Clock(Protocol):
@@ -110,3 +111,15 @@ class Interrupt:
     def close(self) -> None:
         os.close(self._read)
         os.close(self._write)
+
+
+class ShiftedClock(SystemClock):
+    """The system clock moved by `offset()` seconds, asked at every reading: a device whose
+    clock is wrong (no RTC: 1970 at boot) and is then set (NTP), for tests of the real service
+    (agent/wiring.py uses it only when hal.faults' test variable is set)."""
+
+    def __init__(self, offset: Callable[[], float]) -> None:
+        self._offset = offset
+
+    def now(self) -> datetime:
+        return super().now() + timedelta(seconds=self._offset())

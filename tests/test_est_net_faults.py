@@ -11,14 +11,21 @@ Every file under the state directory is byte-identical before and after.
 
 from __future__ import annotations
 
+import base64
 import re
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
+from agent.clock import Interrupt
+from agent.est.transport import HttpsTransport, Interrupted
 from tests.support.device import Device
 from tests.support.enroll_env import snapshot
 from tests.support.est_server import TLS_FAULTS, EstOptions, EstServer
@@ -129,3 +136,50 @@ def test_renew(device: Device, fault: str) -> None:
     assert first.code == 0, first.err
     device.configure(**CASES[fault].config)
     expect(device, CASES[fault], "renew")
+
+
+def test_an_interrupt_ends_a_hanging_request_at_once_then_no_connection_is_made(
+    tmp_path: Path,
+) -> None:
+    """The service's stop (agent/daemon.py trips the latch in its SIGTERM handler): a request
+    the server holds ends without waiting for the read timeout, and nothing more is sent."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "gw-0001")]))
+        .sign(key, hashes.SHA256())
+    )
+    body = base64.b64encode(csr.public_bytes(serialization.Encoding.DER))
+    interrupt = Interrupt()
+    try:
+        with EstServer(tmp_path / "est", EstOptions(fault="hang", hang_seconds=600)) as est:
+            transport = HttpsTransport(
+                url=est.url, ca_file=est.ca_file, read_timeout_seconds=300, interrupt=interrupt
+            )
+
+            def trip_once_hanging() -> None:
+                if est.hang_started.wait(60):
+                    interrupt.trip()
+
+            tripper = threading.Thread(target=trip_once_hanging)
+            tripper.start()
+            path = "/.well-known/est/simpleenroll"
+            with (
+                transport.connect() as conn,
+                pytest.raises(Interrupted, match=r"interrupted: the service is stopping$"),
+            ):
+                conn.request(
+                    "POST", path, headers={"Content-Type": "application/pkcs10"}, body=body
+                )
+            tripper.join()
+            connections = est.connections
+            with (
+                pytest.raises(Interrupted, match=r"^connecting to EST server localhost:"),
+                transport.connect(),
+            ):
+                pass
+            assert est.connections == connections
+            interrupt.trip()  # again: still tripped, no error
+            assert interrupt.is_set()
+    finally:
+        interrupt.close()

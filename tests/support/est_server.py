@@ -30,7 +30,7 @@ import sys
 import threading
 import warnings
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -176,6 +176,7 @@ class Record:
     challenge_password: str | None = None
     csr: bytes | None = None  # DER of the CSR received
     connection: int = 0  # which TLS connection carried it (1, 2, ... per server)
+    at: datetime = field(default_factory=utcnow)  # when its request line arrived
 
 
 class EstServer:
