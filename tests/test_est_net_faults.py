@@ -122,7 +122,7 @@ def expect(device: Device, case: Case, *command: str) -> None:
 
 
 @pytest.mark.parametrize("fault", CASES)
-def test_enroll(device: Device, fault: str) -> None:
+def test_enroll_fails_in_one_line_in_time_and_leaves_the_store(device: Device, fault: str) -> None:
     device.configure(**CASES[fault].config)
     expect(device, CASES[fault], "enroll")
     assert not (device.state_dir / "identity").exists() or not any(
@@ -131,7 +131,7 @@ def test_enroll(device: Device, fault: str) -> None:
 
 
 @pytest.mark.parametrize("fault", CASES)
-def test_renew(device: Device, fault: str) -> None:
+def test_renew_fails_in_one_line_in_time_and_leaves_the_store(device: Device, fault: str) -> None:
     first = device.run("enroll")
     assert first.code == 0, first.err
     device.configure(**CASES[fault].config)

@@ -164,8 +164,12 @@ class HttpsTransport:
         except UnicodeError as e:  # the IDNA codec refused the host name
             raise ConfigError(f"est.url: {self.host!r} is not a valid host name ({e})") from e
         budget = self.connect_timeout_seconds - (self.clock.monotonic() - started)
-        deadline = _Deadline(raw, budget, self.interrupt, self.clock)
         what = f"TLS handshake with {where}"
+        try:
+            deadline = _Deadline(raw, budget, self.interrupt, self.clock)
+        except OSError as e:  # out of descriptors
+            raw.close()
+            raise TransportError(f"{what} failed: {_reason(e)}") from e
         limit = f"not done within {self.connect_timeout_seconds:g} s (est.connect_timeout_seconds)"
         try:
             with deadline:
