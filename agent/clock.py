@@ -7,12 +7,15 @@ its time moves only when told, or when someone sleeps or waits on it.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import threading
 import time
+from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from typing import Protocol
 
-__all__ = ["Clock", "ManualClock", "SystemClock"]
+__all__ = ["Clock", "Interrupt", "ManualClock", "ShiftedClock", "SystemClock"]
 
 
 class Clock(Protocol):
@@ -82,3 +85,41 @@ class ManualClock:
             return True
         self.advance(max(0.0, timeout))
         return event.is_set()
+
+
+class Interrupt:
+    """A one-way latch a signal handler may trip: a flag and one byte into a pipe, no lock (an
+    `Event.set` in a handler could deadlock on the lock the interrupted code holds). Threads that
+    wait on network I/O `select` on `fileno()`, which stays readable once tripped, so the
+    service's stop reaches a request that hangs at once (agent/est/transport.py)."""
+
+    def __init__(self) -> None:
+        self._read, self._write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._set = False
+
+    def trip(self) -> None:
+        self._set = True
+        with contextlib.suppress(OSError):  # full (tripped before) or closed: it stays tripped
+            os.write(self._write, b"!")
+
+    def is_set(self) -> bool:
+        return self._set
+
+    def fileno(self) -> int:
+        return self._read
+
+    def close(self) -> None:
+        os.close(self._read)
+        os.close(self._write)
+
+
+class ShiftedClock(SystemClock):
+    """The system clock moved by `offset()` seconds, asked at every reading: a device whose
+    clock is wrong (no RTC: 1970 at boot) and is then set (NTP), for tests of the real service
+    (agent/wiring.py uses it only when hal.faults' test variable is set)."""
+
+    def __init__(self, offset: Callable[[], float]) -> None:
+        self._offset = offset
+
+    def now(self) -> datetime:
+        return super().now() + timedelta(seconds=self._offset())

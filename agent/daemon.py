@@ -38,7 +38,7 @@ from functools import partial
 from types import FrameType
 from typing import TypeVar
 
-from agent.clock import Clock
+from agent.clock import Clock, Interrupt
 from agent.components import Component, Event, EventKind, IdentitySummary, Scalar, Snapshot
 from agent.config import Config
 from agent.enroll import Enroller, EnrollResult
@@ -114,6 +114,7 @@ class Daemon:
         build_time: datetime,
         notify: Callable[..., bool],
         watchdog_seconds: float | None,
+        interrupt: Interrupt | None = None,
     ) -> None:
         self._load_config = load_config
         self._build = build
@@ -123,6 +124,9 @@ class Daemon:
         self._notify = notify
         self._watchdog = watchdog_seconds
         self._wakeup = Wakeup()
+        #: tripped by SIGTERM/SIGINT: an EST request in progress ends at once (the transport
+        #: watches it), so the stop does not wait for the network's timeouts
+        self._interrupt = interrupt
         self._stop = False
         self._reload = False
         self._renewal_requested = False
@@ -136,6 +140,8 @@ class Daemon:
 
     def _on_stop(self, signum: int, frame: FrameType | None) -> None:
         self._stop = True
+        if self._interrupt is not None:
+            self._interrupt.trip()  # a flag and a byte, like the wakeup
         self._wakeup.poke()
 
     def _on_reload(self, signum: int, frame: FrameType | None) -> None:

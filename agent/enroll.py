@@ -384,6 +384,7 @@ class Enroller:
             ),
             client_identity=identity,
             max_tls_version=max_tls_version,
+            clock=self._clock,
         )
 
     def _server_name(self) -> str:

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from datetime import datetime
 
     from agent.audit_log import AuditLog
-    from agent.clock import Clock
+    from agent.clock import Clock, Interrupt
     from agent.daemon import Daemon, DaemonParts
     from agent.enroll import Enroller, TransportFactory
     from agent.est.memory import MemoryStore
@@ -108,8 +108,11 @@ def memory_store(config: Config) -> MemoryStore:
     return MemoryStore(state_dir=config.paths.state_dir, storage=storage())
 
 
-def https_transport_factory(config: Config) -> TransportFactory:
-    """HTTPS to `est.url` with the configured limits, trusting the anchor it is given."""
+def https_transport_factory(
+    config: Config, *, interrupt: Interrupt | None = None
+) -> TransportFactory:
+    """HTTPS to `est.url` with the configured limits, trusting the anchor it is given; a
+    request in progress ends at once when `interrupt` trips (the service's stop)."""
     from agent.est.transport import HttpsTransport, Transport
 
     est = config.est
@@ -122,6 +125,7 @@ def https_transport_factory(config: Config) -> TransportFactory:
             connect_timeout_seconds=est.connect_timeout_seconds,
             read_timeout_seconds=est.read_timeout_seconds,
             max_response_bytes=est.max_response_bytes,
+            interrupt=interrupt,
         )
 
     return factory
@@ -558,13 +562,14 @@ def scheduler_state_store(config: Config) -> SchedulerStateStore:
     return SchedulerStateStore(store=DirStore(config.paths.state_dir))
 
 
-def daemon_parts(config: Config) -> DaemonParts:
+def daemon_parts(config: Config, *, interrupt: Interrupt | None = None) -> DaemonParts:
     from agent.daemon import DaemonParts
 
     est = config.est
+    transports = https_transport_factory(config, interrupt=interrupt)
     return DaemonParts(
         config=config,
-        enroller=enroller(config, prove_rotation=True),
+        enroller=enroller(config, prove_rotation=True, transport_factory=transports),
         identities=identity_store(config),
         policy=renewal_policy(config),
         bootstrap_available=bool(est.username) or est.idevid_cert is not None,
@@ -581,8 +586,23 @@ def build_time() -> datetime:
     return datetime.fromtimestamp(Path(agent.__file__).stat().st_mtime, timezone.utc)
 
 
+def service_clock() -> Clock:
+    """The system clock; under test, moved as hal.faults' clock offset file says (a device
+    booting at 1970, then set)."""
+    from agent.clock import ShiftedClock, SystemClock
+    from hal import faults
+
+    path = faults.clock_offset_file()
+    if path is None:
+        return SystemClock()
+    logging.getLogger(__name__).warning(
+        "test clock: the service's time is moved by the seconds in %s", path
+    )
+    return ShiftedClock(lambda: faults.clock_offset(path))
+
+
 def daemon(config: Config, *, load: Callable[[], Config]) -> Daemon:
-    from agent.clock import SystemClock
+    from agent.clock import Interrupt
     from agent.daemon import Daemon
     from hal.systemd import notify, watchdog_interval
 
@@ -591,14 +611,16 @@ def daemon(config: Config, *, load: Callable[[], Config]) -> Daemon:
     def load_once_then_reload() -> Config:  # the first build uses the config already checked
         return first.pop() if first else load()
 
+    interrupt = Interrupt()  # lives as long as the process: SIGTERM trips it, never reset
     return Daemon(
         load_config=load_once_then_reload,
-        build=daemon_parts,
+        build=lambda c: daemon_parts(c, interrupt=interrupt),
         state_store=scheduler_state_store,
-        clock=SystemClock(),
+        clock=service_clock(),
         build_time=build_time(),
         notify=notify,
         watchdog_seconds=watchdog_interval(),
+        interrupt=interrupt,
     )
 
 

@@ -38,3 +38,23 @@ def point(where: str) -> None:
 def armed() -> bool:
     """Whether crash points are on (so callers may wrap what they would not otherwise)."""
     return _target is not None
+
+
+#: test only: a file holding seconds to add to the service's clock, read at every reading
+CLOCK_ENV = "DEVID_AGENT_TEST_CLOCK_OFFSET_FILE"
+
+
+def clock_offset_file() -> str | None:
+    """The file `$DEVID_AGENT_TEST_CLOCK_OFFSET_FILE` names (None: unset, always outside
+    tests). A test writes a large negative number into it to boot the service at 1970, as a
+    device without an RTC does, then 0 (or removes it) as NTP would set the clock."""
+    return os.environ.get(CLOCK_ENV) or None
+
+
+def clock_offset(path: str) -> float:
+    """The seconds in `path` (missing: 0). Written by the test with a rename: never half."""
+    try:
+        with open(path, encoding="ascii") as f:
+            return float(f.read().strip() or 0)
+    except FileNotFoundError:
+        return 0.0

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import ast
+import select
 import threading
 from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from agent.clock import Clock, ManualClock, SystemClock
+from agent.clock import Clock, Interrupt, ManualClock, ShiftedClock, SystemClock
 from tests.conftest import ROOT
 
 T0 = datetime(2026, 6, 1, 8, 0, tzinfo=timezone.utc)
@@ -67,11 +68,11 @@ def test_manual_clock_moves_only_when_told() -> None:
 
 def test_only_clock_reads_time_in_agent() -> None:
     """No module of agent/ but clock.py calls time.monotonic/time.time/sleep, datetime.now or
-    threading.Timer, except est/ (pending: its transport takes no clock yet)."""
+    threading.Timer (est/ included: its transport's deadlines run on the injected clock)."""
     offenders = []
     for path in sorted((ROOT / "agent").rglob("*.py")):
         rel = path.relative_to(ROOT).as_posix()
-        if rel == "agent/clock.py" or rel.startswith("agent/est/"):
+        if rel == "agent/clock.py":
             continue
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
@@ -86,3 +87,27 @@ def test_only_clock_reads_time_in_agent() -> None:
                 }:
                     offenders.append(f"{rel}:{node.lineno} {pair[0]}.{pair[1]}")
     assert offenders == []
+
+
+def test_shifted_clock_moves_now_by_the_offset_read_at_every_reading() -> None:
+    offset = [-86400.0]
+    clock = ShiftedClock(lambda: offset[0])
+    before = SystemClock().now()
+    shifted = clock.now()
+    after = SystemClock().now()
+    assert before - timedelta(days=1) <= shifted <= after - timedelta(days=1)
+    offset[0] = 0.0  # the clock is set
+    assert before <= clock.now() and clock.now().tzinfo is timezone.utc
+
+
+def test_interrupt_trips_once_and_for_all_and_its_descriptor_says_so() -> None:
+    interrupt = Interrupt()
+    try:
+        assert not interrupt.is_set()
+        assert select.select([interrupt.fileno()], [], [], 0)[0] == []
+        interrupt.trip()
+        interrupt.trip()  # again (a second SIGTERM): no error, still tripped
+        assert interrupt.is_set()
+        assert select.select([interrupt.fileno()], [], [], 0)[0] == [interrupt.fileno()]
+    finally:
+        interrupt.close()

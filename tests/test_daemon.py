@@ -110,11 +110,12 @@ class Service:
     def text(self) -> str:
         return self.log.read_text(errors="replace")
 
-    def stop(self, sig: int = signal.SIGTERM) -> int:
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        """Send `sig`; the process must end within `timeout` (else TimeoutExpired)."""
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
         try:
-            code = self.proc.wait(30)
+            code = self.proc.wait(timeout)
         finally:
             if self.proc.poll() is None:
                 self.proc.kill()
@@ -259,12 +260,21 @@ def test_a_stuck_step_stops_the_watchdog_pings(
     hanging_seen = time.monotonic()
     device.est.options.fault = None  # the next attempt goes through
     wait_for(lambda: (current(device) or 0) >= 2, "a renewal after the hang", service)
+    # the attempt that hung: the last one that began before the hang was seen
+    start = max(
+        t for t, m in list(notify.messages) if m.startswith("STATUS=renew:") and t <= hanging_seen
+    )
+
+    def pings_after_start() -> list[float]:
+        return [t for t, m in list(notify.messages) if m == "WATCHDOG=1" and t > start]
+
+    # pinging again once the stuck step ended (waited for: the retry may be due at once, as
+    # the backoff counts from the hung attempt's start, and a stop then would end the loop
+    # before its next sleep)
+    wait_for(lambda: bool(pings_after_start()), "a ping after the stuck step", service)
     assert service.stop() == 0
     messages = list(notify.messages)
-    # the attempt that hung: the last one that began before the hang was seen
-    start = max(t for t, m in messages if m.startswith("STATUS=renew:") and t <= hanging_seen)
-    after = [t for t, m in messages if m == "WATCHDOG=1" and t > start]
-    assert after, messages  # pinging again once the stuck step ended...
+    after = pings_after_start()
     assert after[0] - start >= 3.0, messages  # ...not while it hung (the server held it 4 s)
 
 

@@ -13,7 +13,13 @@ from agent import wiring
 from agent.cli import exit_code_for
 from agent.config import parse_config
 from agent.enroll import Enroller
-from agent.errors import AgentError, ChainValidationError, EnrollmentError, TransportError
+from agent.errors import (
+    AgentError,
+    ChainValidationError,
+    EnrollmentError,
+    TransportError,
+    TrustError,
+)
 from hal.tpm import TpmKeyStore
 from tests.conftest import provider_path
 from tests.support.enroll_env import config_text, snapshot
@@ -24,9 +30,10 @@ from tests.support.swtpm import Swtpm
 EXPECTED: dict[str, tuple[type[AgentError], str, int]] = {
     "5xx": (TransportError, "server error HTTP 500", 69),
     "garbage": (EnrollmentError, "neither base64 nor DER", 76),
-    "other-key": (EnrollmentError, "for another key", 76),
+    "other-key": (TrustError, "for another key", 65),
     "wrong-issuer": (ChainValidationError, "does not chain to the EST CA", 65),
-    "truncated": (TransportError, "connection closed after", 69),
+    "truncated": (TransportError, "connection closed or reset after", 69),
+    "reset": (TransportError, "connection closed or reset after|server closed the connection", 69),
     "hang": (TransportError, "no complete response within 0.5 s", 69),
     "oversized": (EnrollmentError, "exceeds est.max_response_bytes=65536", 76),
     "oversized-stream": (EnrollmentError, "exceeds est.max_response_bytes=65536", 76),

@@ -19,7 +19,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from agent import wiring
 from agent.config import parse_config
 from agent.enroll import Enroller
-from agent.errors import ChainValidationError, EnrollmentError
+from agent.errors import ChainValidationError, EnrollmentError, TrustError
 from hal.softkeys import SoftwareKeyStore
 from tests.support.ca import CaShape, LeafProfile, TestCA, openssl_root
 from tests.support.enroll_env import config_text, snapshot
@@ -223,7 +223,7 @@ def test_enroll_and_renew(shaped: EstServer, tmp_path: Path, subject: str) -> No
 
 REFUSALS = {
     "ca-cert": (EnrollmentError, r"^the issued certificate is a CA certificate"),
-    "other-key": (EnrollmentError, r"^the issued certificate is for another key"),
+    "other-key": (TrustError, r"^the issued certificate is for another key"),
     "expired": (ChainValidationError, r"^the issued certificate expired at "),
     "not-yet-valid": (ChainValidationError, r"^the issued certificate is not valid before "),
     "server-eku": (EnrollmentError, r"extendedKeyUsage does not allow clientAuth$"),

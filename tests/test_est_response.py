@@ -15,7 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from pyasn1.codec.der import encoder as der_encoder
 
-from agent.errors import ChainValidationError, EnrollmentError
+from agent.errors import ChainValidationError, EnrollmentError, TrustError
 from agent.est.response import (
     fingerprint,
     parse_certs_only,
@@ -59,7 +59,7 @@ def test_certificate_without_eku_or_san_passes(
 def test_certificate_for_another_key(test_ca: TestCA, key: ec.EllipticCurvePrivateKey) -> None:
     other = ec.generate_private_key(ec.SECP256R1())
     cert = test_ca.issue(other.public_key(), subject="gw-1")
-    with pytest.raises(EnrollmentError, match="another key"):
+    with pytest.raises(TrustError, match="another key"):
         check(cert, key, test_ca)
 
 

@@ -12,12 +12,12 @@ import base64
 import contextlib
 import logging
 import re
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from cryptography import x509
 
+from agent.clock import Clock, SystemClock
 from agent.config import ProofOfPossession
 from agent.errors import EnrollmentError, TransportError
 from agent.est import wire
@@ -64,8 +64,10 @@ class EstClient:
         send_credentials_upfront: bool = False,
         client_identity: ClientIdentity | None = None,
         max_tls_version: str | None = None,
+        clock: Clock | None = None,
     ) -> None:
         self._transport = transport
+        self._clock = clock or SystemClock()
         self._base = f"{prefix}/.well-known/est" + (f"/{label}" if label else "")
         self._credentials = credentials
         self._upfront = send_credentials_upfront
@@ -257,9 +259,10 @@ class EstClient:
             else:
                 log.info("%s has no tls-unique: enrolling without proof-of-possession",
                          conn.tls_version)  # fmt: skip
-        started = time.monotonic()
+        started = self._clock.monotonic()
         der = make_csr(challenge)
-        return wire.encode_body(der), (der, challenge is not None, time.monotonic() - started)
+        elapsed = self._clock.monotonic() - started
+        return wire.encode_body(der), (der, challenge is not None, elapsed)
 
     def _exchange(
         self,

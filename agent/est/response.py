@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 from cryptography.hazmat.primitives.serialization import pkcs7
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from agent.errors import ChainValidationError, EnrollmentError
+from agent.errors import ChainValidationError, EnrollmentError, TrustError
 from agent.pki import public_key_der
 from agent.pkix import PathError, check_critical, extension, validate_path
 from agent.validity import State, validity
@@ -109,7 +109,10 @@ def validate_issued(
     wanted = public_key_der(requested_key)
     mine = [c for c in certs if _spki(c) == wanted]
     if not mine:
-        raise EnrollmentError(
+        # a security event, not a bad response to retry soon: a CA that binds another key to
+        # our request (someone else's certificate, or a swapped answer) is reported, and the
+        # service backs off to the maximum (docs/daemon.md)
+        raise TrustError(
             "the issued certificate is for another key than the one in our CSR "
             f"(subject {_subject(certs[0])!r})"
         )

@@ -48,13 +48,14 @@ class Device:
             **self.est_keys,
         )
 
-    def run(self, *args: str) -> Run:
+    def run(self, *args: str, timeout: float = 60) -> Run:
+        """The CLI; `timeout` ends the test with TimeoutExpired if the process runs longer."""
         proc = subprocess.run(
             [sys.executable, "-m", "agent.cli", "--config", str(self.config), *args],
             cwd=ROOT,
             capture_output=True,
             text=True,
-            timeout=60,
+            timeout=timeout,
         )
         return Run(proc.returncode, proc.stdout, proc.stderr)
 

@@ -25,10 +25,12 @@ import os
 import signal
 import socket
 import ssl
+import struct
 import sys
 import threading
+import warnings
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -71,6 +73,15 @@ FAULTS = (
     "pop-403",  # 403 naming proof-of-possession in the body
     "csr-attribute-400",  # 400 naming a missing CSR attribute
     "policy-403",  # 403 naming a policy refusal
+    "reset",  # headers and half the body, then a TCP reset (SO_LINGER 0 close)
+)
+#: faults of the TLS layer, on every connection (`EstOptions.tls_fault`)
+TLS_FAULTS = (
+    "other-host",  # the server certificate is for est.other, not localhost/127.0.0.1
+    "expired-cert",  # the server certificate expired yesterday
+    "rogue-ca",  # a man in the middle: a chain from another CA, for the right name
+    "tls1.1-only",  # only TLS 1.1 is offered (OpenSSL 3 needs @SECLEVEL=0 to offer it)
+    "drip-handshake",  # the server's handshake bytes one at a time, every `drip_seconds`
 )
 AUTH_MODES = ("none", "basic", "cert", "both")
 #: a degenerate SignedData without certificates (cryptography will not serialize one)
@@ -138,6 +149,8 @@ class EstOptions:
     #: (as servers close idle connections)
     keep_alive_requests: int | None = None
     reject_client_certs: bool = False  # trust no client CA: a presented certificate gets UNKNOWN_CA
+    tls_fault: str | None = None  # TLS_FAULTS
+    drip_seconds: float = 0.05  # faults drip, drip-headers, drip-handshake: the pause per byte
 
 
 @dataclass
@@ -163,6 +176,7 @@ class Record:
     challenge_password: str | None = None
     csr: bytes | None = None  # DER of the CSR received
     connection: int = 0  # which TLS connection carried it (1, 2, ... per server)
+    at: datetime = field(default_factory=utcnow)  # when its request line arrived
 
 
 class EstServer:
@@ -193,6 +207,7 @@ class EstServer:
         if tls_issuer is not self.root:  # the server sends its chain, as servers do
             with open(self.server_cert, "ab") as f:
                 f.write(b"".join(pem(c) for c in tls_issuer.chain()[:-1]))
+        self._fault_identities: dict[str, tuple[Path, Path]] = {}
         self.records: list[Record] = []
         #: set when a request starts hanging (fault "hang"): tests wait on it, not on time
         self.hang_started = threading.Event()
@@ -235,7 +250,7 @@ class EstServer:
 
     def ssl_context(self) -> ssl.SSLContext:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        ctx.load_cert_chain(self.server_cert, self.server_key)
+        ctx.load_cert_chain(*self._tls_identity(self.options.tls_fault))
         if self.options.reject_client_certs:
             ctx.load_verify_locations(cadata=pem(self.rogue_ca.cert).decode())
         else:
@@ -245,7 +260,52 @@ class EstServer:
         ctx.verify_mode = ssl.CERT_OPTIONAL
         if self.options.tls12_only:
             ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+        if self.options.tls_fault == "tls1.1-only":
+            with warnings.catch_warnings():  # "ssl.TLSVersion.TLSv1_1 is deprecated"
+                warnings.simplefilter("ignore", DeprecationWarning)
+                ctx.set_ciphers("DEFAULT:@SECLEVEL=0")  # OpenSSL 3 offers TLS 1.1 only so
+                ctx.minimum_version = ssl.TLSVersion.TLSv1_1
+                ctx.maximum_version = ssl.TLSVersion.TLSv1_1
         return ctx
+
+    def _tls_identity(self, fault: str | None) -> tuple[Path, Path]:
+        """The server certificate (with its chain) and key files for a TLS fault."""
+        if fault not in ("other-host", "expired-cert", "rogue-ca"):
+            return self.server_cert, self.server_key
+        with self._lock:
+            if fault not in self._fault_identities:
+                self._fault_identities[fault] = self._make_tls_identity(fault)
+            return self._fault_identities[fault]
+
+    def _make_tls_identity(self, fault: str) -> tuple[Path, Path]:
+        import ipaddress
+
+        issuer = self.rogue_ca if fault == "rogue-ca" else (self.pki.tls_issuer or self.ca)
+        names: list[x509.GeneralName] = [
+            x509.DNSName("localhost"),
+            x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+        ]
+        start, lifetime = utcnow() - timedelta(minutes=5), timedelta(days=365)
+        if fault == "other-host":
+            names = [x509.DNSName("est.other")]
+        elif fault == "expired-cert":
+            start, lifetime = utcnow() - timedelta(days=2), timedelta(days=1)
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = issuer.issue(
+            key.public_key(),
+            subject="est.other" if fault == "other-host" else "localhost",
+            eku=[ExtendedKeyUsageOID.SERVER_AUTH],
+            sans=names,
+            not_before=start,
+            lifetime=lifetime,
+        )
+        # a man in the middle sends its whole chain; the server sends its own without the root
+        chain = [cert, *issuer.chain()] if fault == "rogue-ca" else [cert, *issuer.chain()[:-1]]
+        cert_path = self.directory / f"tls-{fault}.crt"
+        key_path = self.directory / f"tls-{fault}.key"
+        cert_path.write_bytes(b"".join(pem(c) for c in chain))
+        key_path.write_bytes(key_pem(key))
+        return cert_path, key_path
 
     # -- helpers for tests ---------------------------------------------------------------------
 
@@ -372,6 +432,9 @@ class _HttpServer(ThreadingHTTPServer):
         # The TLS handshake runs in the request's thread, so a stuck client blocks no one else.
         request.settimeout(10)
         request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # no 40 ms delayed-ACK stalls
+        if self.est.options.tls_fault == "drip-handshake":
+            self._drip_handshake(request)
+            return
         try:
             tls = self.est.ssl_context().wrap_socket(
                 request, server_side=True, do_handshake_on_connect=False
@@ -391,6 +454,27 @@ class _HttpServer(ThreadingHTTPServer):
             _Handler(tls, client_address, self, number)
         finally:
             tls.close()
+
+    def _drip_handshake(self, request: socket.socket) -> None:
+        """A real TLS handshake whose every byte from the server comes `drip_seconds` after the
+        one before: each recv of the client returns within its timeout; the whole never ends
+        in time (a ServerHello with its certificates is over a kilobyte)."""
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        tls = self.est.ssl_context().wrap_bio(incoming, outgoing, server_side=True)
+        with contextlib.suppress(OSError, ssl.SSLError):
+            while not self.est.stopping.is_set():
+                with contextlib.suppress(ssl.SSLWantReadError):
+                    tls.do_handshake()
+                for byte in outgoing.read():
+                    if self.est.stopping.wait(self.est.options.drip_seconds):
+                        return
+                    request.sendall(bytes([byte]))
+                if tls.version() is not None and not outgoing.pending:
+                    return  # done (a client slower than the drip): nothing more to say
+                data = request.recv(65536)
+                if not data:
+                    return
+                incoming.write(data)
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -666,13 +750,34 @@ class _Handler(BaseHTTPRequestHandler):
                 "application/pkcs7-mime; smime-type=certs-only",
                 length=len(body),
             )
+        if fault == "reset":
+            return self._reset(
+                b64_lines(pkcs7.serialize_certificates([cert], serialization.Encoding.DER))
+            )
         if fault == "issuer-not-ca":
             return self._issued([cert, self.est.not_a_ca.cert])
         return self._issued([cert])
 
+    def _reset(self, body: bytes) -> int:
+        """The headers and half of `body`, then a TCP reset: SO_LINGER 0 and close (the socket
+        is detached from the TLS and HTTP objects first, so nothing holds it open)."""
+        self._record.status = 200
+        self.send_response(200)
+        self.send_header("Content-Type", "application/pkcs7-mime; smime-type=certs-only")
+        self.send_header("Content-Transfer-Encoding", "base64")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.close_connection = True
+        tls: ssl.SSLSocket = self.connection  # type: ignore[assignment]
+        with contextlib.suppress(OSError):
+            self.wfile.write(body[: len(body) // 2])
+            tls.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            os.close(tls.detach())
+        return 200
+
     def _drip(self, *, headers: bool) -> int:
-        """200 with a Content-Length, then one byte every 50 ms (of a header line, or of the
-        body): every read returns within any socket timeout, the whole would take a minute."""
+        """200 with a Content-Length, then one byte every `drip_seconds` (of a header line, or of
+        the body): every read returns within the socket timeout, the whole never in time."""
         self._record.status = 200
         self.send_response(200)
         self.send_header("Content-Type", "application/pkcs7-mime")
@@ -686,7 +791,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.end_headers()
             trickle = b"A" * 1200
         for byte in trickle:
-            if self.est.stopping.wait(0.05):
+            if self.est.stopping.wait(self.est.options.drip_seconds):
                 break
             try:
                 self.wfile.write(bytes([byte]))
