@@ -185,13 +185,15 @@ find "$root" -path "$root/DEBIAN" -prune -o -type f -print0 | sort -z |
 chmod 0644 "$root/DEBIAN/md5sums" "$root/DEBIAN/conffiles"
 installed_size=$(du -sk --apparent-size --exclude=DEBIAN "$root" | cut -f1)
 
+# procps: /bin/kill, the service's ExecReload (not in a minimal Debian; systemd-analyze verify
+# fails without it). libtss2-tcti-device0: dlopen()ed by libtss2-tctildr for /dev/tpmrm0.
 cat > "$root/DEBIAN/control" <<EOF
 Package: devid-agent
 Version: $version
 Architecture: $arch
 Maintainer: devid-agent maintainers <maintainers@devid-agent.example.org>
 Installed-Size: $installed_size
-Depends: python3 (>= $pyver), python3 (<< $pynext), python3-venv, systemd, $shlibs, libtss2-tcti-device0
+Depends: python3 (>= $pyver), python3 (<< $pynext), python3-venv, systemd, procps, $shlibs, libtss2-tcti-device0
 Suggests: libubootenv-tool | u-boot-tools, grub-common, tpm2-tools
 Section: admin
 Priority: optional
