@@ -64,7 +64,7 @@ pip=("$py" -m pip --disable-pip-version-check)
 key=$(cat packaging/deb/requirements.txt <(echo "$pytag $arch") | sha256sum | cut -c1-16)
 wheels=.deps/deb-wheels/$key
 if [ ! -f "$wheels/.complete" ]; then
-  rm -rf "$wheels" && mkdir -p "$wheels.tmp"
+  rm -rf "$wheels" "$wheels.tmp" && mkdir -p "$wheels.tmp"
   run pip-wheel "fetching the pinned wheels, building tpm2-pytss against libtss2-dev; no network?" \
     "${pip[@]}" wheel --no-deps -r packaging/deb/requirements.txt -w "$wheels.tmp"
   touch "$wheels.tmp/.complete" && mv "$wheels.tmp" "$wheels"
