@@ -20,31 +20,35 @@
 #   /etc/devid-agent/config.toml   conffile, from config.example.toml; 0640 root:devid-agent
 #   /usr/share/doc/devid-agent/    README, docs, the example config, contrib examples, copyright
 #
-# Reproducible: the pinned wheels are cached in .deps/deb-wheels/<hash of the pins and the Python
-# tag> (downloaded, or built for tpm2-pytss, once); every timestamp is SOURCE_DATE_EPOCH (default:
-# the HEAD commit's time), owners are root, file order is sorted, and the same tree with the same
-# cache gives the same bytes. Network: only the package registries (pip, apt), and only while
-# filling the caches.
+# Reproducible: the wheels are pinned (packaging/deb/requirements.txt) and cached in
+# .deps/deb-wheels/<hash of the pins, the build tools and the interpreter>; tpm2-pytss is compiled
+# from its source release with pinned build tools (build-requirements.txt), no debug info and the
+# build directory mapped away; every timestamp is SOURCE_DATE_EPOCH (default: the HEAD commit's
+# time), owners are root, and the same tree on the same Debian gives the same bytes, with or
+# without the cache (tests/test_deb.py builds twice). Network: only the package registries (pip,
+# apt), and only while filling the caches.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$PWD
 
 die() { echo "build-deb: $*" >&2; exit 1; }
 out=${1:-dist}
-py=$repo/.venv/bin/python
-[ -x "$py" ] || die "no .venv: run \`make setup\` first"
+[ -x .venv/bin/devid-agent ] || die "no .venv: run \`make setup\` first"
 command -v dpkg-deb >/dev/null || die "dpkg-deb not found"
+# The interpreter the package runs on (Debian's python3, not whatever python3 is first on PATH):
+# the wheels are fetched for it and tpm2-pytss is compiled against its headers.
+target_python=${DEB_PYTHON:-/usr/bin/python3}
+[ -x "$target_python" ] || die "$target_python not found (Debian's python3; set DEB_PYTHON)"
 
 export SOURCE_DATE_EPOCH=${SOURCE_DATE_EPOCH:-$(git log -1 --format=%ct 2>/dev/null || echo 0)}
 export TZ=UTC LC_ALL=C.UTF-8 PYTHONHASHSEED=0
 umask 022
 
-version=$("$py" -c 'import tomllib; print(tomllib.load(open("pyproject.toml", "rb"))["project"]["version"])')
+version=$("$target_python" -c 'import tomllib; print(tomllib.load(open("pyproject.toml", "rb"))["project"]["version"])')
 arch=$(dpkg --print-architecture)
 multiarch=$(dpkg-architecture -qDEB_HOST_MULTIARCH 2>/dev/null || gcc -print-multiarch)
-pytag=$("$py" -c 'import sys; print(f"cp{sys.version_info[0]}{sys.version_info[1]}")')
-pyver=$("$py" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')
-pynext=$("$py" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1] + 1}")')
+pyver=$("$target_python" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')
+pynext=$("$target_python" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1] + 1}")')
 
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
@@ -58,29 +62,45 @@ run() {  # run NAME HINT CMD...: quiet on success; on failure one line and the l
     die "$name failed: $(grep -v '^[[:space:]]*$' "$kept" | tail -n 1)${hint:+ ($hint)}; full output: $kept"
   fi
 }
-pip=("$py" -m pip --disable-pip-version-check)
 
-# 1. The dependencies' wheels, once per pin set and Python version.
-key=$(cat packaging/deb/requirements.txt <(echo "$pytag $arch") | sha256sum | cut -c1-16)
+# 1. A build venv of the target interpreter with the pinned build tools (our build backend and
+#    tpm2-pytss's), all from wheels.
+bvenv=$repo/.deps/deb-build-venv
+bkey=$(cat packaging/deb/build-requirements.txt <("$target_python" -VV) | sha256sum | cut -c1-16)
+if [ ! -f "$bvenv/.complete-$bkey" ]; then
+  rm -rf "$bvenv"
+  run build-venv "is python3-venv installed?" "$target_python" -m venv "$bvenv"
+  run build-venv-pip "installing the pinned build tools; no network?" \
+    "$bvenv/bin/python" -m pip install -q --only-binary :all: -r packaging/deb/build-requirements.txt
+  touch "$bvenv/.complete-$bkey"
+fi
+pip=("$bvenv/bin/python" -m pip --disable-pip-version-check)
+
+# 2. The dependencies' wheels, once per pin set, build tools and interpreter: the published
+#    wheels as they are, and tpm2-pytss (no wheel is published: it links the system's libtss2)
+#    compiled from its source release without debug info and with the build directory mapped
+#    away, so that the same environment compiles the same bytes.
+key=$(cat packaging/deb/requirements.txt packaging/deb/build-requirements.txt \
+  <("$target_python" -VV; echo "$arch") | sha256sum | cut -c1-16)
 wheels=.deps/deb-wheels/$key
 if [ ! -f "$wheels/.complete" ]; then
   rm -rf "$wheels" "$wheels.tmp" && mkdir -p "$wheels.tmp"
-  run pip-wheel "fetching the pinned wheels, building tpm2-pytss against libtss2-dev; no network?" \
-    "${pip[@]}" wheel --no-deps -r packaging/deb/requirements.txt -w "$wheels.tmp"
+  grep -v '^tpm2-pytss==' packaging/deb/requirements.txt > "$work/published.txt"
+  tpm2_pytss=$(grep '^tpm2-pytss==' packaging/deb/requirements.txt)
+  run pip-download "fetching the pinned wheels; no network?" \
+    "${pip[@]}" download --no-deps --only-binary :all: -r "$work/published.txt" -d "$wheels.tmp"
+  mkdir -p "$work/sdist" "$work/tpm2-pytss"
+  run pip-download-sdist "fetching $tpm2_pytss's source; no network?" \
+    "${pip[@]}" download --no-deps --no-binary tpm2-pytss --no-build-isolation "$tpm2_pytss" -d "$work/sdist"
+  tar -C "$work/tpm2-pytss" --strip-components=1 -xzf "$work"/sdist/tpm2_pytss-*.tar.gz
+  run build-tpm2-pytss "compiling $tpm2_pytss: is libtss2-dev installed?" \
+    env -C "$work/tpm2-pytss" CFLAGS="-g0 -ffile-prefix-map=$work=/build" \
+    "${pip[@]}" wheel --no-deps --no-build-isolation --no-index -w "$repo/$wheels.tmp" .
   touch "$wheels.tmp/.complete" && mv "$wheels.tmp" "$wheels"
 fi
 
-# 2. devid-agent's own wheel from the files of this tree (tracked or new, not ignored), with a
-#    pinned build backend: the tree itself is left untouched (no build/ or egg-info written).
-bvenv=.deps/deb-build-venv
-bkey=$(sha256sum < packaging/deb/build-requirements.txt | cut -c1-16)
-if [ ! -f "$bvenv/.complete-$bkey" ]; then
-  rm -rf "$bvenv"
-  run build-venv "" "$py" -m venv "$bvenv"
-  run build-venv-pip "installing the build backend; no network?" \
-    "$bvenv/bin/python" -m pip install -q -r packaging/deb/build-requirements.txt
-  touch "$bvenv/.complete-$bkey"
-fi
+# 3. devid-agent's own wheel from the files of this tree (tracked or new, not ignored): the tree
+#    itself is left untouched (no build/ or egg-info written).
 src=$work/src
 mkdir -p "$src"
 git ls-files -z -co --exclude-standard -- pyproject.toml README.md agent hal |
@@ -88,9 +108,9 @@ git ls-files -z -co --exclude-standard -- pyproject.toml README.md agent hal |
   tar --null -T - -cf - | tar -x -C "$src"
 mkdir -p "$work/ours"
 run wheel "building devid-agent's wheel" \
-  "$bvenv/bin/python" -m pip wheel --no-deps --no-build-isolation --no-index -w "$work/ours" "$src"
+  "${pip[@]}" wheel --no-deps --no-build-isolation --no-index -w "$work/ours" "$src"
 
-# 3. The closure: devid-agent[tpm] resolves from these wheels alone (what postinst does).
+# The closure: devid-agent[tpm] resolves from these wheels alone (what postinst does).
 run resolve "a dependency is missing from packaging/deb/requirements.txt" \
   "${pip[@]}" install --isolated --dry-run --ignore-installed --no-index \
   --find-links "$wheels" --find-links "$work/ours" "devid-agent[tpm]==$version"
@@ -174,7 +194,7 @@ mkdir -p "$work/shlibs/debian" "$work/shlibs/so"
 printf 'Source: devid-agent\n\nPackage: devid-agent\nArchitecture: any\n' > "$work/shlibs/debian/control"
 cp "$provider" "$work/shlibs/so/tpm2.so"
 (cd "$work/shlibs/so" && for w in "$repo/$wheels"/tpm2_pytss-*.whl; do
-  "$py" -c 'import sys, zipfile; z = zipfile.ZipFile(sys.argv[1]); [z.extract(n) for n in z.namelist() if n.endswith(".so")]' "$w"
+  "$target_python" -c 'import sys, zipfile; z = zipfile.ZipFile(sys.argv[1]); [z.extract(n) for n in z.namelist() if n.endswith(".so")]' "$w"
 done)
 shlibs=$(cd "$work/shlibs" && find so -name '*.so' -print0 | xargs -0 dpkg-shlibdeps -O 2>"$logs/shlibdeps.log" |
   sed -n 's/^shlibs:Depends=//p') || die "dpkg-shlibdeps failed: $(tail -n 1 "$logs/shlibdeps.log")"
