@@ -2,7 +2,7 @@
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup test lint typecheck pytest demo bench fuzz clean
+.PHONY: setup test lint typecheck pytest demo bench fuzz deb deb-check clean
 
 setup:
 	@bash scripts/setup.sh
@@ -36,5 +36,13 @@ fuzz: setup
 bench: setup
 	@for b in bench/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
 
+# the Debian package, dist/devid-agent_<version>_<arch>.deb (scripts/build-deb.sh says what is in it)
+deb: setup
+	@bash scripts/build-deb.sh dist
+
+# install it on a fresh Debian 12 root (mmdebstrap, cached in .deps/), check it works, purge it
+deb-check: deb
+	@bash scripts/deb-check.sh dist/devid-agent_*.deb
+
 clean:
-	rm -rf $(VENV) .deps .mypy_cache .pytest_cache .ruff_cache .fuzz
+	rm -rf $(VENV) .deps dist .mypy_cache .pytest_cache .ruff_cache .fuzz

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install everything devid-agent's tests and demo need, idempotently; fast when nothing is missing.
-#   1. Debian packages (swtpm, libtss2, mosquitto, u-boot-tools, grub-common, rauc, ...)
+#   1. Debian packages (swtpm, libtss2, mosquitto, u-boot-tools, grub-common, rauc, ...;
+#      dpkg-dev for `make deb`'s dpkg-shlibdeps)
 #   2. a tpm2 OpenSSL provider >= 1.2 (system's, or Debian 13's unpacked into .deps/), and
 #      Debian 12's 1.1.1 beside it for the test that proves an old provider is refused
 #   3. .venv with `pip install -e .[test]`
@@ -31,7 +32,7 @@ python=${PYTHON:-python3}
 packages=(swtpm swtpm-tools libtss2-dev tpm2-tools pkg-config gcc libc6-dev libffi-dev
           python3-venv python3-dev openssl mosquitto u-boot-tools grub-common ca-certificates
           systemd libubootenv-tool rauc dbus-daemon squashfs-tools swupdate mender-client
-          mender-artifact)
+          mender-artifact dpkg-dev)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
