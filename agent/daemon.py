@@ -398,7 +398,8 @@ class Daemon:
         except AgentError as e:
             disposition = classify(e)
             failure = Failure.SECURITY if disposition.kind.security else Failure.RETRYABLE
-            until = disposition.until(now, maximum_seconds=MAX_RETRY_AFTER_SECONDS)
+            # the server's wait counts from when its answer came, not from when we began
+            until = disposition.until(self._clock.now(), maximum_seconds=MAX_RETRY_AFTER_SECONDS)
             log.warning("%s failed (%s): %s", action, disposition.kind.value, e)
             state = record_failure(
                 state,
