@@ -24,7 +24,6 @@ import contextlib
 import logging
 import os
 import re
-import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -278,6 +277,8 @@ class IdentityStore:
                 continue
             directory = self.root / f"gen-{generation}"
             try:
+                import shutil  # here: pruning is rare, and shutil costs every start
+
                 shutil.rmtree(directory)
             except OSError as e:  # not fatal: the new identity is in place
                 log.warning("could not prune %s: %s", directory, e)

@@ -21,7 +21,6 @@ import contextlib
 import errno
 import fcntl
 import os
-import secrets
 import stat
 from collections.abc import Iterator
 from pathlib import Path
@@ -201,7 +200,7 @@ class SecureDir:
 
     def write(self, name: str, data: bytes, *, mode: int = FILE_MODE) -> None:
         """Replace `name` with `data` atomically and durably (temp, fsync, renameat, fsync dir)."""
-        tmp = f".{name}.tmp-{os.getpid()}-{secrets.token_hex(8)}"
+        tmp = f".{name}.tmp-{os.getpid()}-{os.urandom(8).hex()}"
         created = False
         try:
             fd = os.open(

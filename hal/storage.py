@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import secrets
 import stat
 from pathlib import Path
 
@@ -45,7 +44,7 @@ def fsync_dir(path: Path) -> None:
 def temp_name(path: Path) -> Path:
     """A fresh hidden name beside `path`: unique per call (threads share a PID), unguessable.
     Create it exclusively (O_EXCL, open mode "xb"), so nothing planted there is followed."""
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(8)}")
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}-{os.urandom(8).hex()}")
 
 
 def atomic_write(path: Path, data: bytes, *, mode: int = FILE_MODE) -> None:

@@ -7,9 +7,7 @@ and the exact CSR, so a later attempt resubmits the same request instead of star
 
 from __future__ import annotations
 
-import base64
 import contextlib
-import json
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -37,6 +35,9 @@ class PendingRequest:
     attempts: int
 
     def to_json(self) -> bytes:
+        import base64
+        import json
+
         return json.dumps(
             {
                 "format": FORMAT,
@@ -55,6 +56,9 @@ class PendingRequest:
 
     @classmethod
     def from_json(cls, data: bytes, *, source: Path) -> PendingRequest:
+        import base64  # here: `status` without a pending request reads no JSON
+        import json
+
         try:
             raw: Any = json.loads(data)
             if not isinstance(raw, dict):
