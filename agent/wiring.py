@@ -71,10 +71,27 @@ def prepare_tls(config: Config) -> ProviderInfo | None:
     return load_provider(config)
 
 
-def storage() -> Storage:
+def identity_group(config: Config) -> int | None:
+    """The gid of `paths.identity_group`, None when unset; ConfigError when no such group."""
+    name = config.paths.identity_group
+    if not name:
+        return None
+    import grp
+
+    try:
+        return grp.getgrnam(name).gr_gid
+    except KeyError:
+        raise ConfigError(
+            f"{config.source}: paths.identity_group: there is no group {name!r} on this system; "
+            f'create it (groupadd {name}) or set ""'
+        ) from None
+
+
+def storage(config: Config | None = None) -> Storage:
+    """The disk; for a config with `paths.identity_group`, sharing certificates with it."""
     from hal.disk import FileStorage
 
-    return FileStorage()
+    return FileStorage(group=None if config is None else identity_group(config))
 
 
 def lock() -> Lock:
@@ -88,7 +105,7 @@ def identity_store(config: Config) -> IdentityStore:
 
     return IdentityStore(
         state_dir=config.paths.state_dir,
-        storage=storage(),
+        storage=storage(config),
         lock=lock(),
         generations_kept=config.est.generations_kept,
     )
@@ -98,14 +115,16 @@ def pending_store(config: Config) -> PendingStore:
     from agent.est.pending import PendingStore
     from agent.layout import PENDING_FILE_NAME
 
-    return PendingStore(path=config.paths.state_dir / PENDING_FILE_NAME)
+    return PendingStore(
+        path=config.paths.state_dir / PENDING_FILE_NAME, group=identity_group(config)
+    )
 
 
 def memory_store(config: Config) -> MemoryStore:
     """What the agent remembers of its EST server (Basic demanded, csrattrs, its CA set)."""
     from agent.est.memory import MemoryStore
 
-    return MemoryStore(state_dir=config.paths.state_dir, storage=storage())
+    return MemoryStore(state_dir=config.paths.state_dir, storage=storage(config))
 
 
 def https_transport_factory(config: Config) -> TransportFactory:
@@ -180,7 +199,7 @@ def service_audit_log(config: Config, *, clock: Clock | None = None) -> AuditLog
     """The service's audit trail, `paths.state_dir/audit.jsonl`."""
     from hal.secure_dir import DirStore
 
-    return _audit_log(config, DirStore(config.paths.state_dir), clock)
+    return _audit_log(config, DirStore(config.paths.state_dir, group=identity_group(config)), clock)
 
 
 def firmware_audit_log(config: Config, *, clock: Clock | None = None) -> AuditLog:
@@ -386,6 +405,14 @@ def bundle_opener(config: Config) -> BundleOpener:
     return opener(download_settings(config))
 
 
+def check_host(config: Config) -> None:
+    """What `config check` (and doctor's config check) asks of this machine beyond the file:
+    the identity group exists; as root, no firmware path another user could replace."""
+    identity_group(config)
+    if config.firmware.compatible:
+        check_firmware_root_paths(config)
+
+
 def check_firmware_root_paths(config: Config) -> None:
     """As root, refuse firmware paths another user could replace (docs/security.md)."""
     import os
@@ -482,7 +509,9 @@ def renewal_facts(config: Config) -> RenewalFacts | None:
     from hal.secure_dir import DirStore
 
     try:
-        state = SchedulerStateStore(store=DirStore(config.paths.state_dir)).load()
+        state = SchedulerStateStore(
+            store=DirStore(config.paths.state_dir, group=identity_group(config))
+        ).load()
     except AgentError:
         return None
     return RenewalFacts(
@@ -555,7 +584,7 @@ def scheduler_state_store(config: Config) -> SchedulerStateStore:
     from agent.renewal_state import SchedulerStateStore
     from hal.secure_dir import DirStore
 
-    return SchedulerStateStore(store=DirStore(config.paths.state_dir))
+    return SchedulerStateStore(store=DirStore(config.paths.state_dir, group=identity_group(config)))
 
 
 def daemon_parts(config: Config) -> DaemonParts:

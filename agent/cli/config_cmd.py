@@ -25,9 +25,9 @@ def run_check(args: argparse.Namespace) -> int:
 
     path = config_path(args.config)
     config = load_config(path)
-    if config.firmware.compatible:  # as root: the paths root's firmware commands would refuse
-        from agent.wiring import check_firmware_root_paths
+    # the identity group exists; as root, the paths root's firmware commands would refuse
+    from agent.wiring import check_host
 
-        check_firmware_root_paths(config)
+    check_host(config)
     print("OK")
     return 0

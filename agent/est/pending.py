@@ -89,8 +89,10 @@ class PendingRequest:
 
 
 class PendingStore:
-    def __init__(self, *, path: Path) -> None:
+    def __init__(self, *, path: Path, group: int | None = None) -> None:
         self.path = path
+        #: `paths.identity_group`'s gid: its directory may stay shared with it (hal.secure_dir)
+        self.group = group
 
     def load(self) -> PendingRequest | None:
         try:
@@ -102,7 +104,7 @@ class PendingStore:
         return PendingRequest.from_json(data, source=self.path)
 
     def save(self, request: PendingRequest) -> None:
-        ensure_private_dir(self.path.parent)
+        ensure_private_dir(self.path.parent, group=self.group)
         atomic_write(self.path, request.to_json())
 
     def clear(self) -> None:
