@@ -427,6 +427,30 @@ def check_firmware_root_paths(config: Config) -> None:
 MAX_SNAPSHOT_BYTES = 256 * 1024
 
 
+def _firmware_status_as_root(config: Config) -> FirmwareStatus:
+    """What `firmware_device(config).status()` says, read without building the device: no
+    install, verify or audit machinery (and none of hashlib) is imported to read a status."""
+    from agent.firmware.state import MAX_STATE_BYTES, parse_state
+    from agent.firmware.status import STATE_FILE, status_of
+    from hal.slots import booted_slot
+
+    fw = config.firmware
+    if not fw.compatible:
+        raise ConfigError(f"{config.source}: firmware.compatible: not set (firmware is off)")
+    check_firmware_root_paths(config)
+    boot = boot_control(config)
+    store = firmware_state_store(config)
+    booted = booted_slot(fw.cmdline, fw.cmdline_key)
+    return status_of(
+        booted=booted,
+        boot_state=boot.state(),
+        bootloader=boot.kind,
+        state=parse_state(store.read(STATE_FILE, limit=MAX_STATE_BYTES), store.path(STATE_FILE)),
+        slot_paths={"A": str(fw.slot_a), "B": str(fw.slot_b)},
+        counter=counter(config),
+    )
+
+
 def firmware_status(config: Config) -> FirmwareStatus:
     """As root, from root's own state; as anyone else (the service), from the snapshot root
     leaves after every firmware command: never from root's files, which it cannot vouch for."""
@@ -437,7 +461,7 @@ def firmware_status(config: Config) -> FirmwareStatus:
     from agent.firmware.status import FirmwareStatus
 
     if os.geteuid() == 0:
-        return firmware_device(config).status()
+        return _firmware_status_as_root(config)
     path = config.firmware.status_snapshot
     if path is None:
         raise StorageError(
