@@ -34,6 +34,15 @@ from tests.support.firmware import Rig  # noqa: E402
 
 GOAL = 2.5
 AGENT = [sys.executable, "-m", "agent.cli"]
+#: floors, printed beside the commands: what every command stands on before a line of ours
+#: (the stdlib modules the CLI cannot do without), and what reading a certificate and checking
+#: that the key signs for it costs (`status` with an identity)
+_STDLIB = "import argparse, dataclasses, datetime, logging, tomllib, typing"
+FLOORS = [
+    ("floor: stdlib of the CLI", _STDLIB),
+    ("floor: + cryptography",
+     f"{_STDLIB}; import cryptography.x509, cryptography.hazmat.primitives.serialization"),
+]  # fmt: skip
 CHILD_ENV = dict(os.environ)
 
 
@@ -89,6 +98,9 @@ def main() -> int:
         bytecode = "without cached bytecode" if args.no_bytecode else "with cached bytecode"
         print(f"start-up, whole process, {bytecode}, median of {args.runs} (python -c pass = 1.0x)")
         print(f"  {'python -c pass':24s} {reference * 1e3:7.1f} ms")
+        for name, statement in FLOORS:
+            median = wall([sys.executable, "-c", statement], args.runs)
+            print(f"  {name:24s} {median * 1e3:7.1f} ms  {median / reference:4.1f}x")
         for name, argv, code in cases:
             median = wall(argv, args.runs, expect=code)
             ratio = median / reference
