@@ -43,6 +43,7 @@ if TYPE_CHECKING:
     from agent.renewal_state import SchedulerStateStore
     from agent.status import StatusCollector
     from hal.openssl_provider import ProviderInfo
+    from hal.secure_dir import DirStore
 
 
 def key_store(config: Config, *, tpm: bool | None = None) -> KeyStore:
@@ -85,6 +86,15 @@ def identity_group(config: Config) -> int | None:
             f"{config.source}: paths.identity_group: there is no group {name!r} on this system; "
             f'create it (groupadd {name}) or set ""'
         ) from None
+
+
+def state_dir_store(config: Config) -> DirStore:
+    """Small files directly in `paths.state_dir` (scheduler state, audit trail). Every writer
+    there goes through this or `storage(config)`: one without the identity group would make
+    state_dir private again, and the group could no longer reach the certificates."""
+    from hal.secure_dir import DirStore
+
+    return DirStore(config.paths.state_dir, group=identity_group(config))
 
 
 def storage(config: Config | None = None) -> Storage:
@@ -197,9 +207,8 @@ def enroller(config: Config, **overrides: Any) -> Enroller:
 
 def service_audit_log(config: Config, *, clock: Clock | None = None) -> AuditLog:
     """The service's audit trail, `paths.state_dir/audit.jsonl`."""
-    from hal.secure_dir import DirStore
 
-    return _audit_log(config, DirStore(config.paths.state_dir, group=identity_group(config)), clock)
+    return _audit_log(config, state_dir_store(config), clock)
 
 
 def firmware_audit_log(config: Config, *, clock: Clock | None = None) -> AuditLog:
@@ -530,12 +539,9 @@ def renewal_facts(config: Config) -> RenewalFacts | None:
     from agent.errors import AgentError
     from agent.metrics import RenewalFacts
     from agent.renewal_state import SchedulerStateStore
-    from hal.secure_dir import DirStore
 
     try:
-        state = SchedulerStateStore(
-            store=DirStore(config.paths.state_dir, group=identity_group(config))
-        ).load()
+        state = SchedulerStateStore(store=state_dir_store(config)).load()
     except AgentError:
         return None
     return RenewalFacts(
@@ -606,9 +612,8 @@ def renewal_policy(config: Config) -> RenewalPolicy:
 
 def scheduler_state_store(config: Config) -> SchedulerStateStore:
     from agent.renewal_state import SchedulerStateStore
-    from hal.secure_dir import DirStore
 
-    return SchedulerStateStore(store=DirStore(config.paths.state_dir, group=identity_group(config)))
+    return SchedulerStateStore(store=state_dir_store(config))
 
 
 def daemon_parts(config: Config) -> DaemonParts:
