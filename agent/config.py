@@ -91,6 +91,11 @@ def _optional_absolute_path(value: Path | None) -> str | None:
     return None if value is None or value.is_absolute() else "an absolute path"
 
 
+def _group_name(value: str) -> str | None:
+    ok = value == "" or re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.-]{0,31}", value) is not None
+    return None if ok else 'a group name (letters, digits, "_", "-", "."; at most 32) or ""'
+
+
 def _tls_version(value: str) -> str | None:
     return None if value in ("1.2", "1.3") else "'1.2' or '1.3'"
 
@@ -116,6 +121,10 @@ class PathsConfig:
     state_dir: Path = checked(Path("/var/lib/devid-agent"), check=_absolute_path)
     #: control socket
     run_dir: Path = checked(Path("/run/devid-agent"), check=_absolute_path)
+    #: a group whose members (other local services) may read the identity's certificates
+    #: (cert.pem, chain.pem, fullchain.pem; never the key); "" = none. It must exist (checked
+    #: by `config check` and every command that uses the identity)
+    identity_group: str = checked("", check=_group_name)
 
 
 class KeyStoreKind(enum.Enum):

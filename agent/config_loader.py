@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import difflib
 import enum
 import math
 import re
@@ -179,6 +178,8 @@ class Loader:
         }
         for name in table:
             if name not in fields:
+                import difflib  # only for a message
+
                 close = difflib.get_close_matches(name, list(fields), n=1)
                 hint = f" (did you mean {close[0]!r}?)" if close else ""
                 raise self.fail(f"{prefix}{_key(name)}", f"unknown key{hint}")

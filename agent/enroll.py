@@ -352,6 +352,7 @@ class Enroller:
             make_client=lambda a: self._client(a, None),
             fingerprint=self._est.bootstrap_fingerprint_sha256,
             state_dir=state_dir,
+            group=self.pending.group,
         )
 
     def _prove(self, identity: Identity) -> None:

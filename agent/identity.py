@@ -11,6 +11,13 @@ A generation a crash left half-written is never pointed at: numbers only grow, p
 directory and past `current`, and it is pruned later. The previous generation is kept for
 rollback and inspection; older ones are pruned. Files are 0600, directories 0700.
 
+With `paths.identity_group` (the storage's sharing group), other local services in that group
+read the certificates through `identity/current/`: cert.pem, chain.pem and fullchain.pem are
+0640 with that group, `state_dir` 0710 (entered, not listed), `identity/` and each `gen-N/` 0750,
+and `current` has the group too. The key file stays 0600 and the group can write nothing. Each
+new generation is written so; generations written before the option was set keep their modes
+(the next rotation makes a shared one current; `doctor` says which are not shared).
+
 Enrolling and renewing hold an exclusive advisory lock (flock on enroll.lock), so the daemon and
 a CLI run cannot both write a generation or the pending request at once.
 
@@ -24,7 +31,6 @@ import contextlib
 import logging
 import os
 import re
-import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -169,7 +175,7 @@ class IdentityStore:
                 check(candidate)
             except AgentError:
                 continue
-            self._storage.atomic_symlink(f"gen-{generation}", self.current_link)
+            self._storage.atomic_symlink(f"gen-{generation}", self.current_link, shared=True)
             log.warning(
                 "identity generation %s is damaged (%s); generation %d is current again",
                 damaged, reason, generation,
@@ -227,8 +233,9 @@ class IdentityStore:
         if key_file_name not in KEY_FILE_NAMES:
             raise StorageError(f"unexpected key file name {key_file_name!r}")
         # mkdir(parents=True) gives parents the umask's mode
-        self._storage.ensure_private_dir(self.state_dir)
-        self._storage.ensure_private_dir(self.root)
+        # shared: with an identity group, its members enter state_dir and read the certificates
+        self._storage.ensure_shared_dir(self.state_dir, listable=False)
+        self._storage.ensure_shared_dir(self.root)
         previous = self.current_generation()
         # past `current` too: should it point at a missing directory, that number must never be
         # reused for a directory that is still being written
@@ -238,11 +245,14 @@ class IdentityStore:
             os.mkdir(directory, 0o700)
         except OSError as e:
             raise StorageError(f"cannot create {directory}: {e.strerror}") from e
-        self._storage.atomic_write(directory / key_file_name, key_blob)
-        self._storage.atomic_write(directory / "cert.pem", _pem([certificate]))
-        self._storage.atomic_write(directory / "chain.pem", _pem(chain))
+        self._storage.ensure_shared_dir(directory)
+        self._storage.atomic_write(directory / key_file_name, key_blob)  # never shared
+        self._storage.atomic_write(directory / "cert.pem", _pem([certificate]), shared=True)
+        self._storage.atomic_write(directory / "chain.pem", _pem(chain), shared=True)
         # for other services (a web server, a broker client): leaf then intermediates, one file
-        self._storage.atomic_write(directory / "fullchain.pem", _pem([certificate, *chain]))
+        self._storage.atomic_write(
+            directory / "fullchain.pem", _pem([certificate, *chain]), shared=True
+        )
         try:
             self._storage.fsync_dir(
                 self.root
@@ -258,7 +268,7 @@ class IdentityStore:
                     "the new one is kept aside in %s", generation, e, previous, directory,
                 )  # fmt: skip
                 raise
-        self._storage.atomic_symlink(directory.name, self.current_link)
+        self._storage.atomic_symlink(directory.name, self.current_link, shared=True)
         log.info("identity generation %d is now current", generation)
         # after the swap: a failure before it leaves every file as it was
         self._storage.atomic_write(self.cacerts_file, _pem(ca_certs))
@@ -278,6 +288,8 @@ class IdentityStore:
                 continue
             directory = self.root / f"gen-{generation}"
             try:
+                import shutil  # here: pruning is rare, and shutil costs every start
+
                 shutil.rmtree(directory)
             except OSError as e:  # not fatal: the new identity is in place
                 log.warning("could not prune %s: %s", directory, e)

@@ -43,6 +43,7 @@ if TYPE_CHECKING:
     from agent.renewal_state import SchedulerStateStore
     from agent.status import StatusCollector
     from hal.openssl_provider import ProviderInfo
+    from hal.secure_dir import DirStore
 
 
 def key_store(config: Config, *, tpm: bool | None = None) -> KeyStore:
@@ -71,10 +72,36 @@ def prepare_tls(config: Config) -> ProviderInfo | None:
     return load_provider(config)
 
 
-def storage() -> Storage:
+def identity_group(config: Config) -> int | None:
+    """The gid of `paths.identity_group`, None when unset; ConfigError when no such group."""
+    name = config.paths.identity_group
+    if not name:
+        return None
+    import grp
+
+    try:
+        return grp.getgrnam(name).gr_gid
+    except KeyError:
+        raise ConfigError(
+            f"{config.source}: paths.identity_group: there is no group {name!r} on this system; "
+            f'create it (groupadd {name}) or set ""'
+        ) from None
+
+
+def state_dir_store(config: Config) -> DirStore:
+    """Small files directly in `paths.state_dir` (scheduler state, audit trail). Every writer
+    there goes through this or `storage(config)`: one without the identity group would make
+    state_dir private again, and the group could no longer reach the certificates."""
+    from hal.secure_dir import DirStore
+
+    return DirStore(config.paths.state_dir, group=identity_group(config))
+
+
+def storage(config: Config | None = None) -> Storage:
+    """The disk; for a config with `paths.identity_group`, sharing certificates with it."""
     from hal.disk import FileStorage
 
-    return FileStorage()
+    return FileStorage(group=None if config is None else identity_group(config))
 
 
 def lock() -> Lock:
@@ -88,7 +115,7 @@ def identity_store(config: Config) -> IdentityStore:
 
     return IdentityStore(
         state_dir=config.paths.state_dir,
-        storage=storage(),
+        storage=storage(config),
         lock=lock(),
         generations_kept=config.est.generations_kept,
     )
@@ -98,14 +125,16 @@ def pending_store(config: Config) -> PendingStore:
     from agent.est.pending import PendingStore
     from agent.layout import PENDING_FILE_NAME
 
-    return PendingStore(path=config.paths.state_dir / PENDING_FILE_NAME)
+    return PendingStore(
+        path=config.paths.state_dir / PENDING_FILE_NAME, group=identity_group(config)
+    )
 
 
 def memory_store(config: Config) -> MemoryStore:
     """What the agent remembers of its EST server (Basic demanded, csrattrs, its CA set)."""
     from agent.est.memory import MemoryStore
 
-    return MemoryStore(state_dir=config.paths.state_dir, storage=storage())
+    return MemoryStore(state_dir=config.paths.state_dir, storage=storage(config))
 
 
 def https_transport_factory(
@@ -182,9 +211,8 @@ def enroller(config: Config, **overrides: Any) -> Enroller:
 
 def service_audit_log(config: Config, *, clock: Clock | None = None) -> AuditLog:
     """The service's audit trail, `paths.state_dir/audit.jsonl`."""
-    from hal.secure_dir import DirStore
 
-    return _audit_log(config, DirStore(config.paths.state_dir), clock)
+    return _audit_log(config, state_dir_store(config), clock)
 
 
 def firmware_audit_log(config: Config, *, clock: Clock | None = None) -> AuditLog:
@@ -390,6 +418,14 @@ def bundle_opener(config: Config) -> BundleOpener:
     return opener(download_settings(config))
 
 
+def check_host(config: Config) -> None:
+    """What `config check` (and doctor's config check) asks of this machine beyond the file:
+    the identity group exists; as root, no firmware path another user could replace."""
+    identity_group(config)
+    if config.firmware.compatible:
+        check_firmware_root_paths(config)
+
+
 def check_firmware_root_paths(config: Config) -> None:
     """As root, refuse firmware paths another user could replace (docs/security.md)."""
     import os
@@ -404,6 +440,30 @@ def check_firmware_root_paths(config: Config) -> None:
 MAX_SNAPSHOT_BYTES = 256 * 1024
 
 
+def _firmware_status_as_root(config: Config) -> FirmwareStatus:
+    """What `firmware_device(config).status()` says, read without building the device: no
+    install, verify or audit machinery (and none of hashlib) is imported to read a status."""
+    from agent.firmware.state import MAX_STATE_BYTES, parse_state
+    from agent.firmware.status import STATE_FILE, status_of
+    from hal.slots import booted_slot
+
+    fw = config.firmware
+    if not fw.compatible:
+        raise ConfigError(f"{config.source}: firmware.compatible: not set (firmware is off)")
+    check_firmware_root_paths(config)
+    boot = boot_control(config)
+    store = firmware_state_store(config)
+    booted = booted_slot(fw.cmdline, fw.cmdline_key)
+    return status_of(
+        booted=booted,
+        boot_state=boot.state(),
+        bootloader=boot.kind,
+        state=parse_state(store.read(STATE_FILE, limit=MAX_STATE_BYTES), store.path(STATE_FILE)),
+        slot_paths={"A": str(fw.slot_a), "B": str(fw.slot_b)},
+        counter=counter(config),
+    )
+
+
 def firmware_status(config: Config) -> FirmwareStatus:
     """As root, from root's own state; as anyone else (the service), from the snapshot root
     leaves after every firmware command: never from root's files, which it cannot vouch for."""
@@ -414,7 +474,7 @@ def firmware_status(config: Config) -> FirmwareStatus:
     from agent.firmware.status import FirmwareStatus
 
     if os.geteuid() == 0:
-        return firmware_device(config).status()
+        return _firmware_status_as_root(config)
     path = config.firmware.status_snapshot
     if path is None:
         raise StorageError(
@@ -483,10 +543,9 @@ def renewal_facts(config: Config) -> RenewalFacts | None:
     from agent.errors import AgentError
     from agent.metrics import RenewalFacts
     from agent.renewal_state import SchedulerStateStore
-    from hal.secure_dir import DirStore
 
     try:
-        state = SchedulerStateStore(store=DirStore(config.paths.state_dir)).load()
+        state = SchedulerStateStore(store=state_dir_store(config)).load()
     except AgentError:
         return None
     return RenewalFacts(
@@ -557,9 +616,8 @@ def renewal_policy(config: Config) -> RenewalPolicy:
 
 def scheduler_state_store(config: Config) -> SchedulerStateStore:
     from agent.renewal_state import SchedulerStateStore
-    from hal.secure_dir import DirStore
 
-    return SchedulerStateStore(store=DirStore(config.paths.state_dir))
+    return SchedulerStateStore(store=state_dir_store(config))
 
 
 def daemon_parts(config: Config, *, interrupt: Interrupt | None = None) -> DaemonParts:

@@ -65,22 +65,31 @@ class KeyStore(Protocol):
 @runtime_checkable
 class Storage(Protocol):
     """Private, atomic file storage: files 0600, directories 0700; a reader (or a power cut) sees
-    the old bytes or the new, never a mix. Failures come out as `StorageError` naming the path."""
+    the old bytes or the new, never a mix. Failures come out as `StorageError` naming the path.
+
+    A storage may have one sharing group (`paths.identity_group`): what is written `shared` is
+    then readable by that group (files 0640, directories 0750 or 0710 with that group), and a
+    private directory already shared so is left as it is. Without a group, `shared` changes
+    nothing: everything stays private."""
 
     def ensure_private_dir(self, path: Path) -> Path:
         """Create `path` (and missing parents) 0700, or check that an existing one is private."""
+        ...
+
+    def ensure_shared_dir(self, path: Path, *, listable: bool = True) -> Path:
+        """As `ensure_private_dir`, then share it with the group: 0750 (`listable`) or 0710."""
         ...
 
     def fsync_dir(self, path: Path) -> None:
         """Make the directory's entries durable."""
         ...
 
-    def atomic_write(self, path: Path, data: bytes) -> None:
-        """Replace `path` with `data` (temp, fsync, rename, fsync dir)."""
+    def atomic_write(self, path: Path, data: bytes, *, shared: bool = False) -> None:
+        """Replace `path` with `data` (temp, fsync, rename, fsync dir); `shared`: 0640, group."""
         ...
 
-    def atomic_symlink(self, target: str, link: Path) -> None:
-        """Point `link` at `target`, replacing it atomically."""
+    def atomic_symlink(self, target: str, link: Path, *, shared: bool = False) -> None:
+        """Point `link` at `target`, replacing it atomically; `shared`: the link has the group."""
         ...
 
     def read_bytes(self, path: Path, *, limit: int) -> bytes:

@@ -11,6 +11,13 @@ created, renamed and fsynced relative to that descriptor (`openat`, `renameat`, 
 `O_NOFOLLOW | O_NONBLOCK` and a regular-file check, so a planted symlink or FIFO is refused
 instead of followed or waited on. Nothing is chmodded or opened by path.
 
+One group may share a private directory (`paths.identity_group`: other local services read the
+identity's certificates). Given that group, a private directory may also be 0750 (the group
+lists and enters it) or 0710 (the group only enters it) with exactly that group; never group-
+writable, never open to others, and nothing else is relaxed: any other mode is tightened to
+0700 as before. Asked to share (`shared_mode`), the directory is first tightened to 0700, then
+given that group and that mode, all through its descriptor.
+
 `untrusted_ancestor(path)` is the same rule as a check, for files that other tools open by path
 (the GRUB env, slot devices): `config check` and root's firmware commands refuse what it names.
 """
@@ -21,7 +28,6 @@ import contextlib
 import errno
 import fcntl
 import os
-import secrets
 import stat
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,6 +37,8 @@ from hal.errors import Busy, StorageError
 
 FILE_MODE = 0o600
 PRIVATE_DIR_MODE = 0o700
+#: what a private directory may be with its one sharing group: entered and listed, or entered
+SHARED_PRIVATE_DIR_MODES = (0o750, 0o710)
 SHARED_DIR_MODE = 0o755  # for directories created on the way, and readable shared ones
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _READ_CHUNK = 1024 * 1024
@@ -53,6 +61,22 @@ def _why_untrusted(st: os.stat_result, child: os.stat_result | None) -> str | No
     return None
 
 
+def private_dir_fix(
+    mode: int, gid: int, *, group: int | None, shared_mode: int | None = None
+) -> tuple[int | None, int | None]:
+    """What a private directory of `mode` and group `gid` needs: (the mode to set, the group to
+    set), None for what is right already. Pure: the rule of the module's opening comment."""
+    if shared_mode is not None:
+        if group is None or shared_mode not in SHARED_PRIVATE_DIR_MODES:
+            raise ValueError(f"cannot share a private directory as {shared_mode:04o}")
+        return (None if mode == shared_mode else shared_mode), (None if gid == group else group)
+    if not mode & 0o077:
+        return None, None
+    if group is not None and gid == group and mode & 0o777 in SHARED_PRIVATE_DIR_MODES:
+        return None, None
+    return PRIVATE_DIR_MODE, None
+
+
 def _refused_ancestor(path: Path, ancestor: Path, why: str) -> StorageError:
     return StorageError(
         f"refusing {path}: its ancestor {ancestor} {why}, so another user could replace what "
@@ -66,6 +90,30 @@ def _components(path: Path) -> list[str]:
     return [part for part in path.parts[1:] if part not in ("", ".")]
 
 
+def _make_private(
+    fd: int, st: os.stat_result, path: Path, *, group: int | None, shared_mode: int | None
+) -> None:
+    mode, gid = private_dir_fix(
+        stat.S_IMODE(st.st_mode), st.st_gid, group=group, shared_mode=shared_mode
+    )
+    if gid is not None:  # only when sharing: then shared_mode is set
+        os.fchmod(fd, PRIVATE_DIR_MODE)  # no member of the old group keeps a way in meanwhile
+        try:
+            os.fchown(fd, -1, gid)
+        except PermissionError as e:
+            raise not_in_group(path, gid) from e
+        mode = shared_mode
+    if mode is not None:
+        os.fchmod(fd, mode)
+
+
+def not_in_group(path: Path, gid: int) -> StorageError:
+    return StorageError(
+        f"cannot give {path} to group {gid} (paths.identity_group): this process's user "
+        f"(uid {os.geteuid()}) is not a member of that group; add it (usermod -aG)"
+    )
+
+
 class SecureDir:
     """An open, checked directory. Use as a context manager; `open()` makes one."""
 
@@ -76,12 +124,21 @@ class SecureDir:
     # -- opening -------------------------------------------------------------------------------
 
     @classmethod
-    def open(cls, path: Path, *, create: bool = False, private: bool = True) -> SecureDir | None:
+    def open(
+        cls,
+        path: Path,
+        *,
+        create: bool = False,
+        private: bool = True,
+        group: int | None = None,
+        shared_mode: int | None = None,
+    ) -> SecureDir | None:
         """Walk to `path` safely; None if it does not exist and `create` is false.
 
         Directories created on the way are 0755 (writable only by us), the last one 0700 when
         `private`. The last one must belong to this process's user; when `private`, a looser mode
-        is tightened to 0700 through its descriptor.
+        is tightened to 0700 through its descriptor, unless it is shared with `group` as the
+        opening comment says; with `shared_mode` (0750 or 0710) it is given `group` and that mode.
         """
         parts = _components(path)
         if ".." in parts:
@@ -123,8 +180,8 @@ class SecureDir:
                     f"{path} belongs to uid {st.st_uid}, not to this process's user (uid {euid}); "
                     "run devid-agent as the directory's owner, or chown the directory to this user"
                 )
-            if private and st.st_mode & 0o077:
-                os.fchmod(fd, PRIVATE_DIR_MODE)
+            if private:
+                _make_private(fd, st, path, group=group, shared_mode=shared_mode)
             elif not private and st.st_mode & 0o022:
                 raise StorageError(f"{path} is writable by group or others; want 0755")
             return cls(fd, path)
@@ -201,7 +258,7 @@ class SecureDir:
 
     def write(self, name: str, data: bytes, *, mode: int = FILE_MODE) -> None:
         """Replace `name` with `data` atomically and durably (temp, fsync, renameat, fsync dir)."""
-        tmp = f".{name}.tmp-{os.getpid()}-{secrets.token_hex(8)}"
+        tmp = f".{name}.tmp-{os.getpid()}-{os.urandom(8).hex()}"
         created = False
         try:
             fd = os.open(
@@ -322,9 +379,11 @@ class DirStore:
     between operations, and nothing inside is ever reached by path.
     """
 
-    def __init__(self, directory: Path, *, private: bool = True) -> None:
+    def __init__(self, directory: Path, *, private: bool = True, group: int | None = None) -> None:
         self.directory = directory
         self.private = private
+        #: the one group the directory may be shared with (left as it is, never applied here)
+        self.group = group
 
     def path(self, name: str) -> Path:
         """For messages only: files are never opened by this path."""
@@ -332,7 +391,7 @@ class DirStore:
 
     def read(self, name: str, *, limit: int) -> bytes | None:
         """The file's bytes, or None if the file (or the directory) does not exist."""
-        sd = SecureDir.open(self.directory, create=False, private=self.private)
+        sd = SecureDir.open(self.directory, create=False, private=self.private, group=self.group)
         if sd is None:
             return None
         with sd:
@@ -340,7 +399,7 @@ class DirStore:
 
     def names(self) -> list[str]:
         """The entries of the directory, sorted; [] if it does not exist."""
-        sd = SecureDir.open(self.directory, create=False, private=self.private)
+        sd = SecureDir.open(self.directory, create=False, private=self.private, group=self.group)
         if sd is None:
             return []
         with sd:
@@ -362,7 +421,7 @@ class DirStore:
             return sd.append(name, data, mode=mode)
 
     def tail(self, name: str, *, max_bytes: int) -> tuple[int, bytes] | None:
-        sd = SecureDir.open(self.directory, create=False, private=self.private)
+        sd = SecureDir.open(self.directory, create=False, private=self.private, group=self.group)
         if sd is None:
             return None
         with sd:
@@ -373,7 +432,7 @@ class DirStore:
             return sd.rename(src, dst)
 
     def _open(self) -> SecureDir:
-        sd = SecureDir.open(self.directory, create=True, private=self.private)
+        sd = SecureDir.open(self.directory, create=True, private=self.private, group=self.group)
         assert sd is not None  # create=True never returns None
         return sd
 

@@ -7,28 +7,33 @@ from __future__ import annotations
 
 import contextlib
 import os
-import secrets
 import stat
 from pathlib import Path
 
 from hal import faults
 from hal.errors import StorageError
-from hal.secure_dir import SecureDir
+from hal.secure_dir import SecureDir, not_in_group
 
 FILE_MODE = 0o600
 DIR_MODE = 0o700
 _READ_CHUNK = 1024 * 1024
 
 
-def ensure_private_dir(path: Path) -> Path:
-    """Create `path` as 0700 if missing; tighten an existing dir's mode to 0700.
+def ensure_private_dir(
+    path: Path, *, group: int | None = None, shared_mode: int | None = None
+) -> Path:
+    """Create `path` as 0700 if missing; tighten an existing dir's mode to 0700 (with `group`:
+    a dir already 0750/0710 with exactly that group stays; with `shared_mode`, it is made so:
+    hal.secure_dir's rule).
 
     Reached through hal.secure_dir's checked walk: no symlink on the way, every ancestor owned
     by root or us and writable by no one else, the directory itself ours (one owned by another
     user would let that user swap our files, or for root plant links, under us), and chmodded
     through its descriptor, never by path.
     """
-    directory = SecureDir.open(path, create=True, private=True)
+    directory = SecureDir.open(
+        path, create=True, private=True, group=group, shared_mode=shared_mode
+    )
     assert directory is not None  # create=True never returns None
     directory.close()
     return path
@@ -45,11 +50,19 @@ def fsync_dir(path: Path) -> None:
 def temp_name(path: Path) -> Path:
     """A fresh hidden name beside `path`: unique per call (threads share a PID), unguessable.
     Create it exclusively (O_EXCL, open mode "xb"), so nothing planted there is followed."""
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(8)}")
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}-{token()}")
 
 
-def atomic_write(path: Path, data: bytes, *, mode: int = FILE_MODE) -> None:
+def token() -> str:
+    """16 random hex digits (os.urandom: `secrets` would cost every start ~3 ms of imports)."""
+    return os.urandom(8).hex()
+
+
+def atomic_write(
+    path: Path, data: bytes, *, mode: int = FILE_MODE, group: int | None = None
+) -> None:
     """Replace `path` with `data` atomically and durably. The parent directory must exist.
+    With `group`, the file gets that group before it is given `mode` (and before its name).
 
     The temp file is created with O_EXCL | O_NOFOLLOW under a fresh random name, so nothing
     planted beside `path` (a symlink, a hard link, another writer's temp file) is ever opened.
@@ -60,6 +73,8 @@ def atomic_write(path: Path, data: bytes, *, mode: int = FILE_MODE) -> None:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
         created = True
         try:
+            if group is not None:
+                _chgrp(fd, path, group)
             os.fchmod(fd, mode)  # O_CREAT's mode is filtered by umask; be exact
             view = memoryview(data)
             while view:
@@ -76,32 +91,50 @@ def atomic_write(path: Path, data: bytes, *, mode: int = FILE_MODE) -> None:
         faults.point(f"fsync dir of {path}")
         fsync_dir(path.parent)
         faults.point(f"written {path}")
-    except OSError as e:
+    except (OSError, StorageError) as e:
         if created:
             with contextlib.suppress(OSError):
                 tmp.unlink()
+        if isinstance(e, StorageError):  # not a member of the group
+            raise
         raise StorageError(f"cannot write {path}: {e.strerror}") from e
 
 
-def atomic_symlink(target: str, link: Path) -> None:
-    """Point `link` at `target` atomically (symlink a fresh temp name, then rename over `link`)."""
+def atomic_symlink(target: str, link: Path, *, group: int | None = None) -> None:
+    """Point `link` at `target` atomically (symlink a fresh temp name, then rename over `link`);
+    with `group`, the link belongs to that group (what `ls -l` shows; Linux ignores a link's
+    own permissions)."""
     tmp = temp_name(link)
     created = False
     try:
         faults.point(f"symlink {link}")
         os.symlink(target, tmp)  # fails with EEXIST rather than reuse anything at that name
         created = True
+        if group is not None:
+            try:
+                os.lchown(tmp, -1, group)
+            except PermissionError as e:
+                raise not_in_group(link, group) from e
         faults.point(f"rename {link}")
         os.replace(tmp, link)
         created = False
         faults.point(f"fsync dir of {link}")
         fsync_dir(link.parent)
         faults.point(f"linked {link}")
-    except OSError as e:
+    except (OSError, StorageError) as e:
         if created:
             with contextlib.suppress(OSError):
                 tmp.unlink()
+        if isinstance(e, StorageError):  # not a member of the group
+            raise
         raise StorageError(f"cannot point {link} at {target}: {e.strerror}") from e
+
+
+def _chgrp(fd: int, path: Path, group: int) -> None:
+    try:
+        os.fchown(fd, -1, group)
+    except PermissionError as e:
+        raise not_in_group(path, group) from e
 
 
 def read_bytes(path: Path, *, limit: int = 16 * 1024 * 1024) -> bytes:

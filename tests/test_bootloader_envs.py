@@ -190,7 +190,7 @@ def test_grub_write_never_follows_a_link_planted_at_its_temp_name(
 
     rig = Rig(tmp_path / "dev", bootloader="grub")
     before = rig.grubenv.read_bytes()
-    monkeypatch.setattr(hal.storage.secrets, "token_hex", lambda n: "fixed")
+    monkeypatch.setattr(hal.storage, "token", lambda: "fixed")
     victim = tmp_path / "victim"
     victim.write_bytes(b"precious")
     os.symlink(victim, rig.grubenv.with_name(f".{rig.grubenv.name}.tmp-{os.getpid()}-fixed"))

@@ -39,6 +39,7 @@ def test_doctor_all_ok_with_tpm(swtpm: Swtpm, tmp_path: Path) -> None:
     assert {name: f["status"] for name, f in findings.items()} == {
         "config": "ok",
         "state_dir": "ok",
+        "identity_files": "ok",
         "est_config": "error",
         "est_credentials": "ok",
         "est_trust_anchor": "ok",

@@ -150,13 +150,13 @@ def test_a_crash_at_any_write_leaves_a_usable_identity(
                 raise Crash
             self.writes += 1
 
-        def atomic_write(self, path: Path, data: bytes) -> None:
+        def atomic_write(self, path: Path, data: bytes, *, shared: bool = False) -> None:
             self._count()
-            super().atomic_write(path, data)
+            super().atomic_write(path, data, shared=shared)
 
-        def atomic_symlink(self, target: str, link: Path) -> None:
+        def atomic_symlink(self, target: str, link: Path, *, shared: bool = False) -> None:
             self._count()
-            super().atomic_symlink(target, link)
+            super().atomic_symlink(target, link, shared=shared)
 
     crashing = IdentityStore(
         storage=CrashingStorage(), lock=FlockLock(), state_dir=tmp_path, generations_kept=2

@@ -142,7 +142,7 @@ def test_temp_file_is_created_exclusively(tmp_path: Path, monkeypatch: pytest.Mo
     """If the fresh name exists anyway, fail; never open (and truncate) someone else's file."""
     import hal.storage
 
-    monkeypatch.setattr(hal.storage.secrets, "token_hex", lambda n: "fixed")
+    monkeypatch.setattr(hal.storage, "token", lambda: "fixed")
     planted = tmp_path / f".f.tmp-{os.getpid()}-fixed"
     planted.write_bytes(b"not ours")
     with pytest.raises(StorageError, match=r"cannot write .*: File exists"):

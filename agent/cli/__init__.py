@@ -13,6 +13,7 @@ import os
 import re
 import sys
 from collections.abc import Callable, Sequence
+from typing import cast
 
 from agent import __version__
 from agent.errors import AgentError, Kind, TransportError, classify
@@ -91,33 +92,68 @@ def exit_code_for(error: BaseException) -> int:
 Register = Callable[["argparse._SubParsersAction[argparse.ArgumentParser]"], None]
 
 
-def _modules() -> list[Register]:
-    """Each command module's register(); imported here so `--help` lists every command."""
-    from agent.cli import (
-        audit_cmd,
-        config_cmd,
-        doctor_cmd,
-        enroll_cmd,
-        firmware_cmd,
-        metrics_cmd,
-        run_cmd,
-        status_cmd,
-    )
-
-    return [
-        audit_cmd.register,
-        config_cmd.register,
-        doctor_cmd.register,
-        enroll_cmd.register,
-        run_cmd.register,
-        status_cmd.register,
-        firmware_cmd.register,
-        metrics_cmd.register,
-    ]
+#: each command, and the module whose register() adds it (imported only when needed)
+COMMAND_MODULES = {
+    "audit": "agent.cli.audit_cmd",
+    "config": "agent.cli.config_cmd",
+    "doctor": "agent.cli.doctor_cmd",
+    "enroll": "agent.cli.enroll_cmd",
+    "renew": "agent.cli.enroll_cmd",
+    "run": "agent.cli.run_cmd",
+    "status": "agent.cli.status_cmd",
+    "firmware": "agent.cli.firmware_cmd",
+    "metrics": "agent.cli.metrics_cmd",
+}
+_HELP = ("-h", "--help")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+def _modules(names: Sequence[str] | None = None) -> list[Register]:
+    """The register() of the modules named (default: every command's, so `--help` lists all)."""
+    import importlib
+
+    wanted = dict.fromkeys(COMMAND_MODULES.values() if names is None else names)
+    return [importlib.import_module(name).register for name in wanted]
+
+
+def _command_in(argv: Sequence[str]) -> str | None:
+    """The command `argv` names, or None when it names none or asks for the top-level help.
+
+    The options before the command are the top-level ones (`--config PATH`, `-v`), so the first
+    word that is neither one of them nor `--config`'s value is the command."""
+    words = iter(argv)
+    for word in words:
+        if word in _HELP:
+            return None
+        if word == "--config":
+            next(words, None)
+        elif not word.startswith("-"):
+            return word if word in COMMAND_MODULES else None
+    return None
+
+
+def _terminal_columns() -> int:
+    """shutil.get_terminal_size's answer without importing shutil (argparse would, at every
+    start, for the width of a help text that is rarely printed)."""
+    try:
+        return int(os.environ["COLUMNS"])
+    except (KeyError, ValueError):
+        pass
+    try:
+        return os.get_terminal_size(sys.__stdout__.fileno()).columns  # type: ignore[union-attr]
+    except (AttributeError, ValueError, OSError):
+        return 80
+
+
+class _Parser(argparse.ArgumentParser):
+    def _get_formatter(self) -> argparse.HelpFormatter:
+        make: Callable[..., argparse.HelpFormatter] = self.formatter_class
+        return make(prog=self.prog, width=_terminal_columns() - 2)
+
+
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The parser; given the arguments, with only the named command's subparser (its module
+    alone imported: a one-shot command starts fast), else with every command."""
+    parser = _Parser(
         prog="devid-agent",
         description="Device identity agent: TPM keys, EST enrollment, mTLS, signed A/B firmware.",
         epilog=EXIT_CODES_HELP,
@@ -130,8 +166,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="config file (default: $DEVID_AGENT_CONFIG or /etc/devid-agent/config.toml)",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
-    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for register in _modules():
+    # its parsers are _Parser too (type(parser)); the commands' register() see ArgumentParser
+    subparsers = cast(
+        "argparse._SubParsersAction[argparse.ArgumentParser]",
+        parser.add_subparsers(dest="command", metavar="COMMAND"),
+    )
+    command = None if argv is None else _command_in(argv)
+    if command is None and argv is not None and "--version" in argv and not set(_HELP) & set(argv):
+        return parser  # argparse prints the version and exits before a command is looked at
+    for register in _modules(None if command is None else [COMMAND_MODULES[command]]):
         register(subparsers)
     return parser
 
@@ -152,7 +195,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main(argv: Sequence[str] | None) -> int:
-    parser = build_parser()
+    parser = build_parser(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING,

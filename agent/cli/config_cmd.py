@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-from agent.config import config_path, load_config
-
 
 def add_config_option(parser: argparse.ArgumentParser) -> None:
     """Let `--config` also follow the subcommand (`devid-agent config check --config F`)."""
@@ -23,11 +21,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 def run_check(args: argparse.Namespace) -> int:
+    from agent.config import config_path, load_config
+
     path = config_path(args.config)
     config = load_config(path)
-    if config.firmware.compatible:  # as root: the paths root's firmware commands would refuse
-        from agent.wiring import check_firmware_root_paths
+    # the identity group exists; as root, the paths root's firmware commands would refuse
+    from agent.wiring import check_host
 
-        check_firmware_root_paths(config)
+    check_host(config)
     print("OK")
     return 0

@@ -6,7 +6,8 @@ checked: the configuration does not load). Text by default, one line per check; 
 of `{"check", "status", "detail"}`. Exit 1 when any check is an error or fatal (or a warning,
 with `--warnings-as-errors`), else 0.
 
-Checks, in order: config (the rules of `config check`), state_dir, est_config,
+Checks, in order: config (the rules of `config check`), state_dir, identity_files (modes of
+every generation: private, or shared with `paths.identity_group` as it allows), est_config,
 est_credentials (password file 0600/0400, IDevID files), est_trust_anchor (present, expiry),
 est_reachable (a TLS connection to est.url verified against the anchor, short timeout), clock
 (against this build's time and the EST server's Date), identity (certificate expiry),
@@ -82,8 +83,15 @@ def _expiry(what: str, cert: x509.Certificate, now: datetime) -> tuple[str, str]
     return OK, f"{what} valid until {_when(end)}"
 
 
+def _group_gid(ctx: Context) -> int | None:
+    from agent.wiring import identity_group
+
+    return identity_group(ctx.config)
+
+
 def check_state_dir(ctx: Context) -> Finding:
     path = ctx.config.paths.state_dir
+    group = _group_gid(ctx)
     try:
         st = os.stat(path)
     except FileNotFoundError:
@@ -97,11 +105,104 @@ def check_state_dir(ctx: Context) -> Finding:
             f"{path} belongs to uid {st.st_uid}, not to this user (uid {os.geteuid()}); run "
             "devid-agent as its owner, or chown it",
         )
-    if stat.S_IMODE(st.st_mode) & 0o077:
-        return Finding(
-            "state_dir", ERROR, f"{path} is mode {stat.S_IMODE(st.st_mode):04o}; want 0700"
+    mode = stat.S_IMODE(st.st_mode)
+    problem = mode_problem(mode, st.st_gid, directory=True, shareable=True, group=group)
+    if problem is not None:
+        return Finding("state_dir", ERROR, f"{path} {problem}")
+    return Finding("state_dir", OK, f"{path} ({mode:04o})")
+
+
+#: what may carry the identity group's read bit: the certificates, never the key
+SHAREABLE_FILES = ("cert.pem", "chain.pem", "fullchain.pem")
+
+
+def mode_problem(
+    mode: int, gid: int, *, directory: bool, shareable: bool, group: int | None
+) -> str | None:
+    """What is wrong with an identity path's mode and group, or None (pure).
+
+    Private is 0700/0600. With `paths.identity_group` (`group`), a directory may be 0750 or 0710
+    and a certificate file 0640, each with exactly that group; the key never has a group bit,
+    nothing is group-writable, nothing is open to others (hal.secure_dir's rule). A file that is
+    not `shareable` (the key, anything but a certificate) is private whatever the group."""
+    want = "0700" if directory else "0600"
+    if mode & 0o007:
+        return f"is open to others (mode {mode:04o}); want {want}"
+    if mode & 0o020:
+        return f"is writable by its group (mode {mode:04o}); want {want}"
+    if not mode & 0o070:
+        return None
+    if not shareable:
+        return f"is readable by its group (mode {mode:04o}); only certificates may be; want 0600"
+    if group is None:
+        return (
+            f"is shared with group {gid} (mode {mode:04o}) but paths.identity_group is unset; "
+            f"want {want}"
         )
-    return Finding("state_dir", OK, f"{path} (0700)")
+    if gid != group:
+        return (
+            f"is shared with group {gid} (mode {mode:04o}), not with paths.identity_group ({group})"
+        )
+    allowed = (0o750, 0o710) if directory else (0o640,)
+    if mode & 0o777 not in allowed:
+        shared = " or ".join(f"{m:04o}" for m in allowed)
+        return f"is mode {mode:04o}; want {want} or {shared} with paths.identity_group"
+    return None
+
+
+def check_identity_files(ctx: Context) -> Finding:
+    """Every generation's directory and files: private, or shared with the identity group as
+    `paths.identity_group` allows; warn when the group cannot read the current certificates."""
+    group = _group_gid(ctx)
+    root = ctx.config.paths.state_dir / "identity"
+    try:
+        names = sorted(n for n in os.listdir(root) if n.startswith("gen-"))
+    except FileNotFoundError:
+        return Finding("identity_files", OK, "not enrolled: no identity files")
+    except OSError as e:
+        return Finding("identity_files", ERROR, f"cannot list {root}: {e.strerror}")
+    entries = [(root, True, True)]
+    for name in names:
+        generation = root / name
+        entries.append((generation, True, True))
+        try:
+            inside = sorted(os.listdir(generation))
+        except OSError as e:
+            return Finding("identity_files", ERROR, f"cannot list {generation}: {e.strerror}")
+        # only the certificates may be shared: the key, a temp file, ... stay private
+        entries += [(generation / file, False, file in SHAREABLE_FILES) for file in inside]
+    for path, is_dir, shareable in entries:
+        try:
+            st = os.lstat(path)
+        except OSError as e:
+            return Finding("identity_files", ERROR, f"cannot stat {path}: {e.strerror}")
+        if stat.S_ISLNK(st.st_mode):
+            continue
+        problem = mode_problem(
+            stat.S_IMODE(st.st_mode), st.st_gid, directory=is_dir, shareable=shareable, group=group
+        )
+        if problem is not None:
+            return Finding("identity_files", ERROR, f"{path} {problem}")
+    if group is None:
+        return Finding("identity_files", OK, f"{len(names)} generation(s), private")
+    name = ctx.config.paths.identity_group
+    current = root / "current"
+    way = [(ctx.config.paths.state_dir, 0o010), (root, 0o010), (current, 0o010)]
+    for path, bit in [*way, *((current / f, 0o040) for f in SHAREABLE_FILES)]:
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            continue  # not enrolled, or no `current`: the identity check says so
+        except OSError as e:
+            return Finding("identity_files", ERROR, f"cannot stat {path}: {e.strerror}")
+        if st.st_gid != group or not st.st_mode & bit:
+            return Finding(
+                "identity_files",
+                WARNING,
+                f"group {name!r} cannot read the current certificates yet: {path} is not shared "
+                "with it; the next generation is (`devid-agent renew`, or the service's rotation)",
+            )
+    return Finding("identity_files", OK, f"the current certificates are readable by group {name!r}")
 
 
 def check_est_config(ctx: Context) -> Finding:
@@ -431,6 +532,7 @@ def check_firmware_anchors(ctx: Context) -> Finding:
 
 CHECKS: list[Callable[[Context], Finding]] = [
     check_state_dir,
+    check_identity_files,
     check_est_config,
     check_est_credentials,
     check_est_trust_anchor,
@@ -461,10 +563,9 @@ def run_checks(config: Config, *, now: datetime | None = None) -> list[Finding]:
 def check_config(path: Path) -> tuple[Finding, Config | None]:
     try:
         config = load_config(path)
-        if config.firmware.compatible:  # as root: what `config check` refuses too
-            from agent.wiring import check_firmware_root_paths
+        from agent.wiring import check_host  # what `config check` refuses too
 
-            check_firmware_root_paths(config)
+        check_host(config)
     except AgentError as e:
         return Finding("config", FATAL, str(e)), None
     return Finding("config", OK, str(path)), config

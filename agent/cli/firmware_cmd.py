@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import sys
 from collections.abc import Iterator
@@ -197,6 +196,8 @@ def run_status(args: argparse.Namespace) -> int:
 
     status = firmware_status(_config(args))
     if args.json:
+        import json
+
         print(json.dumps(status.to_dict(), indent=2, sort_keys=True))
     else:
         print(status.to_text())

@@ -8,7 +8,6 @@ read. Collection is `agent.status.StatusCollector`, built by `agent.wiring`.
 from __future__ import annotations
 
 import argparse
-import json
 from typing import TYPE_CHECKING
 
 from agent.cli.config_cmd import add_config_option
@@ -45,8 +44,13 @@ def run(args: argparse.Namespace) -> int:
     config = load_config(config_path(args.config))
     status = collect(config)
     if args.json:
+        import json
+
         print(json.dumps(status.to_dict(), indent=2, sort_keys=True))
     else:
         print(status.to_text())
     share = config.status.renewal_failing_share
-    return status_code(status, renewal_facts(config), failing_share=share)
+    # the scheduler's record matters only to a valid identity (renewal failing): the other
+    # states decide the code alone, and need not read it
+    facts = renewal_facts(config) if status.identity.state == "valid" else None
+    return status_code(status, facts, failing_share=share)

@@ -7,9 +7,7 @@ and the exact CSR, so a later attempt resubmits the same request instead of star
 
 from __future__ import annotations
 
-import base64
 import contextlib
-import json
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -37,6 +35,9 @@ class PendingRequest:
     attempts: int
 
     def to_json(self) -> bytes:
+        import base64
+        import json
+
         return json.dumps(
             {
                 "format": FORMAT,
@@ -55,6 +56,9 @@ class PendingRequest:
 
     @classmethod
     def from_json(cls, data: bytes, *, source: Path) -> PendingRequest:
+        import base64  # here: `status` without a pending request reads no JSON
+        import json
+
         try:
             raw: Any = json.loads(data)
             if not isinstance(raw, dict):
@@ -85,8 +89,10 @@ class PendingRequest:
 
 
 class PendingStore:
-    def __init__(self, *, path: Path) -> None:
+    def __init__(self, *, path: Path, group: int | None = None) -> None:
         self.path = path
+        #: `paths.identity_group`'s gid: its directory may stay shared with it (hal.secure_dir)
+        self.group = group
 
     def load(self) -> PendingRequest | None:
         try:
@@ -98,7 +104,7 @@ class PendingStore:
         return PendingRequest.from_json(data, source=self.path)
 
     def save(self, request: PendingRequest) -> None:
-        ensure_private_dir(self.path.parent)
+        ensure_private_dir(self.path.parent, group=self.group)
         atomic_write(self.path, request.to_json())
 
     def clear(self) -> None:

@@ -76,11 +76,13 @@ def _is_file(path: Path, what: str) -> bool:
         raise ConfigError(f"{what}: cannot look at {path}: {e.strerror}") from e
 
 
-def bootstrap(*, make_client: ClientFactory, fingerprint: str, state_dir: Path) -> Path:
+def bootstrap(
+    *, make_client: ClientFactory, fingerprint: str, state_dir: Path, group: int | None = None
+) -> Path:
     """RFC 7030 4.1.1 bootstrap: the stored anchor file. On any failure nothing is stored."""
     certs = make_client(None).cacerts(provisional=True)
     anchor = select_bootstrap_anchor(certs, fingerprint)
-    ensure_private_dir(state_dir)
+    ensure_private_dir(state_dir, group=group)  # shared with `paths.identity_group`: kept so
     stored = state_dir / ANCHOR_FILE_NAME
     candidate = state_dir / f".{ANCHOR_FILE_NAME}.candidate"
     atomic_write(candidate, anchor.public_bytes(serialization.Encoding.PEM))

@@ -38,7 +38,7 @@ from agent.firmware.state import (
     encode_state,
     parse_state,
 )
-from agent.firmware.status import FirmwareStatus, SlotStatus
+from agent.firmware.status import STATE_FILE, FirmwareStatus, status_of
 from agent.firmware.verify import DEFAULT_BUFFER_BYTES, DeviceFacts, stream_payload, verify_header
 from hal.interfaces import BootControl, FileStore, MonotonicCounter, Slot
 
@@ -47,7 +47,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-STATE_FILE = "state.json"
 LOCK_FILE = "lock"
 SNAPSHOT_FILE = "status.json"
 
@@ -67,15 +66,6 @@ def _same_storage(a: str, b: str) -> bool:
     if sa.st_rdev and sa.st_rdev == sb.st_rdev:
         return True
     return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
-
-
-def _verdict(recorded: str, bootable: bool) -> str:
-    """A slot's state: our record, unless the bootloader says it will not boot it (RAUC's
-    `mark-bad`, tries used up): then "bad", whatever we recorded. "writing" and "failed" are
-    already not bootable and say more."""
-    if not bootable and recorded in ("good", "installed", "unknown"):
-        return "bad"
-    return recorded
 
 
 class FirmwareDevice:
@@ -395,38 +385,11 @@ class FirmwareDevice:
 
     def status(self) -> FirmwareStatus:
         booted = self._booted()
-        boot_state = self.boot.state()
-        state = self._load()
-        pending = state.pending
-        fell_back = state.fell_back_from is not None or (
-            pending is not None and pending != booted and not boot_state.bootable(pending)
-        )
-        slots = []
-        for name, slot in self.slots.items():
-            record = state.slots.get(name)
-            bootable = boot_state.bootable(name)
-            recorded = record.state if record else "unknown"
-            slots.append(
-                SlotStatus(
-                    name=name,
-                    path=slot.path,
-                    booted=name == booted,
-                    state=_verdict(recorded, bootable),
-                    bootable=bootable,
-                    version=record.version if record else "unknown",
-                    security_version=record.security_version if record else None,
-                    tries_left=boot_state.tries_left.get(name, 0),
-                    digest=record.digest if record else "",
-                )
-            )
-        return FirmwareStatus(
+        return status_of(
             booted=booted,
-            next_boot=boot_state.next_boot(),
+            boot_state=self.boot.state(),
             bootloader=self.boot.kind,
-            slots=tuple(slots),
-            committed_security_version=self.counter.read(),
-            counter=self.counter.kind,
-            counter_hardware_backed=self.counter.hardware_backed,
-            pending=pending,
-            fell_back=fell_back,
+            state=self._load(),
+            slot_paths={name: slot.path for name, slot in self.slots.items()},
+            counter=self.counter,
         )

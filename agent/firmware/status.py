@@ -1,11 +1,23 @@
-"""The firmware status model: one value, rendered as text for people and JSON for machines."""
+"""The firmware status model: one value, rendered as text for people and JSON for machines.
+
+`status_of` makes it from what the device reads (pure): `FirmwareDevice.status()` and the light
+reader `agent.wiring.firmware_status` (which need not import the install machinery) share it.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from agent.errors import StorageError
+from agent.errors import BootControlError, StorageError
+
+if TYPE_CHECKING:
+    from agent.firmware.state import FirmwareState
+    from hal.interfaces import BootState, MonotonicCounter
+
+#: root's record of the slots, in `firmware.state_dir`
+STATE_FILE = "state.json"
 
 
 @dataclass(frozen=True)
@@ -98,3 +110,61 @@ def _typed(cls: type[Any], table: object, **given: Any) -> Any:
             raise ValueError(f"{cls.__name__}.{f.name}: {value!r}")
         values[f.name] = value
     return cls(**values)
+
+
+def verdict(recorded: str, bootable: bool) -> str:
+    """A slot's state: our record, unless the bootloader says it will not boot it (RAUC's
+    `mark-bad`, tries used up): then "bad", whatever we recorded. "writing" and "failed" are
+    already not bootable and say more."""
+    if not bootable and recorded in ("good", "installed", "unknown"):
+        return "bad"
+    return recorded
+
+
+def status_of(
+    *,
+    booted: str,
+    boot_state: BootState,
+    bootloader: str,
+    state: FirmwareState,
+    slot_paths: Mapping[str, str],
+    counter: MonotonicCounter,
+) -> FirmwareStatus:
+    """The status from the booted slot, the bootloader's state, root's records and the counter."""
+    if booted not in slot_paths:
+        raise BootControlError(
+            f"booted slot {booted!r} is not a configured slot ({', '.join(slot_paths)})"
+        )
+    pending = state.pending
+    fell_back = state.fell_back_from is not None or (
+        pending is not None and pending != booted and not boot_state.bootable(pending)
+    )
+    slots = []
+    for name, path in slot_paths.items():
+        record = state.slots.get(name)
+        bootable = boot_state.bootable(name)
+        recorded = record.state if record else "unknown"
+        slots.append(
+            SlotStatus(
+                name=name,
+                path=path,
+                booted=name == booted,
+                state=verdict(recorded, bootable),
+                bootable=bootable,
+                version=record.version if record else "unknown",
+                security_version=record.security_version if record else None,
+                tries_left=boot_state.tries_left.get(name, 0),
+                digest=record.digest if record else "",
+            )
+        )
+    return FirmwareStatus(
+        booted=booted,
+        next_boot=boot_state.next_boot(),
+        bootloader=bootloader,
+        slots=tuple(slots),
+        committed_security_version=counter.read(),
+        counter=counter.kind,
+        counter_hardware_backed=counter.hardware_backed,
+        pending=pending,
+        fell_back=fell_back,
+    )
