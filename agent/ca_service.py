@@ -34,6 +34,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+#: certificates described in a `ca_changed` audit entry, at most
+AUDITED_CERTS = 4
+
 
 class CaSource(Protocol):
     """What the refresh needs of the enroller (agent/enroll.py)."""
@@ -55,12 +58,9 @@ def _iso(moment: datetime | None) -> str | None:
     return None if moment is None else moment.isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
-def _described(cert: x509.Certificate) -> dict[str, Any]:
-    return {
-        "subject": cert.subject.rfc4514_string(),
-        "sha256": fingerprint(cert),
-        "not_after": _iso(cert.not_valid_after_utc),
-    }
+def _described(cert: x509.Certificate) -> str:
+    subject = cert.subject.rfc4514_string()
+    return f"{subject} sha256:{fingerprint(cert)[:16]} until {_iso(cert.not_valid_after_utc)}"
 
 
 class CaRefresher:
@@ -176,8 +176,10 @@ class CaRefresher:
         fields: dict[str, Any] = {
             "old_sha256": verdict.previous_sha256,
             "new_sha256": verdict.sha256,
-            "certificates": [_described(c) for c in certs],
-            "new_roots": [fingerprint(c) for c in verdict.new_roots],
+            "count": len(certs),
+            # audit values are short scalars (agent/audit.py): the first few, with their digests
+            "certificates": "; ".join(_described(c) for c in certs[:AUDITED_CERTS]),
+            "new_roots": " ".join(fingerprint(c) for c in verdict.new_roots[:AUDITED_CERTS]),
         }
         self._audit.record("ca_changed", fields)
         log.warning(

@@ -245,3 +245,13 @@ def service_families(snapshot: Snapshot, counters: ServiceCounters) -> Iterable[
             "gauge",
             "When /cacerts was last fetched and judged, Unix time.",
         ).add(_epoch(last))
+    failing = ca.get("consecutive_failures") if ca is not None else None
+    if isinstance(failing, int):
+        yield _Family(
+            "ca_refresh_consecutive_failures", "gauge", "Failed /cacerts refreshes in a row."
+        ).add(failing)
+    upcoming = _parse_iso(str(ca.get("next_refresh") or "")) if ca is not None else None
+    if upcoming is not None:
+        yield _Family(
+            "ca_refresh_next_timestamp_seconds", "gauge", "Next /cacerts fetch, Unix time."
+        ).add(_epoch(upcoming))
