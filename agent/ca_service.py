@@ -147,6 +147,10 @@ class CaRefresher:
                 log.info("CA refresh: no trust anchor yet (the first enrollment bootstraps it)")
                 return
             current = self._source.stored_ca_set()
+            if not current:
+                self._finish(now, "skipped", requested, None)
+                log.info("CA refresh: no CA set stored yet (enrollment fetches /cacerts)")
+                return
             fetched = self._source.fetch_cacerts(anchor)
             verdict = judge(
                 fetched,

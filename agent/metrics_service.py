@@ -1,10 +1,10 @@
 """The metrics textfile written by the service (a component, agent/components.py).
 
-After every `attempt_finished` and every `metrics.interval_seconds`, `metrics.textfile` is
-replaced atomically (0644) with what `devid-agent metrics write` writes (the disk status:
-identity, trust anchor and CA set expiry, firmware, build info) plus what only the running
-service knows, from its snapshot and its events: the next renewal, renewal attempts and failures
-by disposition, the channel connected, commands refused, CA refreshes and changes.
+At the turn after every `attempt_finished`, and every `metrics.interval_seconds`, the file
+`metrics.textfile` is replaced atomically (0644) with what `devid-agent metrics write` writes
+(the disk status: identity, trust anchor and CA set expiry, firmware, build info) plus what only
+the running service knows, from its snapshot and its events: the next renewal, renewal attempts
+and failures by disposition, the channel connected, commands refused, CA refreshes and changes.
 
 The counters are counted from events since this start and begin at zero after a restart (the
 Prometheus convention for counters; `devid_agent_service_start_time_seconds` marks the reset).
@@ -75,7 +75,9 @@ class MetricsWriter:
             c.attempts[key] = c.attempts.get(key, 0) + 1
             if not d.get("ok"):
                 c.failures[key] = c.failures.get(key, 0) + 1
-            self.write()
+            # at the next turn: by then the daemon has decided again, so the snapshot has the
+            # attempt's outcome and the next renewal (it is taken before the attempt until then)
+            self._next = self._clock.now()
         elif event.kind == EventKind.COMMAND_REFUSED:
             c.commands_refused += 1
         elif event.kind == EventKind.CA_REFRESHED:

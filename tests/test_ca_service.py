@@ -62,32 +62,51 @@ def _now() -> datetime:
     return SystemClock().now()
 
 
-def test_a_first_refresh_stores_the_set_and_reports_it(tmp_path: Path, est: EstServer) -> None:
+def test_same_set_then_a_rollover_stored_and_reported(tmp_path: Path, est: EstServer) -> None:
     config = _config(tmp_path, est)
     refresher, host = _refresher(config)
     status = refresher.status()
     assert status["enabled"] is True and status["last_refresh"] is None
-    next_at = datetime.fromisoformat(str(status["next_refresh"]).replace("Z", "+00:00"))
+    refresher.refresh(_now())
+    assert host.events[-1].detail["result"] == "skipped"  # nothing stored: enrollment fetches
+    assert est.records == []
+    enroller(config).enroll()
+    refresher.on_event(Event(kind=EventKind.ENROLLED, at=_now()))
+    next_at = datetime.fromisoformat(str(refresher.status()["next_refresh"]).replace("Z", "+00:00"))
     assert _now() - timedelta(seconds=2) < next_at <= _now() + timedelta(hours=1)
+    host.events.clear()
+    refresher.refresh(_now())
+    assert host.kinds() == [EventKind.CA_REFRESHED] and host.events[0].detail["result"] == "same"
+    state = config.paths.state_dir
+    before = (state / "cacerts.pem").read_bytes()
+
+    new_root, _, _ = est.rollover()
+    host.events.clear()
     refresher.refresh(_now())
     assert host.kinds() == [EventKind.CA_CHANGED, EventKind.CA_REFRESHED]
-    assert (
-        host.events[0].detail["old_sha256"] == "" and host.events[1].detail["result"] == "changed"
-    )
-    stored = (config.paths.state_dir / "cacerts.pem").read_bytes()
-    assert pem(est.ca.cert) in stored
+    changed = host.events[0].detail
+    assert changed["new_roots"] == 1 and changed["certificates"] == 4
+    assert changed["old_sha256"] == status_sha(before)
+    assert pem(new_root) in (state / "cacerts.pem").read_bytes()
     status = refresher.status()
     assert status["last_result"] == "changed" and status["last_error"] is None
-    assert status["ca_set_sha256"] == host.events[0].detail["new_sha256"]
-    # the enroller now uses the stored set: it remembers it as this server's
-    assert (
-        '"cacerts_sha256": "' + str(status["ca_set_sha256"])
-        in (config.paths.state_dir / "est-server.json").read_text()
-    )
+    assert status["ca_set_sha256"] == changed["new_sha256"]
+    # the enroller uses the stored set from now on: it remembers it as this server's
+    assert f'"cacerts_sha256": "{changed["new_sha256"]}"' in (state / "est-server.json").read_text()
+
+
+def status_sha(pem_bytes: bytes) -> str:
+    from cryptography import x509
+
+    from agent.est.memory import ca_set_sha256
+
+    return ca_set_sha256(x509.load_pem_x509_certificates(pem_bytes))
 
 
 def test_a_request_event_refreshes_at_the_next_turn(tmp_path: Path, est: EstServer) -> None:
-    refresher, host = _refresher(_config(tmp_path, est))
+    config = _config(tmp_path, est)
+    enroller(config).enroll()
+    refresher, host = _refresher(config)
     refresher.on_event(Event(kind=EventKind.CACERTS_REFRESH_REQUESTED, at=_now()))
     due = refresher.next_turn()
     assert due is not None and due <= _now()
@@ -101,6 +120,7 @@ def test_a_failing_refresh_backs_off_and_status_shows_the_error(
     tmp_path: Path, est: EstServer
 ) -> None:
     config = _config(tmp_path, est)
+    enroller(config).enroll()
     refresher, host = _refresher(config)
     refresher.refresh(_now())
     before = (config.paths.state_dir / "cacerts.pem").read_bytes()

@@ -120,9 +120,11 @@ def test_a_refresh_that_finds_the_same_set_changes_nothing_and_the_metrics_say_s
     device: Device, notify: Notifications, services: list[Service]
 ) -> None:
     service = start(device, notify, services)  # not enrolled: the service enrolls first
-    wait_for(lambda: current(device) == 1, "the enrollment", service)
+    # the first refresh comes after the enrollment has written everything (one thread)
+    wait_for(lambda: refreshes(device, "same") >= 1, "a refresh after the enrollment", service)
+    assert current(device) == 1
     before = stored(device)
-    wait_for(lambda: refreshes(device, "same") >= 2, "two refreshes finding the same set", service)
+    wait_for(lambda: refreshes(device, "same") >= 3, "two more refreshes, the same set", service)
     assert service.stop() == 0
     assert stored(device) == before  # byte for byte
     assert audit(device, "ca_changed") == [] and audit(device, "ca_refused") == []
@@ -220,11 +222,14 @@ def test_a_refresh_failing_backs_off_and_says_why(
     assert device.run("enroll").code == 0
     before = stored(device)
     device.est.stop()  # the server is down: refused connections
-    service = start(device, notify, services)
+    service_config(device, window=0.5)  # and a renewal due: it fails too
+    service = Service(device, notify, watchdog_usec=None)
+    services.append(service)
 
     def failing_twice() -> bool:
         m = metrics(device)
-        return (sample(m, "ca_refresh_consecutive_failures") or 0) >= 2
+        renewals = sum(v for _, v in m.get("renewal_failures_total", []))
+        return (sample(m, "ca_refresh_consecutive_failures") or 0) >= 2 and renewals >= 2
 
     wait_for(failing_twice, "two failed refreshes in a row", service)
     m = metrics(device)
@@ -236,3 +241,8 @@ def test_a_refresh_failing_backs_off_and_says_why(
     assert sample(m, "ca_refreshes_total", result="failed") == sample(
         m, "ca_refresh_consecutive_failures"
     )
+    [(labels, _)] = m["renewal_failures_total"]
+    assert labels["action"] == "renew" and labels["disposition"] == "retry_later"  # refused
+    attempts = sample(m, "renewal_attempts_total", **labels)
+    assert attempts == sample(m, "renewal_failures_total", action="renew")
+    assert sample(m, "renewal_consecutive_failures") == attempts
