@@ -11,7 +11,8 @@ fetches /cacerts on a schedule, not only when a renewal fails to validate.
   earliest notAfter of the stored set nears, the interval shrinks (to a share of the time left,
   never below `retry_min`), so a set about to expire is looked at more often.
 - **After a failure**: exponential backoff with full jitter from `retry_min` doubling to
-  `retry_max` (never beyond the interval), drawn from the same hash and the failure count.
+  `retry_max` (never beyond the interval), drawn from the same hash and the failure count; after
+  a refused set (a security event) the cap at once: reported, never hammered.
 - **What a fetched set may do** (`judge`): it is bounded and parsed; only certificates valid now
   are kept, and only those that chain to the trust the agent already has: the explicit anchor
   (est.trust_anchor or the bootstrapped state_dir/est-anchor.pem) and the roots of the stored
@@ -85,19 +86,22 @@ def next_refresh(
     failures: int,
     expiry: datetime | None,
     policy: RefreshPolicy,
+    security: bool = False,
 ) -> datetime | None:
     """When to fetch /cacerts next (None: scheduled refreshes are off).
 
     `ca_set`: the stored set's fingerprint; `last_attempt`: when this run last tried (None:
     not yet); `failures`: consecutive failed refreshes; `expiry`: the stored set's earliest
-    notAfter."""
+    notAfter; `security`: the last failure was a refused set (waits the cap: never hammered)."""
     if policy.interval_seconds <= 0:
         return None
     period = _period(policy, now, expiry)
     if failures > 0 and last_attempt is not None:
         doublings = min(failures - 1, 62)
         cap = min(policy.retry_max_seconds, policy.retry_min_seconds * 2.0**doublings, period)
-        low = min(policy.retry_min_seconds, cap)
+        if security:
+            cap = min(policy.retry_max_seconds, period)
+        low = cap if security else min(policy.retry_min_seconds, cap)
         wait = low + _unit("ca-backoff", device_id, ca_set, failures) * (cap - low)
         return last_attempt + timedelta(seconds=wait)
     offset = _unit("ca-refresh", device_id, ca_set) * period

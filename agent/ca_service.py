@@ -87,6 +87,7 @@ class CaRefresher:
         self._host: Host | None = None
         self._requested = False
         self._failures = 0
+        self._security = False  # the last failure was a refused set
         self._last_attempt: datetime | None = None
         self._last_success: datetime | None = None
         self._last_error: str | None = None
@@ -171,6 +172,7 @@ class CaRefresher:
             self._failed(now, e, requested)
             return
         self._failures = 0
+        self._security = False
         self._last_error = None
         self._last_success = now
         self._finish(now, result, requested, None)
@@ -203,6 +205,7 @@ class CaRefresher:
     def _failed(self, now: datetime, error: AgentError, requested: bool) -> None:
         kind = classify(error).kind
         self._failures += 1
+        self._security = kind.security
         self._last_error = str(error)
         if kind.security:
             log.error("CA refresh refused the EST CA set (%s): %s", kind.value, error)
@@ -243,6 +246,7 @@ class CaRefresher:
             failures=self._failures,
             expiry=self._expiry,
             policy=self._policy,
+            security=self._security,
         )
 
     def _emit(self, kind: str, **detail: Scalar) -> None:

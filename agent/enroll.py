@@ -210,11 +210,13 @@ class Enroller:
         atomically, under the enrollment lock, and remember it as this server's so that the
         next enrollment uses it instead of fetching /cacerts."""
         with self.store.exclusive():
-            self.store.replace_cacerts(certs)
             memory = self.memory.load(
                 server=self._server_name(), anchor_sha256=self.memory.file_sha256(anchor)
             )
+            # the memory first: cut between the two, the stored set no longer matches it, so the
+            # next enrollment fetches /cacerts and the next refresh stores the set again
             self.memory.save(replace(memory, cacerts_sha256=ca_set_sha256(certs)))
+            self.store.replace_cacerts(certs)
 
     # -- the flow ------------------------------------------------------------------------------
 

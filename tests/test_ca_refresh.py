@@ -63,6 +63,12 @@ def test_backoff_stays_within_min_and_a_doubling_cap(failures: int, device: str)
     assert _next(device, failures=failures, last=NOW) == at  # deterministic
 
 
+def test_a_refused_set_waits_the_cap_at_once() -> None:
+    at = next_refresh(device_id="gw-1", ca_set="abc", now=NOW, last_attempt=NOW, failures=1,
+                      expiry=None, policy=DAY, security=True)  # fmt: skip
+    assert at == NOW + timedelta(seconds=3600)
+
+
 def test_a_set_near_its_expiry_is_refreshed_more_often() -> None:
     far = _next(expiry=NOW + timedelta(days=365))
     near = _next(expiry=NOW + timedelta(hours=4))  # at most a quarter of the time left

@@ -6,9 +6,15 @@ service process is tests/test_daemon_ca_refresh.py."""
 
 from __future__ import annotations
 
+import errno
+import os
 from datetime import datetime, timedelta
 from pathlib import Path
 
+import pytest
+from pytest_mock import MockerFixture
+
+import hal.storage
 from agent.ca_service import CaRefresher
 from agent.clock import SystemClock
 from agent.components import Event, EventKind, Snapshot
@@ -17,6 +23,7 @@ from agent.wiring import ca_refresher, enroller
 from tests.support.ca import pem
 from tests.support.enroll_env import write_config
 from tests.support.est_server import EstServer
+from tests.test_disk_faults import CALLS, faults, temp_files
 
 
 class Host:
@@ -148,3 +155,37 @@ def test_without_an_anchor_yet_nothing_is_fetched(tmp_path: Path, est: EstServer
     refresher.refresh(_now())
     assert host.events[-1].detail["result"] == "skipped"
     assert est.records == [] and not (config.paths.state_dir / "cacerts.pem").exists()
+
+
+@pytest.mark.parametrize("err", [errno.ENOSPC, errno.EIO], ids=errno.errorcode.get)
+@pytest.mark.parametrize("name", CALLS)
+def test_a_disk_fault_while_storing_a_changed_set_keeps_a_whole_one(
+    mocker: MockerFixture, tmp_path: Path, est: EstServer, name: str, err: int
+) -> None:
+    """hal.storage fails at every write, fsync and rename of the adoption in turn: the refresh
+    reports it, `cacerts.pem` is the old set or the new one, whole, and the next refresh (a
+    healthy disk) stores the new set and the memory that goes with it."""
+    config = _config(tmp_path, est)
+    enroller(config).enroll()
+    refresher, _host = _refresher(config)
+    cacerts = config.paths.state_dir / "cacerts.pem"
+    old = cacerts.read_bytes()
+    est.rollover()
+    new = status_sha(b"".join(pem(c) for c in est.cacerts()))  # the set, in any order
+    injected = 0
+    for fake in faults(mocker, hal.storage, name, err):
+        refresher.refresh(_now())
+        status = refresher.status()
+        # "same": a directory fsync failed after the rename, so the new set was in place
+        if status["last_result"] in ("changed", "same"):
+            assert not fake.fired, fake.log
+            break
+        injected += 1
+        assert status["last_result"] == "failed" and os.strerror(err) in str(status["last_error"])
+        assert status_sha(cacerts.read_bytes()) in (status_sha(old), new)
+        assert temp_files(config.paths.state_dir) == []
+    assert injected >= 1
+    assert status_sha(cacerts.read_bytes()) == new
+    refresher.refresh(_now())
+    assert refresher.status()["last_result"] == "same"
+    assert new in (config.paths.state_dir / "est-server.json").read_text()
