@@ -35,7 +35,9 @@ class EventKind:
     ROTATION_FAILED = "rotation_failed"  # detail: disposition, message
     RELOADED = "reloaded"  # detail: source
     # from components:
-    CA_CHANGED = "ca_changed"
+    CA_CHANGED = "ca_changed"  # detail: old_sha256, new_sha256, certificates, new_roots
+    CA_REFUSED = "ca_refused"  # a fetched CA set failed the trust checks; detail: message
+    CA_REFRESHED = "ca_refreshed"  # every refresh; detail: result (same/changed/refused/...)
     COMMAND_ACCEPTED = "command_accepted"
     COMMAND_REFUSED = "command_refused"
     PEER_REFUSED = "peer_refused"

@@ -259,6 +259,11 @@ def _basic_username(value: str) -> str | None:
     return None if ":" not in value else "a user name without ':' (HTTP Basic, RFC 7617)"
 
 
+def _cacerts_refresh(value: float) -> str | None:
+    ok = value == 0 or 1 <= value <= 30 * 86400
+    return None if ok else "0 (off) or a number of seconds from 1 to 2592000 (30 days)"
+
+
 @dataclass(frozen=True)
 class EstConfig:
     #: the EST server, "https://host[:port]"; "" = EST enrollment not configured
@@ -295,6 +300,8 @@ class EstConfig:
     clock_skew_seconds: float = checked(300.0, check=_clock_skew)
     #: identity generations kept on disk (current included)
     generations_kept: int = checked(3, check=_at_least_two)
+    #: the service fetches /cacerts about this often (a CA rollover, RFC 7030 4.1.3); 0 = off
+    cacerts_refresh_seconds: float = checked(86400.0, check=_cacerts_refresh)
 
 
 class BootloaderKind(enum.Enum):
@@ -476,10 +483,16 @@ class AuditConfig:
     keep_files: int = checked(4, check=_keep_files)
 
 
+def _metrics_interval(value: float) -> str | None:
+    return None if 1 <= value <= 3600 else "a number of seconds from 1 to 3600"
+
+
 @dataclass(frozen=True)
 class MetricsConfig:
     #: Prometheus textfile for node_exporter (written 0644, atomically); None = off
     textfile: Path | None = checked(None, check=_optional_absolute_path)
+    #: the service rewrites it this often (seconds), and after every renewal attempt
+    interval_seconds: float = checked(60.0, check=_metrics_interval)
 
 
 def _share(value: float) -> str | None:

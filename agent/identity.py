@@ -125,6 +125,11 @@ class IdentityStore:
             return None
         return self._storage.read_bytes(self.cacerts_file, limit=1024 * 1024)
 
+    def replace_cacerts(self, certs: Sequence[x509.Certificate]) -> None:
+        """Write the EST CA set atomically (the CA refresh; enrollment writes it in install)."""
+        self._storage.ensure_private_dir(self.state_dir)
+        self._storage.atomic_write(self.cacerts_file, _pem(certs))
+
     def generations(self) -> list[int]:
         """Generation numbers present on disk, ascending."""
         try:

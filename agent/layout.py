@@ -5,3 +5,4 @@ from __future__ import annotations
 
 #: a 202'd EST request kept across restarts (agent.est.pending)
 PENDING_FILE_NAME = "est-pending.json"
+EST_ANCHOR_FILE_NAME = "est-anchor.pem"  # the anchor a fingerprint bootstrap stored

@@ -11,11 +11,12 @@ a zero would look like the epoch).
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from agent.components import Snapshot
     from agent.status import AgentStatus
 
 PREFIX = "devid_agent_"
@@ -141,6 +142,22 @@ def families(status: AgentStatus, renewal: RenewalFacts | None, now: datetime) -
         yield _Family(
             "firmware_fell_back", "gauge", "1 when the bootloader fell back from a new slot."
         ).add(1 if fw.get("fell_back") else 0)
+    trust = status.trust
+    if trust is not None:
+        anchor_end = _parse_iso(trust.anchor_not_after)
+        if anchor_end is not None:
+            yield _Family(
+                "trust_anchor_not_after_timestamp_seconds",
+                "gauge",
+                "End of the EST trust anchor's validity (the earliest in its file), Unix time.",
+            ).add(_epoch(anchor_end))
+        ca_end = _parse_iso(trust.ca_set_not_after)
+        if ca_end is not None:
+            yield _Family(
+                "ca_certificates_not_after_timestamp_seconds",
+                "gauge",
+                "The earliest end of validity in the stored EST CA set, Unix time.",
+            ).add(_epoch(ca_end))
     yield _Family("status_errors", "gauge", "Parts of the status that could not be read.").add(
         len(status.errors)
     )
@@ -149,6 +166,92 @@ def families(status: AgentStatus, renewal: RenewalFacts | None, now: datetime) -
     ).add(_epoch(now))
 
 
-def render(status: AgentStatus, renewal: RenewalFacts | None, now: datetime) -> str:
-    """The whole textfile (ends with a newline)."""
-    return "\n".join(line for f in families(status, renewal, now) for line in f.lines) + "\n"
+def render(
+    status: AgentStatus,
+    renewal: RenewalFacts | None,
+    now: datetime,
+    service: tuple[Snapshot, ServiceCounters] | None = None,
+) -> str:
+    """The whole textfile (ends with a newline); with `service`, what only the running service
+    knows too."""
+    found = list(families(status, renewal, now))
+    if service is not None:
+        found += service_families(*service)
+    return "\n".join(line for f in found for line in f.lines) + "\n"
+
+
+@dataclass
+class ServiceCounters:
+    """Counted from the service's events since it started (agent/metrics_service.py). They
+    start from zero at every start, as Prometheus counters may: `rate()` and `increase()` take
+    the reset in their stride, and `service_start_time_seconds` shows it."""
+
+    #: (action, disposition) -> attempts; disposition "ok" for a success
+    attempts: dict[tuple[str, str], int] = field(default_factory=dict)
+    failures: dict[tuple[str, str], int] = field(default_factory=dict)
+    commands_refused: int = 0
+    #: result (same, changed, refused, failed, skipped) -> refreshes
+    ca_refreshes: dict[str, int] = field(default_factory=dict)
+    ca_changes: int = 0
+
+
+def service_families(snapshot: Snapshot, counters: ServiceCounters) -> Iterable[_Family]:
+    yield _Family(
+        "service_start_time_seconds", "gauge", "When the running service started, Unix time."
+    ).add(_epoch(snapshot.started_at))
+    attempts = _Family(
+        "renewal_attempts_total", "counter", "Renewal (and enrollment) attempts, by outcome."
+    )
+    for (action, disposition), n in sorted(counters.attempts.items()):
+        attempts.add(n, {"action": action, "disposition": disposition})
+    yield attempts
+    failures = _Family(
+        "renewal_failures_total", "counter", "Failed renewal attempts, by disposition."
+    )
+    for (action, disposition), n in sorted(counters.failures.items()):
+        failures.add(n, {"action": action, "disposition": disposition})
+    yield failures
+    if snapshot.clock_trusted:
+        yield _Family(
+            "renewal_next_timestamp_seconds",
+            "gauge",
+            "When the service next renews (or enrolls), Unix time.",
+        ).add(_epoch(snapshot.next_at), {"action": snapshot.next_action})
+    yield _Family("clock_trusted", "gauge", "1 when the service believes the system clock.").add(
+        1 if snapshot.clock_trusted else 0
+    )
+    mqtt = snapshot.components.get("mqtt")
+    if mqtt is not None and isinstance(mqtt.get("connected"), bool):
+        yield _Family("channel_connected", "gauge", "1 while the MQTT channel is connected.").add(
+            1 if mqtt["connected"] else 0
+        )
+    yield _Family(
+        "commands_refused_total", "counter", "Commands refused (MQTT, control socket)."
+    ).add(counters.commands_refused)
+    refreshes = _Family(
+        "ca_refreshes_total", "counter", "Scheduled or requested /cacerts refreshes, by result."
+    )
+    for result, n in sorted(counters.ca_refreshes.items()):
+        refreshes.add(n, {"result": result})
+    yield refreshes
+    yield _Family("ca_changes_total", "counter", "Times a refresh stored a changed CA set.").add(
+        counters.ca_changes
+    )
+    ca = snapshot.components.get("ca_refresh")
+    last = _parse_iso(str(ca.get("last_success") or "")) if ca is not None else None
+    if last is not None:
+        yield _Family(
+            "ca_refresh_last_success_timestamp_seconds",
+            "gauge",
+            "When /cacerts was last fetched and judged, Unix time.",
+        ).add(_epoch(last))
+    failing = ca.get("consecutive_failures") if ca is not None else None
+    if isinstance(failing, int):
+        yield _Family(
+            "ca_refresh_consecutive_failures", "gauge", "Failed /cacerts refreshes in a row."
+        ).add(failing)
+    upcoming = _parse_iso(str(ca.get("next_refresh") or "")) if ca is not None else None
+    if upcoming is not None:
+        yield _Family(
+            "ca_refresh_next_timestamp_seconds", "gauge", "Next /cacerts fetch, Unix time."
+        ).add(_epoch(upcoming))

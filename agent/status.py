@@ -8,7 +8,7 @@ device that is half broken, because that is when people ask for it.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Protocol
@@ -54,6 +54,16 @@ class PendingStatus:
 
 
 @dataclass(frozen=True)
+class TrustStatus:
+    """The EST trust on disk: the explicit anchor and the stored CA set, earliest expiries."""
+
+    anchor_file: str = ""  # "" before a fingerprint bootstrap stored one
+    anchor_not_after: str = ""
+    ca_certificates: int = 0
+    ca_set_not_after: str = ""
+
+
+@dataclass(frozen=True)
 class AgentStatus:
     device_id: str
     config: str
@@ -64,6 +74,8 @@ class AgentStatus:
     #: the one-line error for a part that could not be read (e.g. a corrupt boot env)
     errors: tuple[str, ...] = ()
     version: str = __version__
+    #: None when EST is not configured
+    trust: TrustStatus | None = None
 
     @property
     def healthy(self) -> bool:
@@ -109,6 +121,11 @@ class AgentStatus:
                 f"committed security version {fw['committed_security_version']}"
                 + (", LAST BOOT FELL BACK" if fw["fell_back"] else "")
             )
+        if self.trust is not None:
+            t = self.trust
+            anchor = f"{t.anchor_file} until {t.anchor_not_after}" if t.anchor_file else "none yet"
+            cas = f"{t.ca_certificates} until {t.ca_set_not_after}" if t.ca_certificates else "none"
+            lines.append(f"trust:     anchor {anchor}; EST CA set {cas}")
         lines += [f"error:     {e}" for e in self.errors]
         # One line per item whatever a certificate or an error message holds (a CN with a newline
         # from a hostile server must not forge a line of this report).
@@ -158,6 +175,20 @@ def identity_status(
     )
 
 
+def trust_status(
+    anchor_file: str, anchor: Sequence[x509.Certificate], ca_set: Sequence[x509.Certificate]
+) -> TrustStatus:
+    def earliest(certs: Sequence[x509.Certificate]) -> str:
+        return _iso(min(c.not_valid_after_utc for c in certs)) if certs else ""
+
+    return TrustStatus(
+        anchor_file=anchor_file,
+        anchor_not_after=earliest(anchor),
+        ca_certificates=len(ca_set),
+        ca_set_not_after=earliest(ca_set),
+    )
+
+
 def pending_status(pending: PendingRequest | None) -> PendingStatus | None:
     if pending is None:
         return None
@@ -193,6 +224,7 @@ class StatusCollector:
         clock: Clock,
         skew: timedelta,
         key_check: Callable[[Identity], None] | None = None,
+        trust: Callable[[], TrustStatus] | None = None,
     ) -> None:
         self._device_id = device_id
         self._config_source = config_source
@@ -202,6 +234,7 @@ class StatusCollector:
         self._clock = clock
         self._skew = skew
         self._key_check = key_check
+        self._trust = trust
 
     def collect(self) -> AgentStatus:
         errors: list[str] = []
@@ -229,6 +262,12 @@ class StatusCollector:
                 firmware = self._firmware().to_dict()
             except AgentError as e:
                 errors.append(str(e))
+        trust: TrustStatus | None = None
+        if self._trust is not None:
+            try:
+                trust = self._trust()
+            except AgentError as e:
+                errors.append(str(e))
         return AgentStatus(
             device_id=self._device_id,
             config=self._config_source,
@@ -236,4 +275,5 @@ class StatusCollector:
             est_pending=pending,
             firmware=firmware,
             errors=tuple(errors),
+            trust=trust,
         )

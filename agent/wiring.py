@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 
     from agent.audit_log import AuditLog
     from agent.clock import Clock, Interrupt
+    from agent.components import Component
     from agent.daemon import Daemon, DaemonParts
     from agent.enroll import Enroller, TransportFactory
     from agent.est.memory import MemoryStore
@@ -41,7 +42,7 @@ if TYPE_CHECKING:
     from agent.metrics import RenewalFacts
     from agent.renewal import RenewalPolicy
     from agent.renewal_state import SchedulerStateStore
-    from agent.status import StatusCollector
+    from agent.status import StatusCollector, TrustStatus
     from hal.openssl_provider import ProviderInfo
     from hal.secure_dir import DirStore
 
@@ -499,7 +500,9 @@ def firmware_status(config: Config) -> FirmwareStatus:
 # -- status --------------------------------------------------------------------------------------
 
 
-def status_collector(config: Config, *, clock: Clock | None = None) -> StatusCollector:
+def status_collector(
+    config: Config, *, clock: Clock | None = None, key_check: bool = True
+) -> StatusCollector:
     from datetime import timedelta
 
     from agent.clock import SystemClock
@@ -513,7 +516,39 @@ def status_collector(config: Config, *, clock: Clock | None = None) -> StatusCol
         firmware=(lambda: firmware_status(config)) if config.firmware.compatible else None,
         clock=clock or SystemClock(),
         skew=timedelta(seconds=config.est.clock_skew_seconds),
-        key_check=identity_key_check(config),
+        key_check=identity_key_check(config) if key_check else None,
+        trust=(lambda: est_trust_status(config)) if config.est.url else None,
+    )
+
+
+def est_trust_anchor_file(config: Config) -> Path | None:
+    """The explicit anchor file (est.trust_anchor, else the one a bootstrap stored), or None."""
+    from agent.layout import EST_ANCHOR_FILE_NAME
+
+    if config.est.trust_anchor is not None:
+        return config.est.trust_anchor
+    stored = config.paths.state_dir / EST_ANCHOR_FILE_NAME
+    return stored if stored.is_file() else None
+
+
+def est_trust_status(config: Config) -> TrustStatus:
+    """The explicit anchor's and the stored CA set's expiries (no EST code imported)."""
+    from cryptography import x509
+
+    from agent.errors import StorageError
+    from agent.status import trust_status
+
+    def certs(path: Path | None) -> list[x509.Certificate]:
+        if path is None or not path.exists():
+            return []
+        try:
+            return x509.load_pem_x509_certificates(storage().read_bytes(path, limit=1024 * 1024))
+        except ValueError as e:
+            raise StorageError(f"{path}: not PEM certificates: {e}") from e
+
+    anchor = est_trust_anchor_file(config)
+    return trust_status(
+        str(anchor or ""), certs(anchor), certs(identity_store(config).cacerts_file)
     )
 
 
@@ -625,12 +660,62 @@ def daemon_parts(config: Config, *, interrupt: Interrupt | None = None) -> Daemo
 
     est = config.est
     transports = https_transport_factory(config, interrupt=interrupt)
+    enroll = enroller(config, prove_rotation=True, transport_factory=transports)
     return DaemonParts(
         config=config,
-        enroller=enroller(config, prove_rotation=True, transport_factory=transports),
+        enroller=enroll,
         identities=identity_store(config),
         policy=renewal_policy(config),
         bootstrap_available=bool(est.username) or est.idevid_cert is not None,
+        components=(ca_refresher(config, enroll), *metrics_writers(config)),
+    )
+
+
+def ca_refresher(config: Config, source: Enroller) -> Component:
+    """The scheduled /cacerts refresh (agent/ca_service.py), through the service's enroller."""
+    from datetime import timedelta
+
+    from agent.ca_refresh import RefreshPolicy
+    from agent.ca_service import CaRefresher
+    from agent.clock import SystemClock
+    from agent.firmware.pem import load_certificates
+
+    interval = config.est.cacerts_refresh_seconds
+    return CaRefresher(
+        source=source,
+        policy=RefreshPolicy(
+            interval_seconds=interval,
+            retry_min_seconds=config.renewal.retry_min_seconds,
+            retry_max_seconds=config.renewal.retry_max_seconds,
+        ),
+        device_id=config.device.id,
+        clock=SystemClock(),
+        skew=timedelta(seconds=config.est.clock_skew_seconds),
+        audit=service_audit_log(config),
+        load_anchors=load_certificates,
+    )
+
+
+def metrics_writers(config: Config) -> tuple[Component, ...]:
+    """The service's metrics textfile writer (agent/metrics_service.py), when metrics are on."""
+    from agent.clock import SystemClock
+    from agent.metrics_service import MetricsWriter
+    from hal.textfile import write_public
+
+    path = config.metrics.textfile
+    if path is None:
+        return ()
+    clock = SystemClock()
+    # no key check: loading the key every minute would spend TPM object slots for nothing
+    collector = status_collector(config, clock=clock, key_check=False)
+    return (
+        MetricsWriter(
+            path=path,
+            interval_seconds=config.metrics.interval_seconds,
+            collect=collector.collect,
+            write=write_public,
+            clock=clock,
+        ),
     )
 
 

@@ -120,6 +120,9 @@ def test_minimal_config_defaults() -> None:
         ("[device]\nid = 'gw-\u00e9'\n[subject]\nsan_dns = ['{device_id}.example']\n", "subject.san_dns[0]: with device.id 'gw-\u00e9' this becomes 'gw-\u00e9.example', not an ASCII DNS name (A-label; IDNs must be punycode)"),
         ("[device]\nid = 'gw 7'\n[subject]\nsan_uris = ['urn:x:{device_id}']\n", "subject.san_uris[0]: with device.id 'gw 7' this becomes 'urn:x:gw 7', not an ASCII URI with a scheme, e.g. \"urn:example:device:{device_id}\""),
         (MINIMAL + "[subject]\nsan_dns = ['{devid}.example']\n", "subject.san_dns[0]: expected an ASCII DNS name (A-label; IDNs must be punycode), got '{devid}.example'"),
+        (MINIMAL + "[est]\ncacerts_refresh_seconds = 0.5\n", "est.cacerts_refresh_seconds: expected 0 (off) or a number of seconds from 1 to 2592000 (30 days), got 0.5"),
+        (MINIMAL + "[est]\ncacerts_refresh_seconds = 2592001\n", "est.cacerts_refresh_seconds: expected 0 (off) or a number of seconds from 1 to 2592000 (30 days), got 2592001"),
+        (MINIMAL + "[metrics]\ninterval_seconds = 0\n", "metrics.interval_seconds: expected a number of seconds from 1 to 3600, got 0"),
     ],
 )  # fmt: skip
 def test_bad_values_name_file_and_key(tmp_path: Path, text: str, message: str) -> None:

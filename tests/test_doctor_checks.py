@@ -29,7 +29,7 @@ from hal.interfaces import KeyAlgorithm
 from hal.tpm import TpmKeyStore
 from tests.conftest import ROOT, provider_path
 from tests.support import firmware as fw
-from tests.support.ca import key_pem
+from tests.support.ca import key_pem, pem
 from tests.support.enroll_env import write_config
 from tests.support.est_server import EstOptions, EstServer
 from tests.support.procs import free_port
@@ -126,6 +126,22 @@ def test_trust_anchor_expiry_warns_then_fails(tmp_path: Path, est: EstServer) ->
     assert soon.status == "warning" and "expires at" in soon.detail
     late = checks(config, now=end + timedelta(days=1))["est_trust_anchor"]
     assert late.status == "error" and "expired" in late.detail
+
+
+def test_the_stored_ca_set_expiry_warns_then_fails(tmp_path: Path, est: EstServer) -> None:
+    config = configure(tmp_path, est)
+    assert checks(config)["est_trust_anchor"].status == "ok"  # no CA set stored yet
+    key = ec.generate_private_key(ec.SECP256R1())
+    soon = est.root.issue(key.public_key(), subject="short-lived EST CA", ca=True,
+                          lifetime=timedelta(days=10))  # fmt: skip
+    stored = tmp_path / "state" / "cacerts.pem"
+    stored.parent.mkdir(mode=0o700)
+    stored.write_bytes(pem(est.root.cert) + pem(soon))
+    warned = checks(config)["est_trust_anchor"]
+    assert warned.status == "warning" and "short-lived EST CA" in warned.detail
+    assert "cacerts.pem (2)" in warned.detail and "expires at" in warned.detail
+    failed = checks(config, now=now() + timedelta(days=11))["est_trust_anchor"]
+    assert failed.status == "error" and "expired at" in failed.detail
 
 
 def test_an_est_server_not_trusted_by_the_anchor_is_an_error(

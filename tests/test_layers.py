@@ -30,6 +30,7 @@ KNOWN_SEAM_SKIPS: dict[str, set[str]] = {
 #: decisions: bytes, parsed objects and `now` in, a value or an error out
 PURE = [
     "agent.renewal",
+    "agent.ca_refresh",
     "agent.renewal_state",
     "agent.firmware.root_paths",
     "agent.errors",

@@ -92,6 +92,67 @@ def test_metrics_write_of_an_enrolled_device_is_atomic_public_and_parses(tmp_pat
     assert 0.9 < value(m, "certificate_lifetime_left_ratio") <= 1
     assert m["devid_agent_identity_info"][0][0]["key_store"] == "software"
     assert value(m, "identity_generation") == 1 and value(m, "est_pending") == 0
+    anchor_end = est.root.cert.not_valid_after_utc.timestamp()
+    assert value(m, "trust_anchor_not_after_timestamp_seconds") == anchor_end
+    assert value(m, "ca_certificates_not_after_timestamp_seconds") == anchor_end  # the root alone
+    # and `status` shows the same trust, in text and JSON
+    out = io.StringIO()
+    with redirect_stdout(out), redirect_stderr(io.StringIO()):
+        assert main(["--config", str(config_path), "status", "--json"]) == 0
+    trust = json.loads(out.getvalue())["trust"]
+    assert trust["anchor_file"] == str(est.ca_file) and trust["ca_certificates"] == 1
+    assert trust["anchor_not_after"] == trust["ca_set_not_after"] != ""
+    out = io.StringIO()
+    with redirect_stdout(out), redirect_stderr(io.StringIO()):
+        assert main(["--config", str(config_path), "status"]) == 0
+    assert f"trust:     anchor {est.ca_file} until {trust['anchor_not_after']}" in out.getvalue()
+
+
+def test_the_service_part_renders_counters_the_channel_and_the_next_renewal() -> None:
+    from agent.components import Snapshot
+    from agent.metrics import ServiceCounters
+
+    status = AgentStatus("gw", "<c>", IdentityStatus(state="none"), None, None)
+    snapshot = Snapshot(
+        now=NOW, started_at=NOW - timedelta(hours=2), identity=None, next_action="enroll",
+        next_at=NOW + timedelta(minutes=5), reason="", clock_trusted=True,
+        consecutive_failures=2, last_attempt=NOW, last_success=None, last_error="down",
+        last_disposition="retry_soon", renewal_requested=False,
+        components={"mqtt": {"connected": False},
+                    "ca_refresh": {"last_success": "2026-02-28T00:00:00Z",
+                                   "consecutive_failures": 0,
+                                   "next_refresh": "2026-03-02T00:00:00Z"}},
+    )  # fmt: skip
+    counters = ServiceCounters(
+        attempts={("enroll", "retry_soon"): 2, ("enroll", "ok"): 1},
+        failures={("enroll", "retry_soon"): 2},
+        commands_refused=3,
+        ca_refreshes={"same": 4, "changed": 1},
+        ca_changes=1,
+    )
+    m = parse(render(status, None, NOW, (snapshot, counters)))
+    assert m["devid_agent_renewal_attempts_total"] == [
+        ({"action": "enroll", "disposition": "ok"}, 1.0),
+        ({"action": "enroll", "disposition": "retry_soon"}, 2.0),
+    ]
+    assert m["devid_agent_renewal_failures_total"] == [
+        ({"action": "enroll", "disposition": "retry_soon"}, 2.0)
+    ]
+    assert m["devid_agent_renewal_next_timestamp_seconds"] == [
+        ({"action": "enroll"}, NOW.timestamp() + 300)
+    ]
+    assert value(m, "channel_connected") == 0
+    assert value(m, "commands_refused_total") == 3 and value(m, "ca_changes_total") == 1
+    refreshes = {labels["result"]: v for labels, v in m["devid_agent_ca_refreshes_total"]}
+    assert refreshes == {"changed": 1.0, "same": 4.0}
+    assert value(m, "service_start_time_seconds") == NOW.timestamp() - 7200
+    assert value(m, "ca_refresh_last_success_timestamp_seconds") == NOW.timestamp() - 86400
+    assert value(m, "ca_refresh_consecutive_failures") == 0
+    # no trustworthy clock: no next renewal time is claimed
+    untrusted = Snapshot(**{**snapshot.__dict__, "clock_trusted": False})
+    m = parse(render(status, None, NOW, (untrusted, counters)))
+    assert "devid_agent_renewal_next_timestamp_seconds" not in m
+    assert value(m, "clock_trusted") == 0
 
 
 def test_firmware_metrics_from_roots_state(tmp_path: Path) -> None:

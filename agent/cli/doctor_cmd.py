@@ -8,7 +8,8 @@ with `--warnings-as-errors`), else 0.
 
 Checks, in order: config (the rules of `config check`), state_dir, identity_files (modes of
 every generation: private, or shared with `paths.identity_group` as it allows), est_config,
-est_credentials (password file 0600/0400, IDevID files), est_trust_anchor (present, expiry),
+est_credentials (password file 0600/0400, IDevID files), est_trust_anchor (present, expiry,
+and the stored EST CA set's earliest expiry),
 est_reachable (a TLS connection to est.url verified against the anchor, short timeout), clock
 (against this build's time and the EST server's Date), identity (certificate expiry),
 identity_key (the key loads, matches the certificate and signs), key_store (TPM reachable, free
@@ -280,7 +281,19 @@ def check_est_trust_anchor(ctx: Context) -> Finding:
         details.append(detail)
         if status == ERROR or (status == WARNING and worst == OK):
             worst = status
-    return Finding("est_trust_anchor", worst, f"{anchor}: " + "; ".join(details))
+    text = f"{anchor}: " + "; ".join(details)
+    # the stored EST CA set (validates issued certificates; the CA refresh keeps it current)
+    cacerts = ctx.config.paths.state_dir / "cacerts.pem"
+    if cacerts.is_file():
+        certs = _load_pem_certs(cacerts)
+        if certs:
+            first = min(certs, key=lambda c: c.not_valid_after_utc)
+            what = f"its earliest, {first.subject.rfc4514_string()},"
+            status, detail = _expiry(what, first, ctx.now)
+            if status == ERROR or (status == WARNING and worst == OK):
+                worst = status
+            text += f"; {cacerts} ({len(certs)}): {detail}"
+    return Finding("est_trust_anchor", worst, text)
 
 
 def check_est_reachable(ctx: Context) -> Finding:

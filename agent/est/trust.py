@@ -21,11 +21,12 @@ from agent.errors import ChainValidationError, ConfigError, StorageError
 from agent.est.client import EstClient
 from agent.est.response import fingerprint as fingerprint_of
 from agent.est.response import normalize_fingerprint, select_bootstrap_anchor
+from agent.layout import EST_ANCHOR_FILE_NAME
 from hal.storage import atomic_write, ensure_private_dir, fsync_dir, read_bytes
 
 log = logging.getLogger(__name__)
 
-ANCHOR_FILE_NAME = "est-anchor.pem"
+ANCHOR_FILE_NAME = EST_ANCHOR_FILE_NAME
 
 #: makes an EstClient whose transport trusts the given anchor file (None: provisional only)
 ClientFactory = Callable[[Path | None], EstClient]

@@ -208,6 +208,10 @@ class EstServer:
             with open(self.server_cert, "ab") as f:
                 f.write(b"".join(pem(c) for c in tls_issuer.chain()[:-1]))
         self._fault_identities: dict[str, tuple[Path, Path]] = {}
+        #: when set, /cacerts answers these instead of the issuing CA's chain (a test's set)
+        self.cacerts_answer: list[x509.Certificate] | None = None
+        #: CAs rolled over from (rollover()): their identities still authenticate
+        self.previous_cas: list[TestCA] = []
         self.records: list[Record] = []
         #: set when a request starts hanging (fault "hang"): tests wait on it, not on time
         self.hang_started = threading.Event()
@@ -254,7 +258,8 @@ class EstServer:
         if self.options.reject_client_certs:
             ctx.load_verify_locations(cadata=pem(self.rogue_ca.cert).decode())
         else:
-            anchors = b"".join(pem(c) for c in self.ca.chain()) + pem(self.idevid_ca.cert)
+            cas = [*self.ca.chain(), *(c.cert for c in self.previous_cas), self.idevid_ca.cert]
+            anchors = b"".join(pem(c) for c in cas)
             ctx.load_verify_locations(cadata=anchors.decode())
             ctx.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
         ctx.verify_mode = ssl.CERT_OPTIONAL
@@ -317,6 +322,30 @@ class EstServer:
             eku=[ExtendedKeyUsageOID.CLIENT_AUTH],
             lifetime=timedelta(days=3650),
         )
+
+    def rollover(self) -> tuple[x509.Certificate, x509.Certificate, x509.Certificate]:
+        """RFC 7030 4.1.3 / RFC 4210 4.4 root CA key update of the issuing root: a new key
+        under the same name. From now on the new root issues, and /cacerts answers
+        NewWithNew, NewWithOld, OldWithNew and OldWithOld. The server's TLS certificate stays
+        under the old root (the agent's explicit anchor). Returns (NewWithNew, NewWithOld,
+        OldWithNew)."""
+        old = self.ca
+        if old.parent is not None:
+            raise ValueError("rollover() rolls a root: the issuing CA must be the root")
+        new = TestCA(name=old.name)
+        link = {"subject": old.cert.subject, "ca": True, "lifetime": timedelta(days=3650)}
+        new_with_old = old.issue(new.key.public_key(), **link)  # type: ignore[arg-type]
+        old_with_new = new.issue(old.key.public_key(), **link)  # type: ignore[arg-type]
+        with self._lock:
+            self.previous_cas.append(old)
+            self.ca = new
+            self.cacerts_answer = [new.cert, new_with_old, old_with_new, old.cert]
+        return new.cert, new_with_old, old_with_new
+
+    def cacerts(self) -> list[x509.Certificate]:
+        """What /cacerts answers now."""
+        answer = self.cacerts_answer
+        return list(answer) if answer is not None else self.ca.chain()
 
     def operations(self) -> list[str]:
         return [r.operation for r in self.records]
@@ -609,7 +638,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _cacerts(self, operation: str, body: bytes, record: Record) -> int:
         # A real-server variation: no smime-type parameter on /cacerts.
-        return self._certs(self.est.ca.chain(), smime=False)
+        return self._certs(self.est.cacerts(), smime=False)
 
     def _csrattrs(self, operation: str, body: bytes, record: Record) -> int:
         der = self.est.options.csrattrs
