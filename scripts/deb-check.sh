@@ -144,23 +144,48 @@ phase "config check, doctor (no TPM)"
 # the bundled provider 1.3.0 both work on Debian 12, whose own provider is 1.1.1.
 apt-get install -y -qq --no-install-recommends swtpm > /tmp/swtpm-install.log 2>&1 ||
   { tail /tmp/swtpm-install.log; fail "installing swtpm"; }
-port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 mkdir -p /tmp/swtpm-state
-swtpm socket --tpm2 --server type=tcp,port=$port,bindaddr=127.0.0.1 \
-  --ctrl type=tcp,port=$((port + 1)),bindaddr=127.0.0.1 --tpmstate dir=/tmp/swtpm-state \
-  --flags not-need-init,startup-clear &
-swtpm_pid=$!
-trap 'kill "$swtpm_pid" 2>/dev/null || true' EXIT
-python3 - "$port" <<'PY' || fail "swtpm did not listen"
-import socket, sys, time
-for _ in range(500):
+# A free pair (port, port + 1), both bound at once to check; the host's network is shared, so
+# another process may still take one before swtpm does: then swtpm exits and we try another.
+free_pair() {
+  python3 - <<'PY'
+import socket
+while True:
+    a = socket.socket(); a.bind(("127.0.0.1", 0)); port = a.getsockname()[1]
+    b = socket.socket()
     try:
-        socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=1).close()
+        b.bind(("127.0.0.1", port + 1))
+    except OSError:
+        a.close(); b.close(); continue
+    print(port); break
+PY
+}
+swtpm_pid=
+trap '[ -z "$swtpm_pid" ] || kill "$swtpm_pid" 2>/dev/null || true' EXIT
+for attempt in 1 2 3 4 5; do
+  port=$(free_pair)
+  swtpm socket --tpm2 --server type=tcp,port=$port,bindaddr=127.0.0.1 \
+    --ctrl type=tcp,port=$((port + 1)),bindaddr=127.0.0.1 --tpmstate dir=/tmp/swtpm-state \
+    --flags not-need-init,startup-clear &
+  swtpm_pid=$!
+  # listening, and by this swtpm (still alive), not by whoever else holds the port
+  if python3 - "$port" "$swtpm_pid" <<'PY'
+import os, socket, sys, time
+port, pid = int(sys.argv[1]), int(sys.argv[2])
+for _ in range(500):
+    if not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z":
+        sys.exit(1)
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
         sys.exit(0)
     except OSError:
         time.sleep(0.01)
 sys.exit(1)
 PY
+  then break; fi
+  kill "$swtpm_pid" 2>/dev/null || true; wait "$swtpm_pid" 2>/dev/null || true; swtpm_pid=
+  [ "$attempt" -lt 5 ] || fail "swtpm did not listen (5 port pairs tried)"
+done
 sed "s|^tcti = .*|tcti = \"swtpm:host=127.0.0.1,port=$port\"|" /etc/devid-agent/config.toml > /tmp/swtpm.toml
 chmod 0644 /tmp/swtpm.toml
 rc=0
