@@ -53,7 +53,7 @@ def test_status_imports_no_enrollment(tmp_path: Path, enrolled: bool) -> None:
     state = tmp_path / "state"
     config = tmp_path / "c.toml"
     config.write_text(f'[device]\nid = "gw-1"\n[paths]\nstate_dir = "{state}"\n'
-                      '[keys]\nstore = "software"\n')  # fmt: skip
+                      '[keys]\nstore = "software"\n[control]\nenabled = false\n')  # fmt: skip
     if enrolled:
         from agent import wiring
         from agent.config import load_config

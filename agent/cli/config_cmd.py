@@ -29,5 +29,9 @@ def run_check(args: argparse.Namespace) -> int:
         from agent.wiring import check_firmware_root_paths
 
         check_firmware_root_paths(config)
+    if config.control.enabled and config.control.readers_group:
+        from agent.wiring import control_readers_gid
+
+        control_readers_gid(config)  # the group must exist here
     print("OK")
     return 0
