@@ -5,6 +5,7 @@ ASN.1 modules alone cost ~70 ms). Figures: bench/bench_startup.py."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -83,3 +84,54 @@ def test_firmware_status_imports_no_enrollment(tmp_path: Path) -> None:
     code, modules = loaded("--config", str(rig.config), "firmware", "status")
     assert code == 0
     assert _heavy(modules) == set()
+
+
+FAST_PROBE = """
+import json, sys
+from agent.control.client import fast_main
+code = fast_main(sys.argv[1:])
+sys.stdout.flush()
+print("\\n" + json.dumps({"code": code, "modules": sorted(sys.modules)}))
+"""
+
+#: what the status client against a running service must never import
+NOT_ON_THE_FAST_PATH = ("cryptography", "tpm2_pytss", "requests", "pyasn1", "pyasn1_modules",
+                        "ssl", "argparse", "logging")  # fmt: skip
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="runs the service as another uid")
+def test_status_from_a_running_service_uses_the_standard_library_only() -> None:
+    from tests.support.control import ServiceUnderTest, world
+
+    with world() as base:
+        service = ServiceUnderTest(base)
+        try:
+            service.start()
+            service.wait_serving()
+            service.wait_enrolled()
+            for argv in (["--config", str(service.config), "status"],
+                         ["status", "--json", "--config", str(service.config)]):  # fmt: skip
+                proc = subprocess.run([sys.executable, "-c", FAST_PROBE, *argv], cwd=ROOT,
+                                      capture_output=True, text=True, timeout=60)  # fmt: skip
+                report = json.loads(proc.stdout.strip().splitlines()[-1])
+                assert report["code"] == 0, proc.stdout + proc.stderr
+                assert "service:" in proc.stdout or '"service"' in proc.stdout
+                modules = set(report["modules"])
+                heavy = {m for m in modules if m.split(".")[0] in NOT_ON_THE_FAST_PATH}
+                assert heavy == set(), heavy
+                ours = {m for m in modules if m.split(".")[0] in ("agent", "hal")}
+                assert ours == {"agent", "agent.control", "agent.control.client"}
+            # no service: the same entry point hands over to the full CLI (which reads the disk)
+            service.stop()
+            code, modules = _fast("--config", str(service.config), "status")
+            assert code != 0 and "agent.cli.status_cmd" in modules
+            assert _heavy(modules) == set()
+        finally:
+            service.close()
+
+
+def _fast(*argv: str) -> tuple[int, set[str]]:
+    proc = subprocess.run([sys.executable, "-c", FAST_PROBE, *argv], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    return report["code"], set(report["modules"])
