@@ -21,6 +21,8 @@ from pathlib import Path
 import pytest
 
 from agent.cli import EXIT_NOT_ENROLLED
+from agent.cli.doctor_cmd import Context, check_service
+from agent.config import load_config
 from agent.status_codes import SERVICE_NOT_RUNNING
 from tests.support.control import (
     OTHER_UID,
@@ -78,6 +80,8 @@ def test_the_socket_is_0660_with_the_readers_group_and_each_peer_gets_what_it_ma
 
     # root and the service user: everything read-only, and acting requests
     assert request(s.socket, "ping")["result"]["pong"] is True
+    found = check_service(Context(load_config(s.config)))
+    assert (found.status, found.check) == ("ok", "service") and "answers" in found.detail
     assert as_peer(SERVICE_UID, SERVICE_UID, [], ask("status"))["ok"] is True
     assert as_peer(SERVICE_UID, SERVICE_UID, [], ask("reconnect"))["result"] == {"requested": True}
     # a member of readers_group (a supplementary group): read-only requests only
