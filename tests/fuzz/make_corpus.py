@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import http.client
+import json
 import shutil
 import ssl
 import subprocess
@@ -196,6 +197,15 @@ def _config(seeds: dict[str, dict[str, bytes]]) -> None:
     )
 
 
+def _control(seeds: dict[str, dict[str, bytes]]) -> None:
+    """Requests as `devid-agent status`, `renew` and `ctl` send them (agent.control.client)."""
+    for op in ("status", "ping", "renew", "reload", "reconnect"):
+        seeds["control_request"][op] = json.dumps({"v": 1, "id": 1, "op": op}).encode() + b"\n"
+    seeds["control_request"]["pipelined"] = (
+        b'{"v":1,"id":"a","op":"ping"}\n{"v":1,"id":"b","op":"status"}\n'
+    )
+
+
 def _bootloaders(seeds: dict[str, dict[str, bytes]], tmp: Path) -> None:
     variables = {"BOOT_ORDER": "A B", "BOOT_A_LEFT": "3", "BOOT_B_LEFT": "a", "bootcmd": "run x"}
     env = tmp / "uboot.env"
@@ -233,6 +243,7 @@ def main() -> int:
     _firmware(seeds)
     _states(seeds)
     _config(seeds)
+    _control(seeds)
     for target, files in seeds.items():
         directory = CORPUS / target
         if directory.exists():

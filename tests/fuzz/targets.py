@@ -199,6 +199,17 @@ def grub_env(data: bytes) -> None:
     GrubScheme().state(parse_lines(_env_text(data), where), where)
 
 
+def control_request(data: bytes) -> None:
+    """Control-socket request lines as the server splits them, parsed, then judged for a peer."""
+    from agent.control.permission import Peer, Policy, refusal
+    from agent.control.protocol import MAX_REQUEST_BYTES, parse_request
+
+    policy = Policy(service_uid=4243, readers_gid=100)
+    for line in data.split(b"\n")[:64]:
+        request = parse_request(line[: MAX_REQUEST_BYTES + 1])
+        refusal(policy, Peer(pid=1, uid=4244, gid=4244, groups=frozenset({100})), request.op)
+
+
 TARGETS: dict[str, Callable[[bytes], None]] = {
     "est_cacerts": est_cacerts,
     "est_enroll": est_enroll,
@@ -212,6 +223,7 @@ TARGETS: dict[str, Callable[[bytes], None]] = {
     "est_pending": est_pending,
     "uboot_env": uboot_env,
     "grub_env": grub_env,
+    "control_request": control_request,
 }
 
 
