@@ -403,7 +403,8 @@ class ControlServer:
             event = Event(EventKind.CHANNEL_RECONNECT_REQUESTED, self._host_now(), {}, self.name)
             self._host.emit(event)
             return {"requested": True}
-        raise AgentError(f"op {op} is not served")  # parse_request admits only OPS
+        # parse_request admits only OPS
+        raise protocol.ProtocolError(protocol.UNKNOWN_OP, f"op {op} is not served")
 
     def _reject(self, client: _Client, request_id: protocol.RequestId, code: str, msg: str) -> None:
         client.inbox.clear()
