@@ -60,6 +60,7 @@ def config(root: Path, est: EstServer) -> Path:
 def load(sock: str, requests: int, clients: int) -> tuple[list[float], int]:
     latencies: list[float] = []
     errors = [0]
+    kinds: dict[str, int] = {}
     lock = threading.Lock()
     share = requests // clients
 
@@ -71,9 +72,11 @@ def load(sock: str, requests: int, clients: int) -> tuple[list[float], int]:
                 result = ask(sock, "status", timeout=30)
                 if "code" not in result:
                     raise ValueError("no code")
-            except Exception:
+            except Exception as e:
                 with lock:
                     errors[0] += 1
+                    kind = f"{type(e).__name__}: {e}"[:80]
+                    kinds[kind] = kinds.get(kind, 0) + 1
                 continue
             mine.append(time.perf_counter() - started)
         with lock:
@@ -84,6 +87,8 @@ def load(sock: str, requests: int, clients: int) -> tuple[list[float], int]:
         t.start()
     for t in threads:
         t.join()
+    for kind, count in sorted(kinds.items()):
+        print(f"  error x{count}: {kind}")
     return latencies, errors[0]
 
 

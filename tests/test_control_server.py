@@ -219,3 +219,9 @@ def test_stop_removes_only_the_socket_it_made(tmp_path: Path) -> None:
     assert path.is_socket()
     lp.close()
     assert not path.exists()
+
+
+def test_connections_their_peers_closed_do_not_count_against_max_clients(loop: Loop) -> None:
+    for i in range(40):  # max_clients is 4: each closed one must be reaped before it counts
+        with send(loop.path, "ping") as s:
+            assert answer(s)["ok"] is True, i

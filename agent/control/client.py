@@ -15,6 +15,7 @@ the running service here; everything else, and any doubt, goes to the full CLI (
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -91,7 +92,9 @@ def ask(
         line = json.dumps({"v": 1, "id": request_id, "op": op}).encode() + b"\n"
         data = bytearray()
         try:
-            sock.sendall(line)
+            # it may have answered at once and closed (busy): its answer may still be there
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                sock.sendall(line)
             while not data.endswith(b"\n"):
                 chunk = sock.recv(65536)
                 if not chunk:

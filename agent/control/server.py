@@ -167,8 +167,7 @@ class ControlServer:
             for client in self._clients.values():
                 client.deadline += mono - self._last_turn
         self._last_turn = mono
-        if self._listener is not None and self._listener.fileno() in readable:
-            self._accept(mono)
+        # the connections first: peers that closed are reaped before new ones are counted
         for fd, client in list(self._clients.items()):
             if self._clients.get(fd) is not client:
                 continue
@@ -176,6 +175,8 @@ class ControlServer:
                 self._read(client, mono)
             if client.outbox and (fd in writable or fd in readable):
                 self._flush(client)
+        if self._listener is not None and self._listener.fileno() in readable:
+            self._accept(mono)
         for client in list(self._clients.values()):
             if client.closing and not client.outbox:
                 self._close(client)
@@ -310,11 +311,26 @@ class ControlServer:
                 continue
             client = _Client(sock=sock, peer=peer, deadline=mono + self._timeout)
             if len(self._clients) >= self._max_clients:
+                self._reap_closed()
+            if len(self._clients) >= self._max_clients:
                 message = f"busy: {self._max_clients} connections already; try again"
                 self._send(client, protocol.error_response(None, protocol.BUSY, message))
                 sock.close()
                 continue
             self._clients[sock.fileno()] = client
+
+    def _reap_closed(self) -> None:
+        """Close the connections whose peers have gone (EOF waiting, nothing left to say)."""
+        for client in list(self._clients.values()):
+            if client.outbox or client.renew_pending:
+                continue
+            try:
+                if client.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b"":
+                    self._close(client)
+            except (BlockingIOError, InterruptedError):
+                continue
+            except OSError:
+                self._close(client)
 
     def _read(self, client: _Client, mono: float) -> None:
         try:
