@@ -3,7 +3,9 @@
 `agent.audit_enroll.AuditedEnroller` and `agent.audit_firmware.AuditedFirmwareDevice` are the
 enroller and the firmware device with each operation's outcome recorded (`agent.wiring` builds
 them, so the CLI and the daemon record the same events). Events: `enroll`, `renewal`,
-`identity_repaired`, `bundle_verified`, `bundle_refused`, `install`, `commit`, `rollback`; each
+`identity_repaired`, `bundle_verified`, `bundle_refused`, `install`, `commit`, `rollback`, and
+from the control socket (agent/control/server.py) `control_peer_refused` and `control_command`
+(an acting request accepted: op, uid, pid); each
 with `outcome` "ok" or "failed" (and the error's disposition and one-line message when it
 failed). What goes in is public: subjects, serials, issuers, validity, versions, digests, slot
 names; never a key, password or token.

@@ -505,6 +505,27 @@ class StatusConfig:
     renewal_failing_share: float = checked(0.2, check=_share)
 
 
+def _request_timeout(value: float) -> str | None:
+    return None if 0.1 <= value <= 60 else "seconds from 0.1 to 60"
+
+
+def _max_clients(value: int) -> str | None:
+    return None if 1 <= value <= 256 else "an integer from 1 to 256"
+
+
+@dataclass(frozen=True)
+class ControlConfig:
+    #: serve paths.run_dir/control.sock from `devid-agent run`; `status` then expects the service
+    #: (exit 87 when it does not run). false on devices that only use the one-shot enroll unit
+    enabled: bool = True
+    #: a group whose members may ask read-only requests (status, ping); "" = none
+    readers_group: str = checked("", check=_group_name)
+    #: a connection that has not sent a whole request (or read its answer) within this is dropped
+    request_timeout_seconds: float = checked(5.0, check=_request_timeout)
+    #: connections served at once; more are answered "busy" and closed
+    max_clients: int = checked(16, check=_max_clients)
+
+
 @dataclass(frozen=True)
 class Config:
     device: DeviceConfig
@@ -521,6 +542,7 @@ class Config:
     audit: AuditConfig = field(default_factory=AuditConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     status: StatusConfig = field(default_factory=StatusConfig)
+    control: ControlConfig = field(default_factory=ControlConfig)
     #: where this config was read from (not a TOML key)
     source: Path = field(default=Path("<defaults>"), metadata={"internal": True})
 

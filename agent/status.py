@@ -9,7 +9,7 @@ device that is half broken, because that is when people ask for it.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from cryptography import x509
 
     from agent.clock import Clock
+    from agent.components import Snapshot
     from agent.est.pending import PendingRequest
     from agent.identity import Identity
 
@@ -53,6 +54,83 @@ class PendingStatus:
     attempts: int
 
 
+#: the version of `status --json`'s layout: raised when a field changes meaning or goes away
+SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ServiceStatus:
+    """The long-running service (`devid-agent run`), as it answered over the control socket, or
+    why it did not."""
+
+    running: bool
+    #: `control.enabled`: the service is expected to run (exit 87 when it does not)
+    expected: bool = True
+    #: when not running: what the socket said ("no socket", "refused", "does not answer: ...")
+    detail: str = ""
+    started_at: str = ""
+    #: the next action ("renew", "enroll", "bootstrap", "wait"), when, and why
+    next_action: str = ""
+    next_at: str = ""
+    reason: str = ""
+    clock_trusted: bool | None = None
+    consecutive_failures: int | None = None
+    last_attempt: str = ""
+    last_success: str = ""
+    last_error: str = ""
+    last_disposition: str = ""
+    renewal_requested: bool = False
+    #: each component's own status, by name (e.g. "mqtt": {"connected": true, ...})
+    components: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+def service_status(snapshot: Snapshot) -> ServiceStatus:
+    def when(moment: datetime | None) -> str:
+        return "" if moment is None else _iso(moment)
+
+    return ServiceStatus(
+        running=True,
+        started_at=_iso(snapshot.started_at),
+        next_action=snapshot.next_action,
+        next_at=_iso(snapshot.next_at),
+        reason=snapshot.reason,
+        clock_trusted=snapshot.clock_trusted,
+        consecutive_failures=snapshot.consecutive_failures,
+        last_attempt=when(snapshot.last_attempt),
+        last_success=when(snapshot.last_success),
+        last_error=snapshot.last_error or "",
+        last_disposition=snapshot.last_disposition or "",
+        renewal_requested=snapshot.renewal_requested,
+        components={name: dict(values) for name, values in snapshot.components.items()},
+    )
+
+
+def _service_lines(s: ServiceStatus) -> list[str]:
+    if not s.running:
+        why = f" ({s.detail})" if s.detail else ""
+        expected = "" if s.expected else ", not expected here (control.enabled = false)"
+        return [f"service:   not running{why}{expected}"]
+    if not s.started_at:  # it answered, but not with its status
+        return [f"service:   running ({s.detail})"]
+    lines = [f"service:   running since {s.started_at}"]
+    if s.clock_trusted is False:
+        lines.append(f"  clock:   NOT TRUSTED: {s.reason}")
+    else:
+        lines.append(f"  next:    {s.next_action} at {s.next_at} ({s.reason})")
+    if s.last_attempt:
+        outcome = s.last_disposition or "ok"
+        failures = f", {s.consecutive_failures} failing in a row" if s.consecutive_failures else ""
+        lines.append(f"  last:    attempt at {s.last_attempt}: {outcome}{failures}")
+        if s.consecutive_failures and s.last_error:
+            lines.append(f"  error:   {s.last_error}")
+    if s.last_success:
+        lines.append(f"  renewed: {s.last_success}")
+    for name, values in sorted(s.components.items()):
+        shown = ", ".join(f"{k}={v}" for k, v in sorted(values.items()))
+        lines.append(f"  {name}: {shown}")
+    return lines
+
+
 @dataclass(frozen=True)
 class TrustStatus:
     """The EST trust on disk: the explicit anchor and the stored CA set, earliest expiries."""
@@ -76,6 +154,9 @@ class AgentStatus:
     version: str = __version__
     #: None when EST is not configured
     trust: TrustStatus | None = None
+    #: the service's view (None: not asked, e.g. in metrics)
+    service: ServiceStatus | None = None
+    schema_version: int = SCHEMA_VERSION
 
     @property
     def healthy(self) -> bool:
@@ -126,6 +207,8 @@ class AgentStatus:
             anchor = f"{t.anchor_file} until {t.anchor_not_after}" if t.anchor_file else "none yet"
             cas = f"{t.ca_certificates} until {t.ca_set_not_after}" if t.ca_certificates else "none"
             lines.append(f"trust:     anchor {anchor}; EST CA set {cas}")
+        if self.service is not None:
+            lines += _service_lines(self.service)
         lines += [f"error:     {e}" for e in self.errors]
         # One line per item whatever a certificate or an error message holds (a CN with a newline
         # from a hostile server must not forge a line of this report).

@@ -10,11 +10,15 @@ In order of precedence (the first that holds wins):
 - 82 expired: the certificate's validity ended; it cannot renew itself (`enroll` again)
 - 85 renewal failing: the scheduler's last attempts failed (its state file counts them) and
   less than `status.renewal_failing_share` of the certificate's lifetime is left
+- 87 service not running: `control.enabled` is true (the default: the service is expected) and
+  the control socket is absent, refuses or does not answer. Devices that only use the one-shot
+  enroll unit set `control.enabled = false` and never get 87 (without the service the scheduler's
+  state is not written, so 85 is not reported there either; a failed `renew` exits non-zero)
 - 74 a part of the status could not be read (bootloader environment, pending request, ...)
 - 0 healthy
 
-Not running a daemon is not a condition here yet: without one, the scheduler's state is not
-written, so "renewal failing" is never reported (a failed `renew` exits non-zero itself).
+An identity condition wins over 87: the identity is what a fleet tool acts on first (a device
+not enrolled whose service is down is "not enrolled"; `status` prints both).
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ NOT_ENROLLED = 81
 EXPIRED = 82
 RENEWAL_FAILING = 85
 IDENTITY_UNUSABLE = 86
+SERVICE_NOT_RUNNING = 87
 
 
 def status_code(status: AgentStatus, renewal: RenewalFacts | None, *, failing_share: float) -> int:
@@ -45,6 +50,9 @@ def status_code(status: AgentStatus, renewal: RenewalFacts | None, *, failing_sh
     left = identity.lifetime_left
     if failures and left is not None and left < failing_share:
         return RENEWAL_FAILING
+    service = status.service
+    if service is not None and service.expected and not service.running:
+        return SERVICE_NOT_RUNNING
     if status.errors:
         return PART_UNREADABLE
     return HEALTHY

@@ -6,8 +6,9 @@ overrides. Each builder imports what it builds, so `status` does not pay for EST
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,7 +29,7 @@ if TYPE_CHECKING:
 
     from agent.audit_log import AuditLog
     from agent.clock import Clock, Interrupt
-    from agent.components import Component
+    from agent.components import Component, Snapshot
     from agent.daemon import Daemon, DaemonParts
     from agent.enroll import Enroller, TransportFactory
     from agent.est.memory import MemoryStore
@@ -42,7 +43,7 @@ if TYPE_CHECKING:
     from agent.metrics import RenewalFacts
     from agent.renewal import RenewalPolicy
     from agent.renewal_state import SchedulerStateStore
-    from agent.status import StatusCollector, TrustStatus
+    from agent.status import AgentStatus, StatusCollector, TrustStatus
     from hal.openssl_provider import ProviderInfo
     from hal.secure_dir import DirStore
 
@@ -421,8 +422,11 @@ def bundle_opener(config: Config) -> BundleOpener:
 
 def check_host(config: Config) -> None:
     """What `config check` (and doctor's config check) asks of this machine beyond the file:
-    the identity group exists; as root, no firmware path another user could replace."""
+    the identity and control readers groups exist; as root, no firmware path another user
+    could replace."""
     identity_group(config)
+    if config.control.enabled and config.control.readers_group:
+        control_readers_gid(config)
     if config.firmware.compatible:
         check_firmware_root_paths(config)
 
@@ -661,13 +665,16 @@ def daemon_parts(config: Config, *, interrupt: Interrupt | None = None) -> Daemo
     est = config.est
     transports = https_transport_factory(config, interrupt=interrupt)
     enroll = enroller(config, prove_rotation=True, transport_factory=transports)
+    components: list[Component] = [ca_refresher(config, enroll), *metrics_writers(config)]
+    if config.control.enabled:
+        components.append(control_server(config))
     return DaemonParts(
         config=config,
         enroller=enroll,
         identities=identity_store(config),
         policy=renewal_policy(config),
         bootstrap_available=bool(est.username) or est.idevid_cert is not None,
-        components=(ca_refresher(config, enroll), *metrics_writers(config)),
+        components=tuple(components),
     )
 
 
@@ -716,6 +723,97 @@ def metrics_writers(config: Config) -> tuple[Component, ...]:
             write=write_public,
             clock=clock,
         ),
+    )
+
+
+# -- the control socket (agent/control/) ------------------------------------------------------
+
+
+def control_readers_gid(config: Config) -> int | None:
+    """The gid of `control.readers_group` (None when unset), or one-line ConfigError."""
+    name = config.control.readers_group
+    if not name:
+        return None
+    import grp
+
+    try:
+        return grp.getgrnam(name).gr_gid
+    except KeyError:
+        raise ConfigError(
+            f"{config.source}: control.readers_group: no group named {name!r} on this system"
+        ) from None
+
+
+@contextlib.contextmanager
+def _checked_dir_fd(path: Path) -> Iterator[int]:
+    """`path` (made 0755 if missing) reached by the checked walk; its descriptor."""
+    from hal.secure_dir import SecureDir
+
+    directory = SecureDir.open(path, create=True, private=False)
+    assert directory is not None  # create=True
+    with directory:
+        yield directory.fd
+
+
+#: `status` over the socket collects the disk parts (and checks the key) at most this often
+STATUS_CACHE_SECONDS = 1.0
+
+
+def control_status_answer(
+    config: Config, *, clock: Clock | None = None
+) -> Callable[[Snapshot], dict[str, Any]]:
+    """What the daemon answers `status` with: the model `status` prints (the disk parts collected
+    here, with the service's snapshot), its text, and its exit code."""
+    from dataclasses import replace
+
+    from agent.clock import SystemClock
+    from agent.metrics import RenewalFacts
+    from agent.status import service_status
+    from agent.status_codes import status_code
+
+    clock = clock or SystemClock()
+    collector = status_collector(config, clock=clock)
+    cache: list[tuple[float, int | None, AgentStatus]] = []
+
+    def answer(snapshot: Snapshot) -> dict[str, Any]:
+        generation = snapshot.identity.generation if snapshot.identity else None
+        mono = clock.monotonic()
+        if cache and mono - cache[0][0] < STATUS_CACHE_SECONDS and cache[0][1] == generation:
+            disk = cache[0][2]
+        else:
+            disk = collector.collect()
+            cache[:] = [(mono, generation, disk)]
+        status = replace(disk, service=service_status(snapshot))
+        facts = RenewalFacts(
+            last_success=snapshot.last_success,
+            last_attempt=snapshot.last_attempt,
+            consecutive_failures=snapshot.consecutive_failures,
+        )
+        code = status_code(status, facts, failing_share=config.status.renewal_failing_share)
+        return {"status": status.to_dict(), "text": status.to_text(), "code": code}
+
+    return answer
+
+
+def control_server(config: Config, *, clock: Clock | None = None) -> Component:
+    import os
+
+    from agent.clock import SystemClock
+    from agent.control.permission import Policy
+    from agent.control.server import ControlServer
+
+    readers = control_readers_gid(config)
+    clock = clock or SystemClock()
+    return ControlServer(
+        run_dir=config.paths.run_dir,
+        open_run_dir=lambda: _checked_dir_fd(config.paths.run_dir),
+        policy=Policy(service_uid=os.geteuid(), readers_gid=readers),
+        group=readers if readers is not None else os.getegid(),
+        status=control_status_answer(config, clock=clock),
+        audit=service_audit_log(config, clock=clock),
+        request_timeout_seconds=config.control.request_timeout_seconds,
+        max_clients=config.control.max_clients,
+        clock=clock,
     )
 
 

@@ -68,7 +68,7 @@ def enrolled_config(root: Path) -> Path:
                   chain=[], ca_certs=[ca.cert])  # fmt: skip
     path = root / "enrolled.toml"
     path.write_text(f'[device]\nid = "gw-bench"\n[paths]\nstate_dir = "{state}"\n'
-                    '[keys]\nstore = "software"\n')  # fmt: skip
+                    '[keys]\nstore = "software"\n[control]\nenabled = false\n')  # fmt: skip
     return path
 
 
@@ -83,7 +83,8 @@ def main() -> int:
             CHILD_ENV.pop("PYTHONDONTWRITEBYTECODE", None)
             CHILD_ENV["PYTHONPYCACHEPREFIX"] = str(root / "pycache")
         bare = root / "bare.toml"
-        bare.write_text(f'[device]\nid = "gw-bench"\n[paths]\nstate_dir = "{root / "none"}"\n')
+        bare.write_text(f'[device]\nid = "gw-bench"\n[paths]\nstate_dir = "{root / "none"}"\n'
+                        "[control]\nenabled = false\n")  # fmt: skip
         enrolled = enrolled_config(root)
         rig = Rig(root / "fw", bootloader="file", counter="file")
         cases = [

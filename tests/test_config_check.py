@@ -142,3 +142,22 @@ def test_size_limit_is_exact(tmp_path: Path) -> None:
     path.write_text(body + "#")
     with pytest.raises(ConfigError, match="larger than"):
         load_config(path)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ("request_timeout_seconds = 0\n", "control.request_timeout_seconds: expected seconds"),
+        ("max_clients = 0\n", "control.max_clients: expected an integer from 1 to 256"),
+        ('readers_group = "a b"\n', "control.readers_group: expected a group name"),
+        ('readers_group = "devid-no-such-group"\n', "no group named 'devid-no-such-group'"),
+    ],
+)
+def test_config_check_refuses_bad_control_settings(
+    tmp_path: Path, extra: str, message: str
+) -> None:
+    path = tmp_path / "config.toml"
+    path.write_text(BASE + "[control]\n" + extra)
+    check = run_cli("config", "check", "--config", str(path))
+    assert check.returncode == 78 and message in check.stderr, check.stderr
+    assert check.stderr.count("\n") == 1

@@ -341,3 +341,32 @@ def test_an_expired_identity_is_re_bootstrapped_with_the_idevid(
         bootstrap = [r for r in est.records if r.operation == "simpleenroll"]
         assert bootstrap and bootstrap[0].client_cert == "commonName=idevid SN-0001"
         assert "bootstrap: expired: re-enrolling with the bootstrap credential" in service.text()
+
+
+def test_tpm_status_over_socket(
+    device: Device, notify: Notifications, services: list[Service]
+) -> None:
+    """The TPM service answers `status` over its control socket (the key check loads the TPM
+    key inside the daemon and flushes it) and goes on rotating; `renew` goes through it."""
+    configure(device)
+    run_dir = device.tmp_path / "run"
+    text = device.config.read_text().replace("[control]\nenabled = false\n", "")
+    device.config.write_text(text.replace("[paths]\n", f'[paths]\nrun_dir = "{run_dir}"\n'))
+    service = Service(device, notify, watchdog_usec=None)
+    services.append(service)
+    wait_for(lambda: (current(device) or 0) >= 2, "the enrollment and a rotation", service)
+    for _ in range(3):
+        done = device.run("status", "--json")
+        assert done.code == 0, done.out + done.err
+        model = json.loads(done.out)
+        assert model["service"]["running"] is True
+        assert model["identity"]["hardware_backed"] is True
+        assert model["identity"]["key_usable"] is True
+    before = current(device) or 0
+    renewed = device.run("renew")
+    assert renewed.code == 0 and "through the running service" in renewed.out, renewed.err
+    assert (current(device) or 0) > before
+    wait_for(lambda: (current(device) or 0) >= before + 2, "rotations after them", service)
+    assert service.stop() == 0
+    assert not (run_dir / "control.sock").exists()
+    assert transient_objects(device.tpm.tcti)[0] == 0  # every status's key load was flushed

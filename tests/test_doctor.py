@@ -27,6 +27,7 @@ def write_config(tmp_path: Path, tcti: str, provider: Path, store: str = "tpm") 
     path.write_text(
         f'[device]\nid = "gw-1"\n[paths]\nstate_dir = "{state}"\n'
         f'[keys]\nstore = "{store}"\n[tpm]\ntcti = "{tcti}"\nopenssl_provider = "{provider}"\n'
+        "[control]\nenabled = false\n"
     )
     return path
 
@@ -52,6 +53,7 @@ def test_doctor_all_ok_with_tpm(swtpm: Swtpm, tmp_path: Path) -> None:
         "tls_provider": "ok",
         "bootloader_env": "ok",
         "firmware_anchors": "ok",
+        "service": "ok",  # control.enabled = false
     }
     assert "manufacturer IBM" in findings["key_store"]["detail"]  # swtpm reports IBM's TPM
     assert findings["tls_provider"]["detail"].startswith("tpm2 OpenSSL provider 1.")

@@ -243,3 +243,45 @@ def test_firmware_anchors_missing_or_expired(tmp_path: Path) -> None:
     assert expired.status == "error" and "expired" in expired.detail
     rig.files["anchor"].unlink()
     assert checks(rig.config)["firmware_anchors"].status == "error"
+
+
+def _service_config(tmp_path: Path) -> tuple[Path, Path]:
+    run = tmp_path / "run"
+    run.mkdir(mode=0o755)
+    path = tmp_path / "service.toml"
+    path.write_text(f'[device]\nid = "gw-1"\n[paths]\nstate_dir = "{tmp_path / "state"}"\n'
+                    f'run_dir = "{run}"\n')  # fmt: skip
+    return path, run / "control.sock"
+
+
+def test_service_not_running_is_a_warning_and_a_socket_that_does_not_answer_an_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import socket
+
+    from agent.cli import doctor_cmd
+    from agent.cli.doctor_cmd import check_service
+
+    path, sock_path = _service_config(tmp_path)
+    found = check_service(Context(load_config(path)))
+    assert found.status == "warning" and "not running (no control socket" in found.detail
+    # a stale socket (nobody listens): still "not running"
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(str(sock_path))
+    found = check_service(Context(load_config(path)))
+    assert found.status == "warning" and "stale" in found.detail
+    stale.close()
+    sock_path.unlink()
+    # a socket that accepts but never answers (a service stuck in a step): an error
+    stuck = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stuck.bind(str(sock_path))
+    stuck.listen(1)
+    monkeypatch.setattr(doctor_cmd, "SERVICE_PROBE_SECONDS", 0.2)  # the wait, not the verdict
+    try:
+        found = check_service(Context(load_config(path)))
+    finally:
+        stuck.close()
+    assert found.status == "error" and "does not answer" in found.detail, found
+    # not expected: ok
+    path.write_text(path.read_text() + "[control]\nenabled = false\n")
+    assert check_service(Context(load_config(path))).status == "ok"

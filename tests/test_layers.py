@@ -40,6 +40,8 @@ PURE = [
     "agent.audit_events",
     "agent.metrics",
     "agent.status_codes",
+    "agent.control.protocol",
+    "agent.control.permission",
     "agent.config",
     "agent.config_loader",
     "agent.pki",

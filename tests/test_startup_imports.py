@@ -8,6 +8,7 @@ status` none of the install, verify or audit machinery. Figures: bench/bench_sta
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -84,7 +85,7 @@ def test_status_imports_no_enrollment(tmp_path: Path, enrolled: bool) -> None:
     state = tmp_path / "state"
     config = tmp_path / "c.toml"
     config.write_text(f'[device]\nid = "gw-1"\n[paths]\nstate_dir = "{state}"\n'
-                      '[keys]\nstore = "software"\n')  # fmt: skip
+                      '[keys]\nstore = "software"\n[control]\nenabled = false\n')  # fmt: skip
     if enrolled:
         from agent import wiring
         from agent.config import load_config
@@ -160,3 +161,54 @@ def test_the_light_firmware_status_says_what_the_device_says(tmp_path: Path) -> 
     same()
     assert cli(rig.config, "commit")[0] == 0
     same()
+
+
+FAST_PROBE = """
+import json, sys
+from agent.control.client import fast_main
+code = fast_main(sys.argv[1:])
+sys.stdout.flush()
+print("\\n" + json.dumps({"code": code, "modules": sorted(sys.modules)}))
+"""
+
+#: what the status client against a running service must never import
+NOT_ON_THE_FAST_PATH = ("cryptography", "tpm2_pytss", "requests", "pyasn1", "pyasn1_modules",
+                        "ssl", "argparse", "logging")  # fmt: skip
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="runs the service as another uid")
+def test_status_from_a_running_service_uses_the_standard_library_only() -> None:
+    from tests.support.control import ServiceUnderTest, world
+
+    with world() as base:
+        service = ServiceUnderTest(base)
+        try:
+            service.start()
+            service.wait_serving()
+            service.wait_enrolled()
+            for argv in (["--config", str(service.config), "status"],
+                         ["status", "--json", "--config", str(service.config)]):  # fmt: skip
+                proc = subprocess.run([sys.executable, "-c", FAST_PROBE, *argv], cwd=ROOT,
+                                      capture_output=True, text=True, timeout=60)  # fmt: skip
+                report = json.loads(proc.stdout.strip().splitlines()[-1])
+                assert report["code"] == 0, proc.stdout + proc.stderr
+                assert "service:" in proc.stdout or '"service"' in proc.stdout
+                modules = set(report["modules"])
+                heavy = {m for m in modules if m.split(".")[0] in NOT_ON_THE_FAST_PATH}
+                assert heavy == set(), heavy
+                ours = {m for m in modules if m.split(".")[0] in ("agent", "hal")}
+                assert ours == {"agent", "agent.control", "agent.control.client"}
+            # no service: the same entry point hands over to the full CLI (which reads the disk)
+            service.stop()
+            code, modules = _fast("--config", str(service.config), "status")
+            assert code != 0 and "agent.cli.status_cmd" in modules
+            assert _heavy(modules) == set()
+        finally:
+            service.close()
+
+
+def _fast(*argv: str) -> tuple[int, set[str]]:
+    proc = subprocess.run([sys.executable, "-c", FAST_PROBE, *argv], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    return report["code"], set(report["modules"])

@@ -27,6 +27,7 @@ def device(tmp_path: Path) -> tuple[Rig, Path]:
     state = tmp_path / "state"
     rig.config.write_text(
         rig.config.read_text().replace("[tpm]", f'[paths]\nstate_dir = "{state}"\n[tpm]')
+        + "[control]\nenabled = false\n"  # the disk alone; tests/test_control_socket.py: the service
     )
     return rig, state
 

@@ -15,6 +15,7 @@ from agent.cli import (
     EXIT_IDENTITY_UNUSABLE,
     EXIT_NOT_ENROLLED,
     EXIT_RENEWAL_FAILING,
+    EXIT_SERVICE_NOT_RUNNING,
     build_parser,
 )
 from agent.renewal import History
@@ -102,3 +103,15 @@ def test_the_codes_are_documented_in_help_and_readme() -> None:
         assert f" {code} " in " ".join(text.split())
     for code in (85, 86):
         assert f"\n| {code} | `status`" in readme
+
+
+def test_service_not_running_when_it_is_expected(tmp_path: Path, test_ca: TestCA) -> None:
+    rig, state = device(tmp_path)
+    expected = rig.config.read_text().replace("[control]\nenabled = false\n", "")
+    expected = expected.replace("[paths]\n", f'[paths]\nrun_dir = "{tmp_path / "run"}"\n')
+    rig.config.write_text(expected)
+    assert status(rig.config)[0] == EXIT_NOT_ENROLLED  # the identity's condition wins
+    enroll_software_identity(state, test_ca)
+    code, out = status(rig.config)[:2]
+    assert code == EXIT_SERVICE_NOT_RUNNING == 87
+    assert "service:   not running (no control socket at" in out

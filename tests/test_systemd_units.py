@@ -114,3 +114,14 @@ def test_the_service_unit_is_a_notify_service_with_a_watchdog() -> None:
     assert _setting(unit, "ExecStart") == ["/usr/bin/devid-agent", "run"]
     assert _setting(unit, "WatchdogSec") and _setting(unit, "Restart") == ["on-failure"]
     assert _setting(unit, "Conflicts") == ["devid-agent-enroll.service"]
+
+
+def test_the_service_makes_the_control_sockets_directory() -> None:
+    from agent.config import PathsConfig
+
+    text = (ROOT / "systemd" / "devid-agent.service").read_text()
+    name = re.search(r"^RuntimeDirectory=(\S+)$", text, flags=re.M)
+    assert name is not None and Path("/run") / name.group(1) == PathsConfig().run_dir
+    # readers must reach the socket; its own 0660 and the peer check decide who may use it
+    assert re.search(r"^RuntimeDirectoryMode=0755$", text, flags=re.M)
+    assert "AF_UNIX" in re.search(r"^RestrictAddressFamilies=(.*)$", text, flags=re.M).group(1)  # type: ignore[union-attr]

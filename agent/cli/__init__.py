@@ -36,6 +36,7 @@ EXIT_CLIENT_REJECTED = 83  # the EST server's TLS alert rejected our client cert
 EXIT_AUDIT_BROKEN = 84  # `audit verify`: the hash chain is broken (a line removed or edited)
 EXIT_RENEWAL_FAILING = 85  # `status`: renewals fail and little of the lifetime is left
 EXIT_IDENTITY_UNUSABLE = 86  # `status`: the identity is unreadable or not yet valid
+EXIT_SERVICE_NOT_RUNNING = 87  # `status`, `ctl`: the service does not run or does not answer
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a process ended by Ctrl-C
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: the reader of our output went away (`| head -0`)
 
@@ -75,6 +76,7 @@ exit codes:
   84   audit verify: the audit trail's hash chain is broken (security event)
   85   status: renewal failing with less than status.renewal_failing_share of the lifetime left
   86   status: the identity is unusable (key or certificate unreadable, or not yet valid)
+  87   status, ctl: the service is not running or its control socket does not answer
   130  interrupted
   141  our output pipe was closed by its reader
 """
@@ -103,6 +105,7 @@ COMMAND_MODULES = {
     "status": "agent.cli.status_cmd",
     "firmware": "agent.cli.firmware_cmd",
     "metrics": "agent.cli.metrics_cmd",
+    "ctl": "agent.cli.ctl_cmd",
 }
 _HELP = ("-h", "--help")
 

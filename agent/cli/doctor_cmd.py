@@ -14,7 +14,8 @@ est_reachable (a TLS connection to est.url verified against the anchor, short ti
 (against this build's time and the EST server's Date), identity (certificate expiry),
 identity_key (the key loads, matches the certificate and signs), key_store (TPM reachable, free
 object slots), tpm_owner_auth, tls_provider (tpm2 provider version), bootloader_env,
-firmware_anchors (present, expiry).
+firmware_anchors (present, expiry), service (running and its control socket answering: a warning
+when it does not run, an error when its socket does not answer; ok when control.enabled = false).
 """
 
 from __future__ import annotations
@@ -543,6 +544,43 @@ def check_firmware_anchors(ctx: Context) -> Finding:
     return Finding("firmware_anchors", worst, f"{fw.trust_anchors}: " + "; ".join(details))
 
 
+#: how long doctor waits for the service's answer to a ping
+SERVICE_PROBE_SECONDS = 3.0
+
+
+def check_service(ctx: Context) -> Finding:
+    """The service running and its control socket answering (with control.enabled)."""
+    from agent.control import client
+
+    config = ctx.config
+    if not config.control.enabled:
+        return Finding("service", OK, "control.enabled = false: the service is not expected")
+    path = str(config.paths.run_dir / client.SOCKET_NAME)
+    try:
+        answer = client.ask(
+            path,
+            "ping",
+            timeout=SERVICE_PROBE_SECONDS,
+            trusted_uids=client.trusted_server_uids(str(config.paths.state_dir)),
+        )
+    except client.Unavailable as e:
+        if e.state in ("absent", "refused"):
+            return Finding(
+                "service",
+                WARNING,
+                f"not running ({e.detail}): `systemctl start devid-agent`; devices that only "
+                "enroll once set control.enabled = false",
+            )
+        if e.state == "forbidden":
+            return Finding(
+                "service", WARNING, f"{e.detail}: run doctor as root or the service user"
+            )
+        return Finding("service", ERROR, f"the control socket does not answer: {e.detail}")
+    except client.Refused as e:
+        return Finding("service", WARNING, f"running, but it refused this user: {e.message}")
+    return Finding("service", OK, f"running, {path} answers (version {answer.get('version')})")
+
+
 CHECKS: list[Callable[[Context], Finding]] = [
     check_state_dir,
     check_identity_files,
@@ -558,6 +596,7 @@ CHECKS: list[Callable[[Context], Finding]] = [
     check_tls_provider,
     check_bootloader_env,
     check_firmware_anchors,
+    check_service,
 ]
 
 

@@ -44,9 +44,34 @@ def run_enroll(args: argparse.Namespace) -> int:
 
 
 def run_renew(args: argparse.Namespace) -> int:
-    result = _enroller(args).renew(reuse_key=args.reuse_key)
+    """Through the running service when there is one (so two writers never race: the service
+    renews at its next turn, proves the new identity and runs its hooks), else here."""
+    from agent.config import config_path, load_config
+
+    config = load_config(config_path(args.config))
+    if config.control.enabled:
+        from agent.cli import fail
+        from agent.cli.ctl_cmd import ServiceAnswer, ask_service
+
+        try:
+            answer = ask_service(config, "renew", timeout=RENEW_TIMEOUT_SECONDS)
+        except ServiceAnswer as e:
+            fail(str(e))
+            return e.exit_code
+        if answer is not None:
+            if args.reuse_key:
+                print("note: the service renews with a new key (--reuse-key applies alone)")
+            print(f"renewed through the running service ({answer.get('action', 'renew')})")
+            return 0
+    from agent.wiring import enroller
+
+    result = enroller(config).renew(reuse_key=args.reuse_key)
     print(describe(result, "renewed"))
     return 0
+
+
+#: how long `renew` waits for the service's attempt (each of its steps has its own timeouts)
+RENEW_TIMEOUT_SECONDS = 600.0
 
 
 def describe(result: EnrollResult, headline: str) -> str:

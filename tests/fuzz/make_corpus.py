@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import http.client
+import json
 import shutil
 import ssl
 import subprocess
@@ -222,6 +223,15 @@ def _config(seeds: dict[str, dict[str, bytes]]) -> None:
     )
 
 
+def _control(seeds: dict[str, dict[str, bytes]]) -> None:
+    """Requests as `devid-agent status`, `renew` and `ctl` send them (agent.control.client)."""
+    for op in ("status", "ping", "renew", "reload", "reconnect"):
+        seeds["control_request"][op] = json.dumps({"v": 1, "id": 1, "op": op}).encode() + b"\n"
+    seeds["control_request"]["pipelined"] = (
+        b'{"v":1,"id":"a","op":"ping"}\n{"v":1,"id":"b","op":"status"}\n'
+    )
+
+
 def _bootloaders(seeds: dict[str, dict[str, bytes]], tmp: Path) -> None:
     variables = {"BOOT_ORDER": "A B", "BOOT_A_LEFT": "3", "BOOT_B_LEFT": "a", "bootcmd": "run x"}
     env = tmp / "uboot.env"
@@ -267,6 +277,7 @@ def main(argv: list[str]) -> int:
         _commands(seeds)
     _states(seeds)
     _config(seeds)
+    _control(seeds)
     for target, files in seeds.items():
         if target not in wanted:
             continue

@@ -256,6 +256,17 @@ def command_replay_state(data: bytes) -> None:
     command_replay.parse_state(data, str(WHERE))
 
 
+def control_request(data: bytes) -> None:
+    """Control-socket request lines as the server splits them, parsed, then judged for a peer."""
+    from agent.control.permission import Peer, Policy, refusal
+    from agent.control.protocol import MAX_REQUEST_BYTES, parse_request
+
+    policy = Policy(service_uid=4243, readers_gid=100)
+    for line in data.split(b"\n")[:64]:
+        request = parse_request(line[: MAX_REQUEST_BYTES + 1])
+        refusal(policy, Peer(pid=1, uid=4244, gid=4244, groups=frozenset({100})), request.op)
+
+
 TARGETS: dict[str, Callable[[bytes], None]] = {
     "est_cacerts": est_cacerts,
     "est_enroll": est_enroll,
@@ -271,6 +282,7 @@ TARGETS: dict[str, Callable[[bytes], None]] = {
     "grub_env": grub_env,
     "mqtt_command": mqtt_command,
     "command_replay_state": command_replay_state,
+    "control_request": control_request,
 }
 
 

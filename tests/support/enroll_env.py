@@ -59,6 +59,9 @@ def config_text(
     keys.update(est_keys)
     lines.append("[est]")
     lines += [f"{k} = {_toml(v)}" for k, v in keys.items() if v is not None]
+    # no control socket: these devices run one command at a time (or a daemon beside other
+    # tests', which must not share /run/devid-agent); tests/support/control.py serves one
+    lines += ["[control]", "enabled = false"]
     return "\n".join(lines) + "\n"
 
 
