@@ -47,11 +47,11 @@ def collect(config: Config) -> AgentStatus:
 def ask_service(config: Config) -> tuple[dict[str, Any] | None, ServiceStatus | None]:
     """The service's status answer, or (None, why it gave none); (None, None) when the service
     is not expected (control.enabled = false)."""
-    from agent.control import client
-    from agent.status import ServiceStatus
-
     if not config.control.enabled:
         return None, None
+    from agent.control import client  # json, socket: only when there is a service to ask
+    from agent.status import ServiceStatus
+
     failure = client.prior
     if failure is None:
         try:
@@ -74,7 +74,6 @@ def ask_service(config: Config) -> tuple[dict[str, Any] | None, ServiceStatus | 
 
 
 def run(args: argparse.Namespace) -> int:
-    import json
     from dataclasses import replace
 
     from agent.config import config_path, load_config
@@ -85,12 +84,16 @@ def run(args: argparse.Namespace) -> int:
     answer, service = ask_service(config)
     if answer is not None:
         if args.json:
+            import json
+
             print(json.dumps(answer["status"], indent=2, sort_keys=True))
         else:
             print(answer["text"])
         return int(answer["code"])
     status = replace(collect(config), service=service)
     if args.json:
+        import json
+
         print(json.dumps(status.to_dict(), indent=2, sort_keys=True))
     else:
         print(status.to_text())
