@@ -203,13 +203,13 @@ class IdentityStore:
         if key_file is None:
             raise StorageError(f"{directory}: no key file ({' or '.join(KEY_FILE_NAMES)})")
         cert_file = directory / "cert.pem"
-        try:
-            from cryptography import x509
+        from cryptography import x509
 
+        try:
             cert = x509.load_pem_x509_certificate(
                 self._storage.read_bytes(cert_file, limit=256 * 1024)
             )
-        except ValueError as e:
+        except (ValueError, x509.InvalidVersion) as e:  # InvalidVersion is not a ValueError
             raise StorageError(f"{cert_file}: not a PEM certificate: {e}") from e
         return Identity(
             generation=generation,

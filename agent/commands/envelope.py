@@ -198,7 +198,10 @@ def _claimed_id(payload: bytes) -> str | None:
 
 
 #: what cryptography raises on first access to a malformed part (it parses lazily)
-_MALFORMED = (ValueError, x509.DuplicateExtension, x509.UnsupportedGeneralNameType)
+# (InvalidVersion, raised at load, is not a ValueError: a fuzz finding)
+_MALFORMED = (
+    ValueError, x509.InvalidVersion, x509.DuplicateExtension, x509.UnsupportedGeneralNameType,
+)  # fmt: skip
 
 
 def _certificates(chain: Sequence[bytes]) -> list[x509.Certificate]:

@@ -167,6 +167,6 @@ def parse_anchors(data: bytes, where: str) -> tuple[x509.Certificate, ...]:
     """The command trust anchors in PEM `data` (at least one), or ConfigError naming `where`."""
     try:
         certs = x509.load_pem_x509_certificates(data)
-    except ValueError as e:
+    except (ValueError, x509.InvalidVersion) as e:  # InvalidVersion is not a ValueError
         raise ConfigError(f"{where}: no valid PEM certificates: {e}") from e
     return tuple(certs)

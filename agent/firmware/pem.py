@@ -18,7 +18,7 @@ def load_certificates(path: Path) -> list[x509.Certificate]:
     data = _read(path)
     try:
         certs = x509.load_pem_x509_certificates(data)
-    except ValueError as e:
+    except (ValueError, x509.InvalidVersion) as e:  # InvalidVersion is not a ValueError
         raise ConfigError(f"{path}: no valid PEM certificates: {e}") from e
     return certs
 
