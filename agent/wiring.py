@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from agent.config import BootloaderKind, Config, CounterKind, KeyStoreKind
+from agent.config import BootloaderKind, Config, CounterKind, KeyStoreKind, ProofOfPossession
 from agent.errors import ConfigError
 from hal.interfaces import (
     AppendStore,
@@ -24,10 +24,12 @@ from hal.interfaces import (
 )
 
 if TYPE_CHECKING:
+    import ssl
     from datetime import datetime
 
     from agent.audit_log import AuditLog
     from agent.clock import Clock
+    from agent.components import Snapshot
     from agent.daemon import Daemon, DaemonParts
     from agent.enroll import Enroller, TransportFactory
     from agent.est.memory import MemoryStore
@@ -39,6 +41,8 @@ if TYPE_CHECKING:
     from agent.firmware.status import FirmwareStatus
     from agent.identity import Identity, IdentityStore
     from agent.metrics import RenewalFacts
+    from agent.mqtt.channel import MqttChannel
+    from agent.mqtt.commands import CommandVerifier
     from agent.renewal import RenewalPolicy
     from agent.renewal_state import SchedulerStateStore
     from agent.status import StatusCollector
@@ -435,7 +439,9 @@ def firmware_status(config: Config) -> FirmwareStatus:
 # -- status --------------------------------------------------------------------------------------
 
 
-def status_collector(config: Config, *, clock: Clock | None = None) -> StatusCollector:
+def status_collector(
+    config: Config, *, clock: Clock | None = None, check_key: bool = True
+) -> StatusCollector:
     from datetime import timedelta
 
     from agent.clock import SystemClock
@@ -449,7 +455,7 @@ def status_collector(config: Config, *, clock: Clock | None = None) -> StatusCol
         firmware=(lambda: firmware_status(config)) if config.firmware.compatible else None,
         clock=clock or SystemClock(),
         skew=timedelta(seconds=config.est.clock_skew_seconds),
-        key_check=identity_key_check(config),
+        key_check=identity_key_check(config) if check_key else None,
     )
 
 
@@ -562,13 +568,113 @@ def daemon_parts(config: Config) -> DaemonParts:
     from agent.daemon import DaemonParts
 
     est = config.est
+    components = (mqtt_channel(config),) if config.mqtt.enabled else ()
     return DaemonParts(
         config=config,
         enroller=enroller(config, prove_rotation=True),
         identities=identity_store(config),
         policy=renewal_policy(config),
         bootstrap_available=bool(est.username) or est.idevid_cert is not None,
+        components=components,
     )
+
+
+# -- the MQTT device channel (agent/mqtt/) ------------------------------------------------------
+
+
+def mqtt_context(config: Config) -> Callable[[Identity], ssl.SSLContext]:
+    """TLS contexts for the channel: the broker checked against `mqtt.ca_file` (hostname
+    included), TLS >= tls.min_version, the identity's full chain and key (TPM keys through the
+    provider, loaded here first)."""
+
+    def context_for(identity: Identity) -> ssl.SSLContext:
+        from agent.tls import client_context
+
+        if identity.key_in_tpm:
+            load_provider(config)
+        assert config.mqtt.ca_file is not None  # checked with the config
+        fullchain = identity.directory / "fullchain.pem"
+        return client_context(
+            ca_file=config.mqtt.ca_file,
+            cert_file=fullchain if fullchain.exists() else identity.cert_file,
+            key_file=identity.key_file,
+            min_version=config.tls.min_version,
+        )
+
+    return context_for
+
+
+def mqtt_status_document(
+    config: Config, snapshot: Callable[[], Snapshot | None]
+) -> Callable[[], dict[str, Any]]:
+    """What the status topic carries: the CLI's status model (without the key check, which would
+    sign with the TPM at every publish) and the running daemon's snapshot under "service"."""
+    import dataclasses
+
+    collector = status_collector(config, check_key=False)
+
+    def document() -> dict[str, Any]:
+        status = collector.collect().to_dict()
+        shot = snapshot()
+        if shot is not None:
+            status["service"] = dataclasses.asdict(shot)
+        return status
+
+    return document
+
+
+def mqtt_command_verifier(config: Config) -> CommandVerifier:
+    """The signed-command verifier (not built yet: every command is refused, `not_configured`)."""
+    from agent.mqtt.commands import refuse_all
+
+    return refuse_all
+
+
+def mqtt_channel(config: Config, *, clock: Clock | None = None) -> MqttChannel:
+    from agent.clock import SystemClock
+    from agent.mqtt.channel import ChannelSettings, MqttChannel, parse_broker
+    from agent.mqtt.topics import Topics
+
+    m = config.mqtt
+    bare_tpm = config.keys.store is KeyStoreKind.TPM and not config.tpm.tcti.startswith(
+        "device:/dev/tpmrm"
+    )
+    settings = ChannelSettings(
+        brokers=[parse_broker(url) for url in m.brokers],
+        topics=Topics(m.topic_prefix, config.device.id),
+        client_id=m.client_id or config.device.id,
+        keepalive_seconds=m.keepalive_seconds,
+        reconnect_min_seconds=m.reconnect_min_seconds,
+        reconnect_max_seconds=m.reconnect_max_seconds,
+        qos=m.qos,
+        protocol=m.protocol,
+        status_interval_seconds=m.status_interval_seconds,
+        max_payload_bytes=m.max_payload_bytes,
+        session_expiry_seconds=m.session_expiry_seconds,
+        offline_queue_events=m.offline_queue_events,
+        connect_timeout_seconds=m.connect_timeout_seconds,
+        # proof-of-possession over TLS 1.2 signs inside the EST connection: EST context 1 +
+        # signer 2 leave no slot for ours on a TPM without a resource manager (docs/tpm.md)
+        release_for_attempts=bare_tpm
+        and config.est.proof_of_possession is not ProofOfPossession.NEVER,
+    )
+
+    def snapshot() -> Snapshot | None:
+        host = channel.host
+        try:
+            return None if host is None else host.snapshot()
+        except RuntimeError:  # before the daemon's first turn
+            return None
+
+    channel = MqttChannel(
+        settings=settings,
+        identities=identity_store(config),
+        context_for=mqtt_context(config),
+        status_document=mqtt_status_document(config, snapshot),
+        verifier=mqtt_command_verifier(config),
+        clock=clock or SystemClock(),
+    )
+    return channel
 
 
 def build_time() -> datetime:

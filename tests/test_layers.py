@@ -47,6 +47,12 @@ PURE = [
     "agent.est.csrattrs",
     "agent.firmware.manifest",
     "agent.firmware.verify",
+    "agent.mqtt.topics",
+    "agent.mqtt.messages",
+    "agent.mqtt.backoff",
+    "agent.mqtt.queue",
+    "agent.mqtt.rejection",
+    "agent.mqtt.commands",
     "hal.errors",
     "hal.interfaces",
 ]
