@@ -13,17 +13,19 @@ import json
 import signal
 import time
 from collections.abc import Callable, Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography import x509
 
 from hal.tpm import transient_objects
 from tests.support.device import Device
 from tests.support.est_server import EstOptions, EstServer
 from tests.support.mosquitto import Mosquitto, Observer
 from tests.support.swtpm import Swtpm
-from tests.test_daemon import Notifications, Service, wait_for
+from tests.test_daemon import Notifications, Service, configure, current, wait_for
 
 LIFETIME = 105
 DEVICE = "gw-0001"
@@ -148,4 +150,219 @@ def test_round_trip_with_the_tpm_key_status_retained_command_answered_and_a_clea
         until(lambda: not watcher.payloads(STATUS)[-1]["online"], "the offline status")
         assert watcher.payloads(STATUS)[-1]["reason"] == "stopped"
         assert f"u'{DEVICE}'" in mosquitto.log_text()  # the broker saw our certificate's CN
+        assert transient_objects(device.tpm.tcti)[0] == 0
+
+
+def rejected_in_log(service: Service, reason: str) -> Callable[[], bool]:
+    return lambda: f"the broker refused our certificate: {reason}" in service.text()
+
+
+def channel_rejections(o: Observer) -> list[tuple[str, Any]]:
+    return [
+        (str(p["detail"]["reason"]), p["detail"]["generation"])  # type: ignore[index]
+        for p in o.payloads(EVENTS)
+        if p["event"] == "channel_rejected"
+    ]
+
+
+def test_the_hot_swap_after_a_rotation_survives_the_old_certificate_revoked_at_the_broker(
+    tmp_path: Path,
+    device: Device,
+    est: EstServer,
+    notify: Notifications,
+    services: list[Service],
+    observers: list[Observer],
+) -> None:
+    est.options.cert_lifetime_seconds = LIFETIME  # due for renewal 3 s after it is issued
+    device.configure(proof_of_possession="never")  # the channel keeps its context (docs/tpm.md)
+    configure(device)
+    with broker(tmp_path, est) as mosquitto:
+        with_mqtt(device, mosquitto)
+        watcher = observe(mosquitto, observers)
+        service = Service(device, notify, watchdog_usec=None)
+        services.append(service)
+        wait_for(online(watcher, 1), "online as generation 1", service)
+        est.options.cert_lifetime_seconds = 3600  # the next identity lasts
+        wait_for(lambda: "rotated" in event_kinds(watcher), "the rotated event", service)
+        wait_for(
+            lambda: (current(device) or 0) >= 2 and online(watcher, current(device))(),
+            "online as the new identity",
+            service,
+        )
+        assert "mqtt: moving to identity generation" in service.text()  # no process restart
+        assert transient_objects(device.tpm.tcti)[0] == 1  # the old context is gone
+        generation = current(device)
+        assert generation is not None
+        now_serial = x509.load_pem_x509_certificate(
+            (device.state_dir / "identity" / "current" / "cert.pem").read_bytes()
+        ).serial_number
+        old = [c.serial_number for c in est.issued if c.serial_number != now_serial]
+        assert old  # generation 1's certificate at least
+        connects = watcher.payloads(STATUS)[-1]["channel"]["connects"]  # type: ignore[index]
+        mosquitto.write_crl(revoked=old)
+        mosquitto.restart()  # reads the CRL; every client must connect again
+        wait_for(
+            lambda: (
+                watcher.payloads(STATUS)[-1]["online"] is True
+                and watcher.payloads(STATUS)[-1]["channel"]["connects"] > connects
+            ),  # type: ignore[index,operator]
+            "the reconnect after the broker restart",
+            service,
+        )
+        assert online(watcher, generation)()  # as the new identity: the old one is revoked
+        assert "revoked" not in service.text()
+        assert current(device) == generation
+        assert service.stop() == 0
+
+
+def test_subscriptions_and_queued_qos1_commands_outlive_a_disconnection(
+    tmp_path: Path,
+    device: Device,
+    est: EstServer,
+    notify: Notifications,
+    services: list[Service],
+    observers: list[Observer],
+) -> None:
+    with broker(tmp_path, est) as mosquitto:
+        with_mqtt(device, mosquitto)
+        watcher = observe(mosquitto, observers)
+        service = Service(device, notify, watchdog_usec=None)
+        services.append(service)
+        wait_for(online(watcher, 1), "online", service)
+        assert service.stop() == 0  # a clean DISCONNECT: the broker keeps the session
+        until(lambda: not watcher.payloads(STATUS)[-1]["online"], "the offline status")
+        watcher.publish(COMMANDS, b"queued while away", qos=1)
+        again = Service(device, notify, watchdog_usec=None)
+        services.append(again)
+        wait_for(lambda: bool(watcher.payloads(RESPONSES)), "the queued command answered", again)
+        assert "not_configured" in json.dumps(watcher.payloads(RESPONSES)[-1])
+        assert again.stop() == 0
+
+
+def test_the_last_will_says_offline_when_the_process_dies(
+    tmp_path: Path,
+    device: Device,
+    est: EstServer,
+    notify: Notifications,
+    services: list[Service],
+    observers: list[Observer],
+) -> None:
+    with broker(tmp_path, est) as mosquitto:
+        with_mqtt(device, mosquitto)
+        watcher = observe(mosquitto, observers)
+        service = Service(device, notify, watchdog_usec=None)
+        services.append(service)
+        wait_for(online(watcher, 1), "online", service)
+        service.stop(signal.SIGKILL)
+        until(lambda: not watcher.payloads(STATUS)[-1]["online"], "the last will")
+        will = watcher.payloads(STATUS)[-1]
+        assert will["reason"] == "connection lost" and will["schema_version"] == 1
+        late = observe(mosquitto, observers, topic=STATUS)
+        until(lambda: bool(late.payloads(STATUS)), "the retained last will")
+        assert late.payloads(STATUS)[-1]["online"] is False
+
+
+def test_the_broker_list_fails_over_in_order_when_the_first_is_down(
+    tmp_path: Path,
+    device: Device,
+    est: EstServer,
+    notify: Notifications,
+    services: list[Service],
+    observers: list[Observer],
+) -> None:
+    from tests.support.procs import free_port
+
+    down = f"mqtts://localhost:{free_port()}"
+    with broker(tmp_path, est) as mosquitto:
+        with_mqtt(device, down, mosquitto)
+        watcher = observe(mosquitto, observers)
+        service = Service(device, notify, watchdog_usec=None)
+        services.append(service)
+        wait_for(online(watcher, 1), "online through the second broker", service)
+        assert watcher.payloads(STATUS)[-1]["channel"]["broker"] == mosquitto.url  # type: ignore[index]
+        assert f"{down}: ConnectionRefusedError" in service.text()
+        assert service.stop() == 0
+
+
+@pytest.mark.parametrize(
+    ("reason", "tls12"),
+    [
+        ("certificate_revoked", False),
+        ("certificate_revoked", True),
+        ("certificate_expired", False),
+        ("bad_certificate", False),
+        ("unknown_ca", False),
+    ],
+)
+def test_a_broker_that_rejects_the_identity_is_reported_and_handed_to_the_scheduler(
+    tmp_path: Path,
+    device: Device,
+    est: EstServer,
+    notify: Notifications,
+    services: list[Service],
+    observers: list[Observer],
+    reason: str,
+    tls12: bool,
+) -> None:
+    """The broker's refusal (from its CRL or its CA file) in the log, in the retained status
+    once connected again, and as an event; expired and revoked ask for a renewal (once per
+    generation), the others do not."""
+    from tests.support.ca import TestCA, utcnow
+
+    configure(device, window_start_fraction=0.9, window_end_fraction=0.9)  # no renewal by itself
+    with broker(tmp_path, est, tls12_only=tls12) as mosquitto:
+        with_mqtt(device, mosquitto)
+        watcher = observe(mosquitto, observers, tls12=tls12)
+        service = Service(device, notify, watchdog_usec=None)
+        services.append(service)
+        wait_for(online(watcher, 1), "online as generation 1", service)
+        first = est.issued[0].serial_number
+        est.options.fault = "5xx"  # hold renewals back until the observer is connected again
+        if reason == "certificate_revoked":
+            mosquitto.write_crl(revoked=[first])
+        elif reason == "certificate_expired":  # the broker's check says "expired" (its CRL is)
+            mosquitto.write_crl(next_update=utcnow() - timedelta(hours=1),
+                                last_update=utcnow() - timedelta(days=2))  # fmt: skip
+        elif reason == "bad_certificate":  # the broker's CRL is not valid yet
+            mosquitto.write_crl(last_update=utcnow() + timedelta(days=1),
+                                next_update=utcnow() + timedelta(days=2))  # fmt: skip
+        else:
+            mosquitto.trust(TestCA(name="some other device CA"))
+        mosquitto.restart()
+        wait_for(rejected_in_log(service, reason), f"the {reason} rejection", service)
+        renews = reason in ("certificate_revoked", "certificate_expired")
+        if renews:
+            asked = "mqtt: asking for a renewal: the broker says " + reason
+            wait_for(lambda: asked in service.text(), "the renewal asked for", service)
+            wait_for(lambda: "HTTP 500" in service.text(), "the renewal held back", service)
+        if reason == "certificate_revoked":  # the new identity will not be on the CRL
+            fresh = observe(mosquitto, observers, tls12=tls12)
+            est.options.fault = None
+            wait_for(lambda: (current(device) or 0) >= 2, "the renewal", service)
+            wait_for(online(fresh, current(device)), "online as the new identity", service)
+            wait_for(lambda: bool(channel_rejections(fresh)), "the queued event", service)
+            assert channel_rejections(fresh)[0] == (reason, 1)
+            last = fresh.payloads(STATUS)[-1]
+        else:  # the broker fixed
+            est.options.fault = None
+            mosquitto.write_crl()
+            mosquitto.trust(est.ca)
+            mosquitto.restart()
+            late = observe(mosquitto, observers, topic=STATUS, tls12=tls12)
+            wait_for(lambda: online(late)() and online(late)(), "online again", service)
+            wait_for(
+                lambda: late.payloads(STATUS)[-1]["channel"].get("last_rejection") is not None,  # type: ignore[union-attr]
+                "the status naming the rejection",
+                service,
+            )
+            last = late.payloads(STATUS)[-1]
+        channel: Any = last["channel"]
+        assert channel["last_rejection"] == reason
+        if not renews:
+            assert current(device) == 1 and channel["last_rejection_generation"] == 1
+            assert "asking for a renewal" not in service.text()
+        # refused connects left nothing behind: the channel's one context (a wait, not a
+        # snapshot: the count is 0 for a moment whenever the channel reconnects)
+        wait_for(lambda: transient_objects(device.tpm.tcti)[0] == 1, "1 TPM object", service)
+        assert service.stop() == 0
         assert transient_objects(device.tpm.tcti)[0] == 0

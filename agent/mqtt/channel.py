@@ -118,10 +118,11 @@ class IdentitySource(Protocol):
 ContextFactory = Callable[[Identity], ssl.SSLContext]
 
 
-def _recording_socket_class(sink: list[ssl.SSLError]) -> type[ssl.SSLSocket]:
-    """An SSLSocket that keeps the TLS errors it meets: in TLS 1.3 the broker's alert about our
-    certificate arrives on the first read after the handshake, and paho reports only
-    "Unspecified error"; the recorded error names the alert."""
+def _recording_socket_class(sink: list[tuple[str | None, str]]) -> type[ssl.SSLSocket]:
+    """An SSLSocket that keeps the TLS errors it meets, as (reason, text): in TLS 1.3 the
+    broker's alert about our certificate arrives on the first read after the handshake, and paho
+    reports only "Unspecified error"; the recorded reason names the alert. (Not the exception
+    itself: its traceback would keep the socket and the context, and so a TPM object, alive.)"""
 
     def recording(name: str) -> Callable[..., Any]:
         method = getattr(ssl.SSLSocket, name)
@@ -132,7 +133,7 @@ def _recording_socket_class(sink: list[ssl.SSLError]) -> type[ssl.SSLSocket]:
             except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
                 raise
             except ssl.SSLError as e:
-                sink.append(e)
+                sink.append((e.reason, str(e)))
                 raise
 
         return call
@@ -170,7 +171,7 @@ class MqttChannel:
         self._queue = EventQueue(settings.offline_queue_events)
         self.host: Host | None = None
         self._client: mqtt.Client | None = None
-        self._ssl_errors: list[ssl.SSLError] = []
+        self._ssl_errors: list[tuple[str | None, str]] = []
         self._connected = False
         self._connect_deadline: datetime | None = None
         self._broker: Broker | None = None
@@ -183,10 +184,12 @@ class MqttChannel:
         self._rejection: Rejection | None = None
         self._rejected_generation: int | None = None
         self._renewal_asked_for: int | None = None
+        self._last_rejection: tuple[str, int | None] | None = None
         self._renew_commands: list[str] = []
         self._last_error: str | None = None
         self._connects = 0
         self._stopped = False
+        self._collect = False
 
     # -- Component ----------------------------------------------------------------------------
 
@@ -223,6 +226,19 @@ class MqttChannel:
         return min(times) if times else None
 
     def turn(self, now: datetime, readable: Collection[int], writable: Collection[int]) -> None:
+        try:
+            self._turn(now, readable, writable)
+        finally:
+            self._release_garbage()
+
+    def _release_garbage(self) -> None:
+        """A context kept by a reference cycle (paho's client) would keep its TPM object: drop
+        it before the daemon goes on (an attempt may need the slot right after this event)."""
+        if self._collect:
+            self._collect = False
+            gc.collect()
+
+    def _turn(self, now: datetime, readable: Collection[int], writable: Collection[int]) -> None:
         client, sock = self._client, self._socket()
         if client is not None and sock is not None:
             fd = sock.fileno()
@@ -245,6 +261,12 @@ class MqttChannel:
             self._publish_status(now)
 
     def on_event(self, event: Event) -> None:
+        try:
+            self._on_event(event)
+        finally:
+            self._release_garbage()
+
+    def _on_event(self, event: Event) -> None:
         now = self._clock.now()
         kind = event.kind
         if kind not in NOT_PUBLISHED:
@@ -284,6 +306,9 @@ class MqttChannel:
             "queued_events": len(self._queue),
             "dropped_events": self._queue.dropped_total,
             "rejected": self._rejection.reason if self._rejection else None,
+            # kept after the broker accepts us again: what it said last, about which identity
+            "last_rejection": self._last_rejection[0] if self._last_rejection else None,
+            "last_rejection_generation": self._last_rejection[1] if self._last_rejection else None,
             "last_error": self._last_error,
             "connects": self._connects,
             "next_attempt": messages.iso(self._plan.at)
@@ -306,6 +331,7 @@ class MqttChannel:
             )
             self._pump(client)
         self._close(now, reason="stopped")
+        self._release_garbage()
 
     # -- connecting -----------------------------------------------------------------------------
 
@@ -342,7 +368,7 @@ class MqttChannel:
 
     def _connect_with(self, now: datetime, identity: Identity, ctx: ssl.SSLContext) -> None:
         broker = self._broker = self._s.brokers[self._plan.index]
-        errors: list[ssl.SSLError] = []
+        errors: list[tuple[str | None, str]] = []
         self._ssl_errors = errors
         ctx.sslsocket_class = _recording_socket_class(errors)
         client = self._new_client(ctx, now)
@@ -350,6 +376,7 @@ class MqttChannel:
         self._generation = identity.generation
         self._connected = False
         self._connect_deadline = now + timedelta(seconds=self._s.connect_timeout_seconds)
+        failure: tuple[str, Rejection | None] | None = None
         try:
             if self._s.protocol == "5":
                 props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
@@ -364,8 +391,11 @@ class MqttChannel:
             else:
                 client.connect(broker.host, broker.port, self._s.keepalive_seconds)
         except (OSError, ValueError) as e:
-            if self._client is client:
-                self._failed(now, self._describe(e), rejection=self._classify_tls(e))
+            failure = self._describe(e), self._classify_tls(e)
+        del ctx, client  # only self._client keeps them: _teardown frees the TPM object
+        if failure is not None:  # handled after the except block, whose frames hold the context
+            if self._client is not None and self._client.on_connect is not None:
+                self._failed(now, failure[0], rejection=failure[1])
             return
         log.debug("mqtt: connecting to %s as generation %d", broker, identity.generation)
 
@@ -394,9 +424,9 @@ class MqttChannel:
     def _classify_tls(self, error: BaseException | None = None) -> Rejection | None:
         candidates = list(self._ssl_errors)
         if isinstance(error, ssl.SSLError):
-            candidates.append(error)
-        for e in reversed(candidates):
-            found = from_tls_reason(getattr(e, "reason", None), str(e))
+            candidates.append((error.reason, str(error)))
+        for reason, text in reversed(candidates):
+            found = from_tls_reason(reason, text)
             if found is not None:
                 return found
         if isinstance(error, ssl.CertificateError):
@@ -484,6 +514,7 @@ class MqttChannel:
         generation = self._generation
         first = (self._rejection, self._rejected_generation) != (rejection, generation)
         self._rejection, self._rejected_generation = rejection, generation
+        self._last_rejection = (rejection.reason, generation)
         self._last_error = f"{self._broker}: {rejection.message}"
         log.error("mqtt: %s (identity generation %s)", self._last_error, generation)
         if first and self.host is not None:
@@ -544,8 +575,7 @@ class MqttChannel:
                 with contextlib.suppress(OSError):
                     sock.close()
             client._ssl_context = None  # paho keeps it otherwise
-            del client
-            gc.collect()  # a context kept by a reference cycle would keep its TPM object
+            self._collect = True  # at the end of this turn or event, when no frame holds it
 
     def _close(self, now: datetime, *, reason: str) -> None:
         client = self._client

@@ -69,6 +69,9 @@ class Mosquitto:
         self.server_ca = TestCA(name="devid test broker CA")
         self.ca_file = self.server_ca.write_cert(directory / "broker-ca.pem")
         self.cert_file, self.key_file = self.server_ca.server_identity(directory)
+        #: the observer's own CA: always trusted, with a valid CRL, whatever the tests do to the
+        #: device CA's trust and CRL
+        self.observer_ca = TestCA(name="devid test observer CA")
         self.client_cafile = directory / "client-cas.pem"
         self.trust(device_ca)
         self.crl_file = directory / "crl.pem"
@@ -78,9 +81,8 @@ class Mosquitto:
         self.acl.write_text(
             f"user {OBSERVER}\ntopic readwrite #\n\npattern readwrite {prefix}/%u/#\n"
         )
-        # the observer's certificate, from the device CA (the CRL covers it too)
         key = ec.generate_private_key(ec.SECP256R1())
-        cert = device_ca.issue(
+        cert = self.observer_ca.issue(
             key.public_key(), subject=OBSERVER, eku=[ExtendedKeyUsageOID.CLIENT_AUTH]
         )
         self.observer_cert = directory / "observer.pem"
@@ -96,11 +98,12 @@ class Mosquitto:
 
     def trust(self, *cas: TestCA) -> None:
         """The CAs whose client certificates the broker accepts (at its next start)."""
-        self.client_cafile.write_bytes(b"".join(pem(ca.cert) for ca in cas))
+        self.client_cafile.write_bytes(b"".join(pem(ca.cert) for ca in (*cas, self.observer_ca)))
 
     def write_crl(self, revoked: Sequence[int] = (), **dates: dt.datetime) -> None:
         """The device CA's CRL (read at the broker's next start)."""
-        self.crl_file.write_bytes(crl_pem(self.device_ca, revoked, **dates))
+        data = crl_pem(self.device_ca, revoked, **dates) + crl_pem(self.observer_ca)
+        self.crl_file.write_bytes(data)
 
     def _config(self) -> Path:
         path = self.directory / "mosquitto.conf"
@@ -111,7 +114,9 @@ class Mosquitto:
                     # started as root, mosquitto would become user mosquitto, who cannot write here
                     f"user {pwd.getpwuid(os.geteuid()).pw_name}",
                     "allow_anonymous false",
-                    "persistence false",
+                    # sessions and retained messages outlive a restart (saved at SIGTERM)
+                    "persistence true",
+                    f"persistence_location {self.directory}/",
                     f"acl_file {self.acl}",
                     f"log_dest file {self.log}",
                     "log_type all",
@@ -191,6 +196,7 @@ class Observer:
             protocol=MQTTProtocolVersion.MQTTv5,
         )
         self.client.tls_set_context(ctx)
+        self.client.reconnect_delay_set(1, 1)  # back soon after a broker restart
         self._topic = topic
 
         def on_connect(client: mqtt.Client, *args: object) -> None:
@@ -202,7 +208,12 @@ class Observer:
 
         self.client.on_connect = on_connect
         self.client.on_message = on_message
-        self.client.connect("localhost", broker.port, 30)
+        from paho.mqtt.packettypes import PacketTypes
+        from paho.mqtt.properties import Properties
+
+        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        props.SessionExpiryInterval = 3600  # what is published while it reconnects waits for it
+        self.client.connect("localhost", broker.port, 30, properties=props)
         self.client.loop_start()
 
     def payloads(self, topic: str) -> list[dict[str, object]]:
@@ -216,3 +227,4 @@ class Observer:
     def close(self) -> None:
         self.client.disconnect()
         self.client.loop_stop()
+        self.connected.clear()
