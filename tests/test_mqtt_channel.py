@@ -116,7 +116,11 @@ def until(check: Callable[[], bool], what: str, seconds: float = 60) -> None:
         time.sleep(0.02)
 
 
-@pytest.mark.parametrize("tls12", [False, True], ids=["tls1.3", "tls1.2"])
+@pytest.mark.parametrize(
+    ("tls12", "protocol"),
+    [(False, "5"), (True, "5"), (False, "3.1.1")],
+    ids=["tls1.3", "tls1.2", "mqtt3.1.1"],
+)
 def test_round_trip_with_the_tpm_key_status_retained_command_answered_and_a_clean_stop(
     tmp_path: Path,
     device: Device,
@@ -125,9 +129,10 @@ def test_round_trip_with_the_tpm_key_status_retained_command_answered_and_a_clea
     services: list[Service],
     observers: list[Observer],
     tls12: bool,
+    protocol: str,
 ) -> None:
     with broker(tmp_path, est, tls12_only=tls12) as mosquitto:
-        with_mqtt(device, mosquitto)
+        with_mqtt(device, mosquitto, protocol=protocol)
         watcher = observe(mosquitto, observers)
         service = Service(device, notify, watchdog_usec=None)
         services.append(service)
@@ -190,6 +195,7 @@ def test_the_hot_swap_after_a_rotation_survives_the_old_certificate_revoked_at_t
             service,
         )
         assert "mqtt: moving to identity generation" in service.text()  # no process restart
+        assert "letting go of the TPM context" not in service.text()  # the renewal fit beside it
         assert transient_objects(device.tpm.tcti)[0] == 1  # the old context is gone
         generation = current(device)
         assert generation is not None
@@ -366,3 +372,35 @@ def test_a_broker_that_rejects_the_identity_is_reported_and_handed_to_the_schedu
         wait_for(lambda: transient_objects(device.tpm.tcti)[0] == 1, "1 TPM object", service)
         assert service.stop() == 0
         assert transient_objects(device.tpm.tcti)[0] == 0
+
+
+def test_proof_of_possession_over_tls_1_2_lets_go_of_the_channels_tpm_context_and_reconnects(
+    tmp_path: Path,
+    swtpm: Swtpm,
+    notify: Notifications,
+    services: list[Service],
+    observers: list[Observer],
+) -> None:
+    """On a bare swtpm, EST's TLS 1.2 context (1) and the CSR signer inside it (2) take all
+    three slots: the channel lets go of its context at attempt_started and comes back after
+    attempt_finished, as the new identity."""
+    options = EstOptions(cert_lifetime_seconds=LIFETIME, pop_required=True, tls12_only=True)
+    with EstServer(tmp_path / "est-pop", options) as est:
+        device = Device(tmp_path, swtpm, est)
+        device.basic()
+        device.configure(proof_of_possession="always")
+        configure(device)
+        with broker(tmp_path, est) as mosquitto:
+            with_mqtt(device, mosquitto)
+            watcher = observe(mosquitto, observers)
+            service = Service(device, notify, watchdog_usec=None)
+            services.append(service)
+            wait_for(online(watcher, 1), "online as generation 1", service)
+            est.options.cert_lifetime_seconds = 3600
+            wait_for(lambda: (current(device) or 0) >= 2, "the renewal", service)
+            wait_for(online(watcher, current(device)), "online as the new identity", service)
+            assert "letting go of the TPM context for the renew" in service.text()
+            renewals = [r for r in est.records if r.operation == "simplereenroll"]
+            assert renewals and all(r.challenge_password for r in renewals)  # PoP was used
+            wait_for(lambda: transient_objects(swtpm.tcti)[0] == 1, "1 TPM object", service)
+            assert service.stop() == 0
