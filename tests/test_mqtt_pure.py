@@ -75,8 +75,15 @@ def test_failover_in_order_then_a_jittered_round() -> None:
     assert plan.index == 0 and plan.at is not None and plan.at >= NOW + timedelta(seconds=1)
     plan.connected()
     assert plan.due(NOW) and plan.failures == 0
-    plan.lost(NOW)
-    assert plan.at is not None and plan.at <= NOW + timedelta(seconds=2)
+    plan.lost(NOW)  # spread wide at once: 1 .. 16 x min
+    assert plan.at is not None and plan.at <= NOW + timedelta(seconds=10)
+    lost = []
+    for seed in range(200):
+        p = ReconnectPlan(1, ReconnectPolicy(1.0, 120.0), random.Random(seed))
+        p.lost(NOW)
+        assert p.at is not None
+        lost.append((p.at - NOW).total_seconds())
+    assert 1.0 <= min(lost) < 2.0 and 15.0 < max(lost) <= 16.0
 
 
 def test_the_offline_queue_drops_the_oldest_and_reports_the_count_once() -> None:

@@ -5,7 +5,9 @@ A round tries the brokers in the configured order, each at once after the previo
 round waits a delay drawn with FULL jitter, uniformly between the lower bound and a cap that
 doubles with each failed round up to the upper bound (AWS's "full jitter", kept above the
 lower bound). A fleet that lost its broker at the same instant comes back spread over the cap,
-not in the same second as paho's own doubling without jitter would bring it.
+not in the same second as paho's own doubling without jitter would bring it: after a lost
+connection the first draw already spans [min, min(max, 16 x min)] (1-16 s at the defaults),
+and the rounds after it continue from there.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ __all__ = ["ReconnectPlan", "ReconnectPolicy"]
 
 #: 2 ** this is far past any upper bound: no float overflow however long a device stays offline
 _MAX_EXPONENT = 40
+#: after a lost connection, the first draw's cap is min x 2 ** this (a fleet spreads out at once)
+LOST_EXPONENT = 4
 
 
 @dataclass(frozen=True)
@@ -72,10 +76,11 @@ class ReconnectPlan:
         self.at = now + timedelta(seconds=self.policy.delay(cap_failures, self._rng))
 
     def lost(self, now: datetime) -> None:
-        """A connection ended without our asking: the first broker again, after a short draw."""
+        """A connection ended without our asking: the first broker again, after a draw spread
+        wide enough that a fleet which lost its broker together does not come back together."""
         self.index = 0
-        self.failures = 0
-        self.at = now + timedelta(seconds=self.policy.delay(1, self._rng))
+        self.failures = LOST_EXPONENT
+        self.at = now + timedelta(seconds=self.policy.delay(LOST_EXPONENT, self._rng))
 
     def now(self, now: datetime) -> None:
         """Connect at once (a new identity, a requested reconnect)."""
