@@ -53,6 +53,13 @@ PURE = [
     "agent.mqtt.queue",
     "agent.mqtt.rejection",
     "agent.mqtt.commands",
+    "agent.bounded_json",
+    "agent.commands",
+    "agent.commands.envelope",
+    "agent.commands.errors",
+    "agent.commands.replay",
+    "agent.commands.response",
+    "agent.commands.signer",
     "hal.errors",
     "hal.interfaces",
 ]

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
+from agent.bounded_json import too_deep
 from agent.errors import FirmwareVerificationError
 
 MANIFEST_FORMAT = 1
@@ -70,24 +71,8 @@ def canonical_json(value: Any) -> bytes:
 def _check_depth(data: bytes) -> None:
     """Refuse nesting deeper than MAX_DEPTH by scanning the bytes (strings skipped), before the
     JSON parser, which recurses once per level, ever sees them."""
-    depth = 0
-    in_string = escaped = False
-    for byte in data:
-        if in_string:
-            if escaped:
-                escaped = False
-            elif byte == 0x5C:  # backslash
-                escaped = True
-            elif byte == 0x22:  # quote
-                in_string = False
-        elif byte == 0x22:
-            in_string = True
-        elif byte in b"[{":
-            depth += 1
-            if depth > MAX_DEPTH:
-                raise _fail(f"nested deeper than {MAX_DEPTH} levels")
-        elif byte in b"]}":
-            depth -= 1
+    if too_deep(data, MAX_DEPTH):
+        raise _fail(f"nested deeper than {MAX_DEPTH} levels")
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:

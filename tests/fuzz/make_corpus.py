@@ -1,12 +1,13 @@
 """Regenerate the seed corpora in tests/fuzz/corpus/<target>/ from real samples.
 
-    .venv/bin/python -m tests.fuzz.make_corpus
+    .venv/bin/python -m tests.fuzz.make_corpus [TARGET ...]     # every target by default
 
 EST responses are captured from our HTTPS EST server (tests/support/est_server.py) over a real
 TLS connection; the bundle is signed by a test vendor PKI (its root is kept in
 tests/fuzz/data/firmware-anchor.pem so the bundle target verifies the seeds' signatures); the
 bootloader seeds are the output of the real `fw_printenv` and `grub-editenv list`; the state
-files are what the agent's own encoders write. Seeds whose name starts with `crash-` are
+files are what the agent's own encoders write; the MQTT commands are envelopes signed by a test
+command PKI (its root in tests/fuzz/data/command-anchor.pem), valid at the targets' NOW. Seeds whose name starts with `crash-` are
 regression inputs from findings and are never removed by this script.
 """
 
@@ -33,8 +34,9 @@ from agent.firmware import state as firmware_state
 from agent.firmware.status import FirmwareStatus, SlotStatus
 from agent.renewal import Failure, History
 from agent.renewal_state import SchedulerState, encode_state
-from tests.fuzz.targets import CORPUS, DATA, NOW, TARGETS, check
+from tests.fuzz.targets import COMMAND_DEVICE, CORPUS, DATA, NOW, TARGETS, check
 from tests.support.ca import pem
+from tests.support.command_signer import CommandPki, payload, unsigned_envelope
 from tests.support.est_server import EstOptions, EstServer, csrattrs_der
 from tests.support.firmware import Vendor, image, make_bundle, manifest_for
 
@@ -187,6 +189,30 @@ def _states(seeds: dict[str, dict[str, bytes]]) -> None:
     ).to_json()
 
 
+def _commands(seeds: dict[str, dict[str, bytes]]) -> None:
+    from agent.commands import replay
+
+    pki = CommandPki(not_before=NOW - timedelta(days=1))
+    (DATA / "command-anchor.pem").write_bytes(pem(pki.root.cert))
+    issued = NOW - timedelta(minutes=1)
+    out = seeds["mqtt_command"]
+    for command, kind, alg in (("ping", "ec-p256", "ES256"), ("renew", "ec-p384", "ES384"),
+                               ("status", "rsa-2048", "PS256"),
+                               ("refresh-cacerts", "rsa-2048", "RS256")):  # fmt: skip
+        signer = pki.signer if kind == "ec-p256" else pki.make_signer(kind)
+        data = payload(device=COMMAND_DEVICE, command=command, issued_at=issued)
+        out[f"{command}-{alg}"] = signer.envelope(data, alg=alg)
+    root_signed = pki.make_signer(issuer=pki.root)
+    out["ping-under-root"] = root_signed.envelope(payload(device=COMMAND_DEVICE, issued_at=issued))
+    out["unsigned-ping"] = unsigned_envelope(payload(device=COMMAND_DEVICE, issued_at=issued))
+    out["wrong-device"] = pki.signer.envelope(payload(device="gw-other", issued_at=issued))
+    entries = tuple((NOW + timedelta(minutes=m), f"01J{m:02d}EXAMPLE-{m}") for m in range(3))
+    seeds["command_replay_state"]["three"] = replay.encode_state(
+        replay.ReplayState(entries=entries, floor=NOW)
+    )
+    seeds["command_replay_state"]["empty"] = replay.encode_state(replay.ReplayState())
+
+
 def _config(seeds: dict[str, dict[str, bytes]]) -> None:
     seeds["config"]["example"] = (ROOT / "config.example.toml").read_bytes()
     seeds["config"]["minimal"] = (
@@ -223,17 +249,27 @@ def _bootloaders(seeds: dict[str, dict[str, bytes]], tmp: Path) -> None:
     ).stdout
 
 
-def main() -> int:
+def main(argv: list[str]) -> int:
+    wanted = set(argv) or set(TARGETS)
+    if wanted - set(TARGETS):
+        sys.exit(f"unknown targets {sorted(wanted - set(TARGETS))}")
     seeds: dict[str, dict[str, bytes]] = {name: {} for name in TARGETS}
     DATA.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        _est(seeds, tmp)
-        _bootloaders(seeds, tmp)
-    _firmware(seeds)
+        if wanted & {"est_cacerts", "est_csrattrs", "est_enroll"}:
+            _est(seeds, tmp)
+        if wanted & {"uboot_env", "grub_env"}:
+            _bootloaders(seeds, tmp)
+    if wanted & {"firmware_bundle", "firmware_manifest"}:
+        _firmware(seeds)
+    if wanted & {"mqtt_command", "command_replay_state"}:
+        _commands(seeds)
     _states(seeds)
     _config(seeds)
     for target, files in seeds.items():
+        if target not in wanted:
+            continue
         directory = CORPUS / target
         if directory.exists():
             for old in directory.iterdir():
@@ -249,4 +285,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))

@@ -20,6 +20,9 @@ from pathlib import Path
 
 from cryptography import x509
 
+from agent.commands import CommandLimits, CommandRefused, verify_command
+from agent.commands import replay as command_replay
+from agent.commands.response import refused_event, refused_response
 from agent.errors import AgentError
 from agent.est import csrattrs, response, wire
 from agent.est.pending import PendingRequest
@@ -199,6 +202,60 @@ def grub_env(data: bytes) -> None:
     GrubScheme().state(parse_lines(_env_text(data), where), where)
 
 
+_COMMAND_ANCHORS: tuple[x509.Certificate, ...] | None = None
+COMMAND_DEVICE = "fuzz-device"
+
+
+def _command_anchors() -> tuple[x509.Certificate, ...]:
+    global _COMMAND_ANCHORS
+    if _COMMAND_ANCHORS is None:
+        data = (DATA / "command-anchor.pem").read_bytes()
+        _COMMAND_ANCHORS = tuple(x509.load_pem_x509_certificates(data))
+    return _COMMAND_ANCHORS
+
+
+class _MemoryReplay:
+    """The replay memory's decisions without the disk (a fresh one per input)."""
+
+    def __init__(self) -> None:
+        self.state = command_replay.ReplayState()
+
+    def admit(
+        self, command_id: str, *, expires_at: datetime, now: datetime, skew: timedelta
+    ) -> None:
+        self.state = command_replay.admit(
+            self.state, command_id, expires_at=expires_at, now=now, skew=skew, capacity=4
+        )
+
+
+def mqtt_command(data: bytes) -> None:
+    """A message on the commands topic: the envelope, its signature and signer chain, the
+    payload, the replay memory; then the response and event built from a refusal. Checked both
+    signed-only and with insecure_unsigned (the lab setting)."""
+    for insecure in (False, True):
+        try:
+            verify_command(
+                data,
+                device_id=COMMAND_DEVICE,
+                anchors=_command_anchors(),
+                now=NOW,
+                replay=_MemoryReplay(),
+                limits=CommandLimits(),
+                insecure_unsigned=insecure,
+            )
+        except CommandRefused as e:
+            _one_line("mqtt_command", e)
+            body = refused_response(e, at=NOW)
+            if len(body) > 1024 or json.loads(body)["code"] != e.code:
+                raise ContractViolation(f"mqtt_command: response {body[:100]!r}") from e
+            refused_event(e, at=NOW)
+
+
+def command_replay_state(data: bytes) -> None:
+    """The replay memory file as ReplayMemory reads it."""
+    command_replay.parse_state(data, str(WHERE))
+
+
 TARGETS: dict[str, Callable[[bytes], None]] = {
     "est_cacerts": est_cacerts,
     "est_enroll": est_enroll,
@@ -212,6 +269,8 @@ TARGETS: dict[str, Callable[[bytes], None]] = {
     "est_pending": est_pending,
     "uboot_env": uboot_env,
     "grub_env": grub_env,
+    "mqtt_command": mqtt_command,
+    "command_replay_state": command_replay_state,
 }
 
 
@@ -221,8 +280,12 @@ def check(target: str, data: bytes) -> None:
     try:
         TARGETS[target](data)
     except AgentError as e:
-        message = str(e)
-        if "\n" in message or "\r" in message or not message.strip():
-            raise ContractViolation(
-                f"{target}: {type(e).__name__} message is not one line: {message!r}"
-            ) from e
+        _one_line(target, e)
+
+
+def _one_line(target: str, e: AgentError) -> None:
+    message = str(e)
+    if "\n" in message or "\r" in message or not message.strip():
+        raise ContractViolation(
+            f"{target}: {type(e).__name__} message is not one line: {message!r}"
+        ) from e
