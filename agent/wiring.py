@@ -624,10 +624,55 @@ def mqtt_status_document(
 
 
 def mqtt_command_verifier(config: Config) -> CommandVerifier:
-    """The signed-command verifier (not built yet: every command is refused, `not_configured`)."""
-    from agent.mqtt.commands import refuse_all
+    """The signed-command check (agent/commands/, docs/commands.md): signers chaining to
+    `mqtt.command_trust_anchor`, ids remembered in the state directory's replay memory. With no
+    anchor and no `insecure_unsigned_commands`, every command is refused (`not_configured`)."""
+    from agent.commands import (
+        CommandLimits,
+        CommandRefused,
+        ReplayMemory,
+        parse_anchors,
+        verify_command,
+    )
+    from agent.errors import StorageError
+    from agent.mqtt.commands import Accepted, Refused, refuse_all
+    from hal.secure_dir import DirStore
 
-    return refuse_all
+    m = config.mqtt
+    if m.command_trust_anchor is None and not m.insecure_unsigned_commands:
+        return refuse_all
+    anchors: tuple[Any, ...] = ()
+    if m.command_trust_anchor is not None:
+        where = f"{config.source}: mqtt.command_trust_anchor = {str(m.command_trust_anchor)!r}"
+        try:
+            data = storage().read_bytes(m.command_trust_anchor, limit=1024 * 1024)
+        except (OSError, StorageError) as e:
+            raise ConfigError(f"{where}: cannot be read: {e}") from e
+        anchors = parse_anchors(data, where)
+    if m.insecure_unsigned_commands:
+        logging.getLogger(__name__).warning(
+            "INSECURE: mqtt.insecure_unsigned_commands is on: commands without a signature are "
+            "accepted (labs only; each one is warned about again)"
+        )
+    replay = ReplayMemory(store=DirStore(config.paths.state_dir))
+    limits = CommandLimits(max_envelope_bytes=min(m.max_payload_bytes, 64 * 1024))
+
+    def verify(raw: bytes, now: datetime) -> Accepted | Refused:
+        try:
+            command = verify_command(
+                raw,
+                device_id=config.device.id,
+                anchors=anchors,
+                now=now,
+                replay=replay,
+                limits=limits,
+                insecure_unsigned=m.insecure_unsigned_commands,
+            )
+        except CommandRefused as e:
+            return Refused(e.code, e.detail, e.command_id, security=e.security)
+        return Accepted(command.id, command.command, dict(command.args), command.unsigned)
+
+    return verify
 
 
 def mqtt_channel(config: Config, *, clock: Clock | None = None) -> MqttChannel:

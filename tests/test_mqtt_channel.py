@@ -404,3 +404,113 @@ def test_proof_of_possession_over_tls_1_2_lets_go_of_the_channels_tpm_context_an
             assert renewals and all(r.challenge_password for r in renewals)  # PoP was used
             wait_for(lambda: transient_objects(swtpm.tcti)[0] == 1, "1 TPM object", service)
             assert service.stop() == 0
+
+
+def test_signed_commands_are_carried_out_and_every_kind_of_bad_one_refused(
+    tmp_path: Path,
+    device: Device,
+    est: EstServer,
+    notify: Notifications,
+    services: list[Service],
+    observers: list[Observer],
+) -> None:
+    from datetime import datetime, timezone
+
+    from tests.support.command_signer import CommandPki, payload, unsigned_envelope
+
+    pki = CommandPki()
+    anchor = tmp_path / "command-anchor.pem"
+    pki.root.write_cert(anchor)
+    rogue = CommandPki()
+    with broker(tmp_path, est) as mosquitto:
+        with_mqtt(device, mosquitto, command_trust_anchor=str(anchor))
+        watcher = observe(mosquitto, observers)
+        service = Service(device, notify, watchdog_usec=None)
+        services.append(service)
+        wait_for(online(watcher, 1), "online", service)
+        now = datetime.now(timezone.utc)
+
+        def send(raw: bytes, answers: int = 1) -> list[dict[str, Any]]:
+            before = len(watcher.payloads(RESPONSES))
+            watcher.publish(COMMANDS, raw)
+            wait_for(lambda: len(watcher.payloads(RESPONSES)) >= before + answers,
+                     "the answer", service)  # fmt: skip
+            return watcher.payloads(RESPONSES)[before:]  # type: ignore[return-value]
+
+        def signed(command: str, **kw: Any) -> bytes:
+            data = payload(device=DEVICE, command=command, issued_at=now, **kw)
+            return pki.signer.envelope(data)
+
+        assert send(signed("ping", command_id="c-ping"))[0] == {
+            "v": 1, "id": "c-ping", "ok": True, "code": "accepted", "detail": "pong",
+            "at": watcher.payloads(RESPONSES)[-1]["at"],
+        }  # fmt: skip
+        statuses = len(watcher.payloads(STATUS))
+        assert send(signed("status"))[0]["ok"] is True
+        wait_for(lambda: len(watcher.payloads(STATUS)) > statuses, "a status now", service)
+        assert send(signed("refresh-cacerts"))[0]["code"] == "accepted"
+        accepted, finished = send(signed("renew", command_id="c-renew"), answers=2)
+        assert accepted["code"] == "accepted" and finished["id"] == "c-renew"
+        assert finished["ok"] is True and finished["code"] == "renewed"
+        assert current(device) == 2
+        replayed = signed("ping", command_id="c-once")
+        assert send(replayed)[0]["ok"] is True
+        refusals = {
+            "replayed": replayed,
+            "unsigned": unsigned_envelope(payload(device=DEVICE, issued_at=now)),
+            "expired": pki.signer.envelope(
+                payload(
+                    device=DEVICE, issued_at=now - timedelta(hours=1), lifetime=timedelta(minutes=5)
+                )
+            ),
+            "wrong_device": pki.signer.envelope(payload(device="gw-9999", issued_at=now)),
+            "untrusted_signer": rogue.signer.envelope(payload(device=DEVICE, issued_at=now)),
+            "bad_signature": pki.signer.envelope(
+                payload(device=DEVICE, issued_at=now), signature=b"\x30\x06\x02\x01\x01\x02\x01\x01"
+            ),
+            "unknown_command": signed("reboot"),
+            "malformed": b'{"v":1,"payload":',
+            "oversized": b"x" * (70 * 1024),
+        }
+        for code, raw in refusals.items():
+            answer = send(raw)[0]
+            assert (answer["ok"], answer["code"]) == (False, code), answer
+        wait_for(
+            lambda: (
+                sum(1 for p in watcher.payloads(EVENTS) if p["event"] == "command_refused")
+                >= len(refusals)
+            ),
+            "a command_refused event for each",
+            service,
+        )
+        assert service.stop() == 0
+    assert (device.state_dir / "command-replay.json").exists()
+
+
+def test_lab_mode_accepts_unsigned_commands_and_warns_each_time(
+    tmp_path: Path,
+    device: Device,
+    est: EstServer,
+    notify: Notifications,
+    services: list[Service],
+    observers: list[Observer],
+) -> None:
+    from datetime import datetime, timezone
+
+    from tests.support.command_signer import payload, unsigned_envelope
+
+    with broker(tmp_path, est) as mosquitto:
+        with_mqtt(device, mosquitto, insecure_unsigned_commands=True)
+        watcher = observe(mosquitto, observers)
+        service = Service(device, notify, watchdog_usec=None)
+        services.append(service)
+        wait_for(online(watcher, 1), "online", service)
+        now = datetime.now(timezone.utc)
+        for n in range(2):
+            data = payload(device=DEVICE, issued_at=now, command_id=f"lab-{n}")
+            watcher.publish(COMMANDS, unsigned_envelope(data))
+            wait_for(lambda n=n: len(watcher.payloads(RESPONSES)) > n, "the answer", service)
+        assert all(r["ok"] for r in watcher.payloads(RESPONSES))
+        assert service.text().count("INSECURE: accepting unsigned command") == 2
+        assert "INSECURE: mqtt.insecure_unsigned_commands is on" in service.text()
+        assert service.stop() == 0

@@ -26,6 +26,7 @@ import gc
 import logging
 import random
 import ssl
+from collections import deque
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -43,7 +44,7 @@ from agent.components import Event, EventKind, Host, Scalar
 from agent.identity import Identity
 from agent.mqtt import messages
 from agent.mqtt.backoff import ReconnectPlan, ReconnectPolicy
-from agent.mqtt.commands import Accepted, CommandVerifier, Refused
+from agent.mqtt.commands import ACTIONS, Accepted, CommandVerifier, Refused
 from agent.mqtt.queue import EventQueue
 from agent.mqtt.rejection import Rejection, from_connack, from_tls_reason
 from agent.mqtt.topics import Topics
@@ -185,6 +186,8 @@ class MqttChannel:
         self._rejected_generation: int | None = None
         self._renewal_asked_for: int | None = None
         self._last_rejection: tuple[str, int | None] | None = None
+        #: answers that could not go out yet (oldest dropped beyond the queue's size)
+        self._replies: deque[dict[str, Any]] = deque(maxlen=settings.offline_queue_events)
         self._renew_commands: list[str] = []
         self._last_error: str | None = None
         self._connects = 0
@@ -463,6 +466,10 @@ class MqttChannel:
         self._status_dirty = True
         self._queue.connection_ended()  # what the last connection had in flight goes again
         self._flush_events()
+        while self._replies:
+            if self._publish(self._s.topics.responses, self._replies[0]) is None:
+                break
+            self._replies.popleft()
 
     def _on_disconnect(
         self, client: mqtt.Client, userdata: Any, flags: Any, reason: ReasonCode, props: Any
@@ -655,9 +662,7 @@ class MqttChannel:
             log.warning(
                 "mqtt: command %s refused: %s: %s", verdict.id, verdict.code, verdict.message
             )
-            self._respond(
-                now, verdict.id, None, ok=False, code=verdict.code, message=verdict.message
-            )
+            self._respond(now, verdict.id, ok=False, code=verdict.code, detail=verdict.message)
             self._emit(
                 now,
                 EventKind.COMMAND_REFUSED,
@@ -679,77 +684,45 @@ class MqttChannel:
     def _act(self, now: datetime, command: Accepted) -> None:
         assert self.host is not None
         name = command.command
-        if name == "ping":
-            self._respond(now, command.id, name, ok=True, code="ok", result={"pong": True})
-        elif name == "status":
+        if name not in ACTIONS:  # the verifier accepted something we cannot do
+            message = f"{name!r} is not a command of this agent"
+            self._respond(now, command.id, ok=False, code="unknown_command", detail=message)
+            return
+        detail = {
+            "ping": "pong",
+            "status": "status published",
+            "renew": "renewal requested: a second answer follows when it finished",
+            "refresh-cacerts": "the CA certificates refresh is requested",
+        }[name]
+        self._respond(now, command.id, ok=True, code="accepted", detail=detail)
+        if name == "status":
             self._publish_status(now)
-            self._respond(now, command.id, name, ok=True, code="ok", message="status published")
         elif name == "renew":
             self._renew_commands.append(command.id)
-            self.host.request_renewal()  # answered at attempt_finished
+            self.host.request_renewal()  # answered again at attempt_finished
         elif name == "refresh-cacerts":
-            self.host.emit(
-                Event(
-                    EventKind.CACERTS_REFRESH_REQUESTED,
-                    now,
-                    {"command_id": command.id},
-                    source=self.name,
-                )
+            event = Event(
+                EventKind.CACERTS_REFRESH_REQUESTED, now, {"command_id": command.id}, self.name
             )
-            self._respond(
-                now,
-                command.id,
-                name,
-                ok=True,
-                code="requested",
-                message="the CA certificates refresh is requested",
-            )
-        else:  # the verifier accepted something we cannot do
-            self._respond(
-                now,
-                command.id,
-                name,
-                ok=False,
-                code="unknown_command",
-                message=f"{name!r} is not a command of this agent",
-            )
+            self.host.emit(event)
 
     def _answer_renewals(self, now: datetime, event: Event) -> None:
         ids, self._renew_commands = self._renew_commands, []
         ok = bool(event.detail.get("ok"))
-        code = "ok" if ok else str(event.detail.get("disposition") or "failed")
+        code = "renewed" if ok else str(event.detail.get("disposition") or "failed")
+        message = str(event.detail.get("message") or "")
         for command_id in ids:
-            self._respond(
-                now,
-                command_id,
-                "renew",
-                ok=ok,
-                code=code,
-                message=str(event.detail.get("message") or ""),
-            )
+            self._respond(now, command_id, ok=ok, code=code, detail=message)
 
     def _respond(
-        self,
-        now: datetime,
-        command_id: str | None,
-        command: str | None,
-        *,
-        ok: bool,
-        code: str,
-        message: str = "",
-        result: Mapping[str, Any] | None = None,
+        self, now: datetime, command_id: str | None, *, ok: bool, code: str, detail: str = ""
     ) -> None:
         reply = messages.response_message(
-            self._s.topics.device,
-            now,
-            command_id=command_id,
-            command=command,
-            ok=ok,
-            code=code,
-            message=message,
-            result=result,
+            now, command_id=command_id, ok=ok, code=code, detail=detail
         )
-        self._publish(self._s.topics.responses, reply)
+        if self._publish(self._s.topics.responses, reply) is None:
+            # not connected (a renew answered while the TPM context was let go): on connect
+            self._replies.append(reply)
 
     def _emit(self, now: datetime, kind: str, **detail: Scalar) -> None:
         if self.host is not None:

@@ -84,27 +84,18 @@ def event_message(device: str, seq: int, event: Event, dropped_before: int) -> d
 
 
 def response_message(
-    device: str,
-    now: datetime,
-    *,
-    command_id: str | None,
-    command: str | None,
-    ok: bool,
-    code: str,
-    message: str = "",
-    result: Mapping[str, Any] | None = None,
+    now: datetime, *, command_id: str | None, ok: bool, code: str, detail: str = ""
 ) -> dict[str, Any]:
+    """On `.../commands/response`, as docs/commands.md gives it (`v`, not `schema_version`):
+    an accepted command is answered `ok: true, code: "accepted"` at once; `renew` gets a second
+    answer when its attempt finished (`code` "renewed" or the failure's disposition)."""
     return {
-        "schema_version": SCHEMA_VERSION,
-        "kind": "response",
-        "device": device,
-        "at": iso(now),
+        "v": 1,
         "id": command_id,
-        "command": command,
         "ok": ok,
         "code": code,
-        "message": message,
-        "result": dict(result or {}),
+        "detail": " ".join(detail.split())[:300],
+        "at": iso(now),
     }
 
 
