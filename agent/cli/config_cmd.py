@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from agent.config import config_path, load_config
 
@@ -29,5 +30,11 @@ def run_check(args: argparse.Namespace) -> int:
         from agent.wiring import check_firmware_root_paths
 
         check_firmware_root_paths(config)
+    if config.mqtt.enabled and config.mqtt.insecure_unsigned_commands:
+        print(
+            "warning: mqtt.insecure_unsigned_commands is on: the device accepts commands without "
+            "a signature from whoever can publish on its commands topic (labs only)",
+            file=sys.stderr,
+        )
     print("OK")
     return 0
