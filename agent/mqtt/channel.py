@@ -135,6 +135,12 @@ def _recording_socket_class(sink: list[tuple[str | None, str]]) -> type[ssl.SSLS
                 raise
             except ssl.SSLError as e:
                 sink.append((e.reason, str(e)))
+                if name == "do_handshake":  # paho drops a socket whose handshake failed unclosed
+                    self.close()
+                raise
+            except OSError:
+                if name == "do_handshake":
+                    self.close()
                 raise
 
         return call

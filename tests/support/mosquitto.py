@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime as dt
 import os
 import pwd
+import ssl
 import subprocess
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -173,12 +174,22 @@ class Mosquitto:
         self.stop()
 
 
+def _closing_handshake(self: ssl.SSLSocket, *args: object) -> None:
+    try:
+        ssl.SSLSocket.do_handshake(self, *args)  # type: ignore[arg-type]
+    except OSError:
+        self.close()
+        raise
+
+
+_ClosingSocket = type("_ClosingSocket", (ssl.SSLSocket,), {"do_handshake": _closing_handshake})
+
+
 class Observer:
     """A second client (software key, CN "observer") that records what it receives: the
     retained status, events, command responses. Its own paho thread; waits poll its list."""
 
     def __init__(self, broker: Mosquitto, topic: str = "#", *, tls12: bool = False) -> None:
-        import ssl
         import threading
 
         import paho.mqtt.client as mqtt
@@ -190,6 +201,7 @@ class Observer:
         ctx.load_cert_chain(str(broker.observer_cert), str(broker.observer_key))
         if tls12:
             ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+        ctx.sslsocket_class = _ClosingSocket  # paho leaves a socket whose handshake failed open
         self.client = mqtt.Client(
             CallbackAPIVersion.VERSION2,
             client_id=f"observer-{id(self)}",
