@@ -15,6 +15,7 @@ import dataclasses
 import enum
 import re
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -526,6 +527,122 @@ class ControlConfig:
     max_clients: int = checked(16, check=_max_clients)
 
 
+# -- the MQTT device channel (agent/mqtt/) --------------------------------------------------------
+
+#: characters MQTT gives a meaning in topics (wildcards, the level separator) or forbids (NUL)
+MQTT_TOPIC_SPECIAL = ("+", "#", "/", "\x00")
+MAX_MQTT_PAYLOAD_BYTES = 1024 * 1024
+
+
+def _mqtt_broker(value: str) -> str | None:
+    from urllib.parse import urlsplit
+
+    expected = "an mqtts://host[:port] URL (TLS only; port 8883 when omitted)"
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - raises on a bad port
+    except ValueError:
+        return expected
+    if parts.scheme != "mqtts" or not parts.hostname or parts.path not in ("", "/"):
+        return expected
+    if parts.query or parts.fragment or parts.username or parts.password:
+        return expected
+    try:
+        parts.hostname.encode("idna")
+    except UnicodeError:
+        return "an mqtts:// URL whose host is a valid DNS name"
+    return None
+
+
+def _topic_prefix(value: str) -> str | None:
+    bad = any(ch in value for ch in ("+", "#", "\x00")) or value.startswith(("$", "/"))
+    if not value or bad or value.endswith("/") or "//" in value or len(value) > 128:
+        return (
+            "a topic prefix of 1 to 128 characters without '+', '#', NUL, a leading '$' or "
+            "'/', a trailing '/' or an empty level"
+        )
+    return None
+
+
+def _client_id(value: str) -> str | None:
+    if any(ch in value for ch in MQTT_TOPIC_SPECIAL) or len(value) > 128:
+        return "a client id of at most 128 characters without '+', '#', '/' or NUL"
+    return None
+
+
+def _keepalive(value: int) -> str | None:
+    return None if 5 <= value <= 65535 else "an integer from 5 to 65535 (seconds)"
+
+
+def _reconnect_seconds(value: float) -> str | None:
+    return None if 0.1 <= value <= 86400 else "a number of seconds from 0.1 to 86400 (a day)"
+
+
+def _qos(value: int) -> str | None:
+    return None if value in (1, 2) else "1 or 2 (events and commands must not be lost)"
+
+
+def _mqtt_protocol(value: str) -> str | None:
+    return None if value in ("5", "3.1.1") else "'5' or '3.1.1'"
+
+
+def _status_interval(value: float) -> str | None:
+    return None if 10 <= value <= 86400 else "a number of seconds from 10 to 86400 (a day)"
+
+
+def _payload_bytes(value: int) -> str | None:
+    ok = 1024 <= value <= MAX_MQTT_PAYLOAD_BYTES
+    return None if ok else f"an integer from 1024 to {MAX_MQTT_PAYLOAD_BYTES} (1 MiB)"
+
+
+def _session_expiry(value: int) -> str | None:
+    return None if 0 <= value <= 7 * 86400 else "an integer from 0 to 604800 (seconds; 7 days)"
+
+
+def _queue_events(value: int) -> str | None:
+    return None if 1 <= value <= 10000 else "an integer from 1 to 10000"
+
+
+@dataclass(frozen=True)
+class MqttConfig:
+    """The device channel (docs/mqtt.md); on when `brokers` is not empty."""
+
+    #: mqtts://host[:port] URLs of one broker or a cluster, tried in order (failover)
+    brokers: tuple[str, ...] = checked((), item_check=_mqtt_broker)
+    #: PEM file of the CA(s) that authenticate the broker (explicit: never the system store)
+    ca_file: Path | None = checked(None, check=_optional_absolute_path)
+    #: topics are <topic_prefix>/<device id>/status, .../events, .../commands
+    topic_prefix: str = checked("devid", check=_topic_prefix)
+    #: the MQTT client id ("" = the device id)
+    client_id: str = checked("", check=_client_id)
+    keepalive_seconds: int = checked(60, check=_keepalive)
+    #: reconnect delays: exponential backoff with full jitter between these bounds
+    reconnect_min_seconds: float = checked(1.0, check=_reconnect_seconds)
+    reconnect_max_seconds: float = checked(120.0, check=_reconnect_seconds)
+    #: QoS of events, status and the commands subscription
+    qos: int = checked(1, check=_qos)
+    #: "5" (MQTT v5) or "3.1.1"
+    protocol: str = checked("5", check=_mqtt_protocol)
+    #: the retained status is published on connect, on change and at least this often
+    status_interval_seconds: float = checked(300.0, check=_status_interval)
+    #: the largest message sent or accepted; a bigger command is refused
+    max_payload_bytes: int = checked(64 * 1024, check=_payload_bytes)
+    #: how long the broker keeps the session (subscriptions, queued QoS 1 messages) while the
+    #: device is away (MQTT v5 Session Expiry Interval; 3.1.1 sessions are kept by the broker)
+    session_expiry_seconds: int = checked(3600, check=_session_expiry)
+    #: events kept while disconnected; beyond it the oldest are dropped (and counted)
+    offline_queue_events: int = checked(100, check=_queue_events)
+    #: PEM file of the anchors that command signers must chain to ("" = commands refused)
+    command_trust_anchor: Path | None = checked(None, check=_optional_absolute_path)
+    #: accept commands without a signature (labs only; warned about at every command)
+    insecure_unsigned_commands: bool = False
+    connect_timeout_seconds: float = checked(10.0, check=_timeout)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.brokers)
+
+
 @dataclass(frozen=True)
 class Config:
     device: DeviceConfig
@@ -543,6 +660,7 @@ class Config:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     status: StatusConfig = field(default_factory=StatusConfig)
     control: ControlConfig = field(default_factory=ControlConfig)
+    mqtt: MqttConfig = field(default_factory=MqttConfig)
     #: where this config was read from (not a TOML key)
     source: Path = field(default=Path("<defaults>"), metadata={"internal": True})
 
@@ -602,6 +720,28 @@ def check_cross_keys(config: Config) -> None:
         raise fail(
             "est.proof_of_possession",
             "'always' needs TLS 1.2 (tls-unique), but tls.min_version is '1.3'",
+        )
+    _check_mqtt(config, fail)
+
+
+def _check_mqtt(config: Config, fail: Callable[[str, str], ConfigError]) -> None:
+    mqtt = config.mqtt
+    if not mqtt.enabled:
+        return
+    if mqtt.ca_file is None:
+        raise fail("mqtt.ca_file", "not set; the broker's CA file is required with mqtt.brokers")
+    if mqtt.reconnect_min_seconds > mqtt.reconnect_max_seconds:
+        raise fail(
+            "mqtt.reconnect_min_seconds",
+            f"{mqtt.reconnect_min_seconds:g} exceeds mqtt.reconnect_max_seconds "
+            f"({mqtt.reconnect_max_seconds:g})",
+        )
+    special = [ch for ch in MQTT_TOPIC_SPECIAL if ch in config.device.id]
+    if special:
+        raise fail(
+            "device.id",
+            f"{config.device.id!r} contains {special[0]!r}, which MQTT topics cannot carry "
+            "(mqtt.brokers is set)",
         )
 
 

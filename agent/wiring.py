@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from agent.config import BootloaderKind, Config, CounterKind, KeyStoreKind
+from agent.config import BootloaderKind, Config, CounterKind, KeyStoreKind, ProofOfPossession
 from agent.errors import ConfigError
 from hal.interfaces import (
     AppendStore,
@@ -25,6 +25,7 @@ from hal.interfaces import (
 )
 
 if TYPE_CHECKING:
+    import ssl
     from datetime import datetime
 
     from agent.audit_log import AuditLog
@@ -41,6 +42,8 @@ if TYPE_CHECKING:
     from agent.firmware.status import FirmwareStatus
     from agent.identity import Identity, IdentityStore
     from agent.metrics import RenewalFacts
+    from agent.mqtt.channel import MqttChannel
+    from agent.mqtt.commands import CommandVerifier
     from agent.renewal import RenewalPolicy
     from agent.renewal_state import SchedulerStateStore
     from agent.status import AgentStatus, StatusCollector, TrustStatus
@@ -668,6 +671,8 @@ def daemon_parts(config: Config, *, interrupt: Interrupt | None = None) -> Daemo
     components: list[Component] = [ca_refresher(config, enroll), *metrics_writers(config)]
     if config.control.enabled:
         components.append(control_server(config))
+    if config.mqtt.enabled:
+        components.append(mqtt_channel(config))
     return DaemonParts(
         config=config,
         enroller=enroll,
@@ -815,6 +820,150 @@ def control_server(config: Config, *, clock: Clock | None = None) -> Component:
         max_clients=config.control.max_clients,
         clock=clock,
     )
+
+
+# -- the MQTT device channel (agent/mqtt/) ------------------------------------------------------
+
+
+def mqtt_context(config: Config) -> Callable[[Identity], ssl.SSLContext]:
+    """TLS contexts for the channel: the broker checked against `mqtt.ca_file` (hostname
+    included), TLS >= tls.min_version, the identity's full chain and key (TPM keys through the
+    provider, loaded here first)."""
+
+    def context_for(identity: Identity) -> ssl.SSLContext:
+        from agent.tls import client_context
+
+        if identity.key_in_tpm:
+            load_provider(config)
+        assert config.mqtt.ca_file is not None  # checked with the config
+        fullchain = identity.directory / "fullchain.pem"
+        return client_context(
+            ca_file=config.mqtt.ca_file,
+            cert_file=fullchain if fullchain.exists() else identity.cert_file,
+            key_file=identity.key_file,
+            min_version=config.tls.min_version,
+        )
+
+    return context_for
+
+
+def mqtt_status_document(
+    config: Config, snapshot: Callable[[], Snapshot | None]
+) -> Callable[[], dict[str, Any]]:
+    """What the status topic carries: the model `status` prints (without the key check, which
+    would sign with the TPM at every publish), its `service` part from the daemon's snapshot."""
+    from dataclasses import replace
+
+    from agent.status import service_status
+
+    collector = status_collector(config, key_check=False)
+
+    def document() -> dict[str, Any]:
+        status = collector.collect()
+        shot = snapshot()
+        if shot is not None:
+            status = replace(status, service=service_status(shot))
+        return status.to_dict()
+
+    return document
+
+
+def mqtt_command_verifier(config: Config) -> CommandVerifier:
+    """The signed-command check (agent/commands/, docs/commands.md): signers chaining to
+    `mqtt.command_trust_anchor`, ids remembered in the state directory's replay memory. With no
+    anchor and no `insecure_unsigned_commands`, every command is refused (`not_configured`)."""
+    from agent.commands import (
+        CommandLimits,
+        CommandRefused,
+        ReplayMemory,
+        parse_anchors,
+        verify_command,
+    )
+    from agent.errors import StorageError
+    from agent.mqtt.commands import Accepted, Refused, refuse_all
+
+    m = config.mqtt
+    if m.command_trust_anchor is None and not m.insecure_unsigned_commands:
+        return refuse_all
+    anchors: tuple[Any, ...] = ()
+    if m.command_trust_anchor is not None:
+        where = f"{config.source}: mqtt.command_trust_anchor = {str(m.command_trust_anchor)!r}"
+        try:
+            data = storage().read_bytes(m.command_trust_anchor, limit=1024 * 1024)
+        except (OSError, StorageError) as e:
+            raise ConfigError(f"{where}: cannot be read: {e}") from e
+        anchors = parse_anchors(data, where)
+    if m.insecure_unsigned_commands:
+        logging.getLogger(__name__).warning(
+            "INSECURE: mqtt.insecure_unsigned_commands is on: commands without a signature are "
+            "accepted (labs only; each one is warned about again)"
+        )
+    replay = ReplayMemory(store=state_dir_store(config))  # keeps a shared state_dir shared
+    limits = CommandLimits(max_envelope_bytes=min(m.max_payload_bytes, 64 * 1024))
+
+    def verify(raw: bytes, now: datetime) -> Accepted | Refused:
+        try:
+            command = verify_command(
+                raw,
+                device_id=config.device.id,
+                anchors=anchors,
+                now=now,
+                replay=replay,
+                limits=limits,
+                insecure_unsigned=m.insecure_unsigned_commands,
+            )
+        except CommandRefused as e:
+            return Refused(e.code, e.detail, e.command_id, security=e.security)
+        return Accepted(command.id, command.command, dict(command.args), command.unsigned)
+
+    return verify
+
+
+def mqtt_channel(config: Config, *, clock: Clock | None = None) -> MqttChannel:
+    from agent.clock import SystemClock
+    from agent.mqtt.channel import ChannelSettings, MqttChannel, parse_broker
+    from agent.mqtt.topics import Topics
+
+    m = config.mqtt
+    bare_tpm = config.keys.store is KeyStoreKind.TPM and not config.tpm.tcti.startswith(
+        "device:/dev/tpmrm"
+    )
+    settings = ChannelSettings(
+        brokers=[parse_broker(url) for url in m.brokers],
+        topics=Topics(m.topic_prefix, config.device.id),
+        client_id=m.client_id or config.device.id,
+        keepalive_seconds=m.keepalive_seconds,
+        reconnect_min_seconds=m.reconnect_min_seconds,
+        reconnect_max_seconds=m.reconnect_max_seconds,
+        qos=m.qos,
+        protocol=m.protocol,
+        status_interval_seconds=m.status_interval_seconds,
+        max_payload_bytes=m.max_payload_bytes,
+        session_expiry_seconds=m.session_expiry_seconds,
+        offline_queue_events=m.offline_queue_events,
+        connect_timeout_seconds=m.connect_timeout_seconds,
+        # proof-of-possession over TLS 1.2 signs inside the EST connection: EST context 1 +
+        # signer 2 leave no slot for ours on a TPM without a resource manager (docs/tpm.md)
+        release_for_attempts=bare_tpm
+        and config.est.proof_of_possession is not ProofOfPossession.NEVER,
+    )
+
+    def snapshot() -> Snapshot | None:
+        host = channel.host
+        try:
+            return None if host is None else host.snapshot()
+        except RuntimeError:  # before the daemon's first turn
+            return None
+
+    channel = MqttChannel(
+        settings=settings,
+        identities=identity_store(config),
+        context_for=mqtt_context(config),
+        status_document=mqtt_status_document(config, snapshot),
+        verifier=mqtt_command_verifier(config),
+        clock=clock or SystemClock(),
+    )
+    return channel
 
 
 def build_time() -> datetime:

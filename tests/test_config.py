@@ -91,7 +91,7 @@ def test_minimal_config_defaults() -> None:
         (MINIMAL + "[subject]\nsan_uris = 'urn:x'\n", "subject.san_uris: expected a list of strings, got 'urn:x'"),
         (MINIMAL + "[subject]\nsan_dns = ['a', 2]\n", "subject.san_dns[1]: expected a string, got 2"),
         ("keys = 'tpm'\n" + MINIMAL, "keys: expected a table, got 'tpm'"),
-        (MINIMAL + "[mqtt]\nhost = 'x'\n", "mqtt: unknown key"),
+        (MINIMAL + "[mqtt]\nhost = 'x'\n", "mqtt.host: unknown key"),
         (MINIMAL + "[logging]\nlevel = 'loud'\n", "logging.level: expected one of 'debug', 'info', 'warning', 'error', got 'loud'"),
         # Review: edge cases that escaped as tracebacks, were accepted, or gave an unclear line.
         (MINIMAL + "[est]\nconnect_timeout_seconds = " + "9" * 400 + "\n", "est.connect_timeout_seconds: expected a number that fits in 64 bits (TOML's range), got an integer of 400 digits"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 
 def add_config_option(parser: argparse.ArgumentParser) -> None:
@@ -29,5 +30,11 @@ def run_check(args: argparse.Namespace) -> int:
     from agent.wiring import check_host
 
     check_host(config)
+    if config.mqtt.enabled and config.mqtt.insecure_unsigned_commands:
+        print(
+            "warning: mqtt.insecure_unsigned_commands is on: the device accepts commands without "
+            "a signature from whoever can publish on its commands topic (labs only)",
+            file=sys.stderr,
+        )
     print("OK")
     return 0
