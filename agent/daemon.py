@@ -175,6 +175,13 @@ class Daemon:
                     decision = self._requested(decision, now)
                 if decision.action is not Action.WAIT and decision.at <= now:
                     state = self._attempt(parts, store, state, decision, now, requested=requested)
+                    # no sleep, but a turn for the components (seeing the attempt's outcome):
+                    # attempts due back to back must not starve the channel's keepalive
+                    after = self._clock.now()
+                    current = self._current(parts)
+                    self._view = (current, state, self._decide(parts, state, current, after))
+                    self._sleep_until(after, after)
+                    self._turn_components()
                     continue
                 self._say(f"STATUS={_status_line(current, state, decision, now)}")
                 self._sleep_until(decision.at, now)

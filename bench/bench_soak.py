@@ -11,7 +11,11 @@ Printed, at the 10th rotation (warm) and at the last:
 and TPM transient objects before the service starts and after it stops (goal: the same count),
 failed attempts seen in the STATUS= lines (goal 0), rotations per second.
 
-Run: .venv/bin/python bench/bench_soak.py [--rotations 1000]
+With --broker, a mosquitto (mutual TLS, the device CA trusted) is started too and the service
+keeps its MQTT channel: every rotation then also moves the channel to the new identity (hot
+swap), and the broker's log counts the connections (goal: one per identity).
+
+Run: .venv/bin/python bench/bench_soak.py [--rotations 1000] [--broker]
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ sys.path.insert(0, str(ROOT))
 from hal.tpm import transient_objects  # noqa: E402
 from tests.support.enroll_env import config_text, password_file  # noqa: E402
 from tests.support.est_server import EstOptions, EstServer  # noqa: E402
+from tests.support.mosquitto import Mosquitto  # noqa: E402
 from tests.support.swtpm import Swtpm  # noqa: E402
 
 WARM = 10
@@ -54,13 +59,16 @@ def descriptors(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
-def soak(work: Path, tpm: Swtpm, count: int) -> None:
+def soak(work: Path, tpm: Swtpm, count: int, with_broker: bool) -> None:
     with EstServer(work / "est", EstOptions(cert_lifetime_seconds=105)) as est:
+        broker = Mosquitto(work / "broker", device_ca=est.ca).start() if with_broker else None
         config = work / "soak.toml"
         text = config_text(state_dir=work / "state", est=est, tcti=tpm.tcti,
                            provider=provider(), username="device",
                            password_file=str(password_file(work)))  # fmt: skip
         text += "[renewal]\nwindow_start_fraction = 0.575\nwindow_end_fraction = 0.575\n"
+        if broker is not None:
+            text += f'[mqtt]\nbrokers = ["{broker.url}"]\nca_file = "{broker.ca_file}"\n'
         config.write_text(text)
         objects_before = transient_objects(tpm.tcti)[0]
         notify = work / "notify"
@@ -103,7 +111,12 @@ def soak(work: Path, tpm: Swtpm, count: int) -> None:
             finally:
                 daemon.send_signal(signal.SIGTERM)
                 daemon.wait(60)
+                if broker is not None:
+                    broker.stop()
         objects_after = transient_objects(tpm.tcti)[0]
+        connections = 0
+        if broker is not None:
+            connections = broker.log_text().count("New client connected")
         failures = log.read_text().count(" failed (")  # the daemon's "renew failed (...)" lines
     (warm, warm_rss, warm_fds), (end, end_rss, end_fds) = samples["warm"], samples["end"]
     print(f"soak: {end} rotations in {elapsed:.0f} s ({end / elapsed:.2f} per second), "
@@ -115,11 +128,15 @@ def soak(work: Path, tpm: Swtpm, count: int) -> None:
         f"TPM transient objects: {objects_before} before start, {objects_after} after stop "
         "(goal: equal)"
     )
+    if with_broker:
+        print(f"MQTT: {connections} connections at the broker for {generation} identities "
+              "(goal: one per identity: each rotation moved the channel once)")  # fmt: skip
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rotations", type=int, default=1000)
+    parser.add_argument("--broker", action="store_true", help="with an MQTT channel (mosquitto)")
     args = parser.parse_args()
     if args.rotations <= WARM:
         raise SystemExit(f"--rotations must be above {WARM}")
@@ -127,7 +144,7 @@ def main() -> None:
         work = Path(tmp)
         tpm = Swtpm(work / "tpm").start()
         try:
-            soak(work, tpm, args.rotations)
+            soak(work, tpm, args.rotations, args.broker)
         finally:
             tpm.stop()
 
