@@ -79,7 +79,11 @@ def prepare_tls(config: Config) -> ProviderInfo | None:
 
 def identity_group(config: Config) -> int | None:
     """The gid of `paths.identity_group`, None when unset; ConfigError when no such group."""
-    name = config.paths.identity_group
+    return _group_gid(config, "paths.identity_group", config.paths.identity_group)
+
+
+def _group_gid(config: Config, key: str, name: str) -> int | None:
+    """The gid of the group `name` that config `key` names (None when ""), or ConfigError."""
     if not name:
         return None
     import grp
@@ -88,7 +92,7 @@ def identity_group(config: Config) -> int | None:
         return grp.getgrnam(name).gr_gid
     except KeyError:
         raise ConfigError(
-            f"{config.source}: paths.identity_group: there is no group {name!r} on this system; "
+            f"{config.source}: {key}: there is no group {name!r} on this system; "
             f'create it (groupadd {name}) or set ""'
         ) from None
 
@@ -736,17 +740,7 @@ def metrics_writers(config: Config) -> tuple[Component, ...]:
 
 def control_readers_gid(config: Config) -> int | None:
     """The gid of `control.readers_group` (None when unset), or one-line ConfigError."""
-    name = config.control.readers_group
-    if not name:
-        return None
-    import grp
-
-    try:
-        return grp.getgrnam(name).gr_gid
-    except KeyError:
-        raise ConfigError(
-            f"{config.source}: control.readers_group: no group named {name!r} on this system"
-        ) from None
+    return _group_gid(config, "control.readers_group", config.control.readers_group)
 
 
 @contextlib.contextmanager

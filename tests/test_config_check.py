@@ -150,7 +150,7 @@ def test_size_limit_is_exact(tmp_path: Path) -> None:
         ("request_timeout_seconds = 0\n", "control.request_timeout_seconds: expected seconds"),
         ("max_clients = 0\n", "control.max_clients: expected an integer from 1 to 256"),
         ('readers_group = "a b"\n', "control.readers_group: expected a group name"),
-        ('readers_group = "devid-no-such-group"\n', "no group named 'devid-no-such-group'"),
+        ('readers_group = "devid-no-such-group"\n', "there is no group 'devid-no-such-group'"),
     ],
 )
 def test_config_check_refuses_bad_control_settings(
