@@ -937,9 +937,11 @@ def mqtt_channel(config: Config, *, clock: Clock | None = None) -> MqttChannel:
         offline_queue_events=m.offline_queue_events,
         connect_timeout_seconds=m.connect_timeout_seconds,
         # proof-of-possession over TLS 1.2 signs inside the EST connection: EST context 1 +
-        # signer 2 leave no slot for ours on a TPM without a resource manager (docs/tpm.md)
+        # signer 2 leave no slot for ours on a TPM without a resource manager (docs/tpm.md);
+        # with TLS 1.3 only there is no tls-unique, so no proof-of-possession to make room for
         release_for_attempts=bare_tpm
-        and config.est.proof_of_possession is not ProofOfPossession.NEVER,
+        and config.est.proof_of_possession is not ProofOfPossession.NEVER
+        and config.tls.min_version == "1.2",
     )
 
     def snapshot() -> Snapshot | None:

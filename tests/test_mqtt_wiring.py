@@ -25,6 +25,8 @@ MQTT = '[mqtt]\nbrokers = ["mqtts://b1:8883", "mqtts://b2"]\nca_file = "/etc/ca.
         ('[tpm]\ntcti = "device:/dev/tpmrm0"\n', False),
         ('[tpm]\ntcti = "swtpm:port=1"\n[est]\nproof_of_possession = "never"\n', False),
         ('[keys]\nstore = "software"\n[tpm]\ntcti = "swtpm:port=1"\n', False),
+        # TLS 1.3 only: no tls-unique, no proof-of-possession to make room for
+        ('[tls]\nmin_version = "1.3"\n[tpm]\ntcti = "swtpm:port=1"\n', False),
     ],
 )
 def test_the_channel_and_when_it_lets_go_of_its_tpm_context(extra: str, released: bool) -> None:
