@@ -41,6 +41,9 @@ class EventKind:
     COMMAND_ACCEPTED = "command_accepted"
     COMMAND_REFUSED = "command_refused"
     PEER_REFUSED = "peer_refused"
+    FIRMWARE_INSTALLED = "firmware_installed"  # detail: slot, version, security_version
+    FIRMWARE_COMMITTED = "firmware_committed"  # ... and committed_security_version
+    FIRMWARE_ROLLED_BACK = "firmware_rolled_back"  # detail: booted, failed
     CHANNEL_REJECTED = "channel_rejected"  # the broker refused our identity; detail: reason
     # requests between components (the control socket or a command asks, another acts):
     CHANNEL_RECONNECT_REQUESTED = "channel_reconnect_requested"

@@ -677,6 +677,8 @@ def daemon_parts(config: Config, *, interrupt: Interrupt | None = None) -> Daemo
         components.append(control_server(config))
     if config.mqtt.enabled:
         components.append(mqtt_channel(config))
+    if config.firmware.compatible:
+        components.append(firmware_watch(config))
     return DaemonParts(
         config=config,
         enroller=enroll,
@@ -684,6 +686,46 @@ def daemon_parts(config: Config, *, interrupt: Interrupt | None = None) -> Daemo
         policy=renewal_policy(config),
         bootstrap_available=bool(est.username) or est.idevid_cert is not None,
         components=tuple(components),
+    )
+
+
+#: how often the service looks at the firmware status snapshot root leaves
+FIRMWARE_WATCH_SECONDS = 30.0
+#: the service's copy of the last firmware status it saw (in paths.state_dir)
+FIRMWARE_SEEN_FILE = "firmware-seen.json"
+
+
+def firmware_watch(config: Config, *, clock: Clock | None = None) -> Component:
+    """Firmware installs, commits and rollbacks as events (agent/firmware_watch.py)."""
+    import json
+
+    from agent.clock import SystemClock
+    from agent.errors import StorageError
+    from agent.firmware.status import FirmwareStatus
+    from agent.firmware_watch import FirmwareWatch
+
+    store = state_dir_store(config)
+
+    def recall() -> FirmwareStatus | None:
+        data = store.read(FIRMWARE_SEEN_FILE, limit=MAX_SNAPSHOT_BYTES)
+        if data is None:
+            return None
+        where = str(config.paths.state_dir / FIRMWARE_SEEN_FILE)
+        try:
+            table = json.loads(data)
+        except ValueError as e:
+            raise StorageError(f"{where}: not JSON: {e}") from e
+        return FirmwareStatus.from_dict(table, where=where)
+
+    def remember(status: FirmwareStatus) -> None:
+        store.write(FIRMWARE_SEEN_FILE, json.dumps(status.to_dict(), sort_keys=True).encode())
+
+    return FirmwareWatch(
+        read=lambda: firmware_status(config),
+        recall=recall,
+        remember=remember,
+        clock=clock or SystemClock(),
+        interval_seconds=FIRMWARE_WATCH_SECONDS,
     )
 
 
