@@ -54,6 +54,7 @@ def test_doctor_all_ok_with_tpm(swtpm: Swtpm, tmp_path: Path) -> None:
         "bootloader_env": "ok",
         "firmware_anchors": "ok",
         "service": "ok",  # control.enabled = false
+        "mqtt_broker": "ok",  # MQTT not configured
     }
     assert "manufacturer IBM" in findings["key_store"]["detail"]  # swtpm reports IBM's TPM
     assert findings["tls_provider"]["detail"].startswith("tpm2 OpenSSL provider 1.")

@@ -15,7 +15,9 @@ est_reachable (a TLS connection to est.url verified against the anchor, short ti
 identity_key (the key loads, matches the certificate and signs), key_store (TPM reachable, free
 object slots), tpm_owner_auth, tls_provider (tpm2 provider version), bootloader_env,
 firmware_anchors (present, expiry), service (running and its control socket answering: a warning
-when it does not run, an error when its socket does not answer; ok when control.enabled = false).
+when it does not run, an error when its socket does not answer; ok when control.enabled = false),
+mqtt_broker (with [mqtt] brokers: the brokers in order, with the current identity, until one
+answers CONNACK; a refusal of our certificate or of the broker's is an error).
 """
 
 from __future__ import annotations
@@ -581,6 +583,48 @@ def check_service(ctx: Context) -> Finding:
     return Finding("service", OK, f"running, {path} answers (version {answer.get('version')})")
 
 
+def check_mqtt_broker(ctx: Context) -> Finding:
+    """A broker takes the current identity: TLS with its key, MQTT CONNECT, CONNACK
+    (agent/mqtt/probe.py, with its own client id so the service's session stays)."""
+    from agent.errors import AgentError
+    from agent.mqtt.channel import parse_broker
+    from agent.mqtt.probe import probe
+    from agent.wiring import identity_store, mqtt_context
+
+    m = ctx.config.mqtt
+    if not m.enabled:
+        return Finding("mqtt_broker", OK, "MQTT not configured (no mqtt.brokers)")
+    try:
+        identity = identity_store(ctx.config).current()
+    except AgentError as e:
+        return Finding("mqtt_broker", ERROR, f"no identity to connect with: {e}")
+    if identity is None:
+        return Finding("mqtt_broker", WARNING, "not enrolled: no identity to connect with yet")
+    timeout = min(PROBE_TIMEOUT_SECONDS, m.connect_timeout_seconds)
+    seen = []
+    for url in m.brokers:
+        broker = parse_broker(url)
+        try:
+            context = mqtt_context(ctx.config)(identity)
+        except (AgentError, OSError, ValueError) as e:
+            return Finding(
+                "mqtt_broker", ERROR, f"cannot make a TLS context with the identity: {e}"
+            )
+        result = probe(broker, context, client_id=m.client_id or ctx.config.device.id,
+                       protocol=m.protocol, timeout=timeout)  # fmt: skip
+        del context  # its TPM object goes with it
+        if result.outcome == "accepted":
+            return Finding(
+                "mqtt_broker",
+                OK,
+                f"{broker} accepts identity generation {identity.generation} ({result.detail})",
+            )
+        if result.outcome == "rejected":
+            return Finding("mqtt_broker", ERROR, f"{broker}: {result.detail}")
+        seen.append(f"{broker}: {result.detail}")
+    return Finding("mqtt_broker", ERROR, "no broker reachable: " + "; ".join(seen))
+
+
 CHECKS: list[Callable[[Context], Finding]] = [
     check_state_dir,
     check_identity_files,
@@ -597,6 +641,7 @@ CHECKS: list[Callable[[Context], Finding]] = [
     check_bootloader_env,
     check_firmware_anchors,
     check_service,
+    check_mqtt_broker,
 ]
 
 
