@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
@@ -123,6 +123,7 @@ class Enroller:
         tls_setup: Callable[[Path], None],
         credentials: BasicCredentials | None,
         prove_rotation: bool = False,
+        more_proofs: Sequence[Callable[[Identity], None]] = (),
     ) -> None:
         check_est_config(config)
         self._config = config
@@ -133,6 +134,7 @@ class Enroller:
         self._tls_setup = tls_setup
         self._credentials = credentials
         self._prove_rotation = prove_rotation
+        self._more_proofs = tuple(more_proofs)
         self._prefix = urlsplit(self._est.url).path.rstrip("/")
         self.store = store
         self.pending = pending
@@ -403,6 +405,9 @@ class Enroller:
         client = self._client(self._anchor(), ClientIdentity(identity.cert_file, identity.key_file))
         with client:
             client.cacerts()
+        del client  # its TLS context (a TPM object) goes before the next proof makes one
+        for proof in self._more_proofs:  # e.g. the MQTT broker takes it (agent/wiring.py)
+            proof(identity)
         log.info("the new identity (generation %d) proved itself over mutual TLS",
                  identity.generation)  # fmt: skip
 

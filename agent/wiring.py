@@ -202,6 +202,7 @@ def enroller(config: Config, **overrides: Any) -> Enroller:
             config.est.username, config.est.password_file
         ),
         "prove_rotation": lambda: False,  # the daemon proves every rotation (agent/daemon.py)
+        "more_proofs": tuple,
         "audit": lambda: service_audit_log(config),
     }
     unknown = set(parts) - set(builders)
@@ -671,12 +672,14 @@ def daemon_parts(config: Config, *, interrupt: Interrupt | None = None) -> Daemo
 
     est = config.est
     transports = https_transport_factory(config, interrupt=interrupt)
-    enroll = enroller(config, prove_rotation=True, transport_factory=transports)
+    channel = mqtt_channel(config) if config.mqtt.enabled else None
+    proofs = () if channel is None else (broker_proof(config, channel),)
+    enroll = enroller(config, prove_rotation=True, transport_factory=transports, more_proofs=proofs)
     components: list[Component] = [ca_refresher(config, enroll), *metrics_writers(config)]
     if config.control.enabled:
         components.append(control_server(config))
-    if config.mqtt.enabled:
-        components.append(mqtt_channel(config))
+    if channel is not None:
+        components.append(channel)
     if config.firmware.compatible:
         components.append(firmware_watch(config))
     return DaemonParts(
@@ -953,6 +956,48 @@ def mqtt_command_verifier(config: Config) -> CommandVerifier:
         return Accepted(command.id, command.command, dict(command.args), command.unsigned)
 
     return verify
+
+
+def broker_proof(config: Config, channel: Component) -> Callable[[Identity], None]:
+    """Verified rotation, the broker's part: while the channel is connected (the broker takes
+    the current identity), the new one must be taken too, or the rotation is refused and the
+    old identity stays. A broker that is down, or that refuses the current identity as well,
+    does not hold a rotation back: the EST proof alone decides then (it would be no better)."""
+    from agent.errors import TrustError
+    from agent.mqtt.channel import parse_broker
+    from agent.mqtt.probe import probe
+
+    m = config.mqtt
+    make_context = mqtt_context(config)
+    log = logging.getLogger("agent.mqtt")
+
+    def prove(identity: Identity) -> None:
+        if not channel.status().get("connected"):
+            log.info("mqtt: not connected, so the broker's proof of the new identity is skipped")
+            return
+        import gc
+
+        seen = []
+        for url in m.brokers:
+            broker = parse_broker(url)
+            gc.collect()  # the EST proof's context (a TPM object) is gone before ours is made
+            result = probe(broker, make_context(identity), client_id=m.client_id or
+                           config.device.id, protocol=m.protocol,
+                           timeout=m.connect_timeout_seconds)  # fmt: skip
+            if result.outcome == "accepted":
+                log.info("mqtt: %s takes identity generation %d (%s)", broker,
+                         identity.generation, result.detail)  # fmt: skip
+                return
+            if result.outcome == "rejected":
+                raise TrustError(  # a security event: retried at the slow pace, the old one kept
+                    f"the MQTT broker {broker} refuses the new identity (generation "
+                    f"{identity.generation}) while it takes the current one: {result.detail}"
+                )
+            seen.append(f"{broker}: {result.detail}")
+        log.warning("mqtt: no broker reachable to prove the new identity to (%s): the EST "
+                    "proof decides", "; ".join(seen))  # fmt: skip
+
+    return prove
 
 
 def mqtt_channel(config: Config, *, clock: Clock | None = None) -> MqttChannel:

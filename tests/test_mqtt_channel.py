@@ -25,7 +25,7 @@ from tests.support.device import Device
 from tests.support.est_server import EstOptions, EstServer
 from tests.support.mosquitto import Mosquitto, Observer
 from tests.support.swtpm import Swtpm
-from tests.test_daemon import Notifications, Service, configure, current, wait_for
+from tests.test_daemon import Notifications, Service, configure, current, generations, wait_for
 
 LIFETIME = 105
 DEVICE = "gw-0001"
@@ -513,4 +513,40 @@ def test_lab_mode_accepts_unsigned_commands_and_warns_each_time(
         assert all(r["ok"] for r in watcher.payloads(RESPONSES))
         assert service.text().count("INSECURE: accepting unsigned command") == 2
         assert "INSECURE: mqtt.insecure_unsigned_commands is on" in service.text()
+        assert service.stop() == 0
+
+
+def test_a_new_identity_the_broker_refuses_is_not_rotated_to_while_it_takes_the_old_one(
+    tmp_path: Path,
+    device: Device,
+    est: EstServer,
+    notify: Notifications,
+    services: list[Service],
+    observers: list[Observer],
+) -> None:
+    """Verified rotation, the broker's part: generation 2's certificate is revoked at the broker
+    before it is issued (its serial fixed ahead), so the broker refuses it while it takes
+    generation 1: the rotation is refused as a security event, generation 1 stays current and
+    connected, and the next renewal (a certificate the broker takes) rotates."""
+    est.options.cert_lifetime_seconds = LIFETIME  # due for renewal 3 s after it is issued
+    refused_serial = x509.random_serial_number()
+    est.next_serials = [x509.random_serial_number(), refused_serial]  # generations 1 and 2
+    device.configure(proof_of_possession="never")
+    configure(device)
+    mosquitto = broker(tmp_path, est)
+    mosquitto.write_crl(revoked=[refused_serial])
+    with mosquitto:
+        with_mqtt(device, mosquitto)
+        watcher = observe(mosquitto, observers)
+        service = Service(device, notify, watchdog_usec=None)
+        services.append(service)
+        wait_for(online(watcher, 1), "online as generation 1", service)
+        wait_for(lambda: "refuses the new identity (generation 2)" in service.text(),
+                 "the broker's refusal of generation 2", service)  # fmt: skip
+        assert current(device) == 1 and 2 in generations(device)  # kept aside, not current
+        assert "certificate_revoked" in service.text()
+        est.options.cert_lifetime_seconds = 3600  # the next identity lasts
+        wait_for(lambda: (current(device) or 0) >= 3 and online(watcher, current(device))(),
+                 "rotated to a certificate the broker takes", service)  # fmt: skip
+        assert "takes identity generation 3" in service.text()
         assert service.stop() == 0

@@ -213,6 +213,8 @@ class EstServer:
         #: CAs rolled over from (rollover()): their identities still authenticate
         self.previous_cas: list[TestCA] = []
         self.records: list[Record] = []
+        #: serial numbers for the next certificates issued, in order (then random ones)
+        self.next_serials: list[int] = []
         #: set when a request starts hanging (fault "hang"): tests wait on it, not on time
         self.hang_started = threading.Event()
         self.connections = 0  # TLS connections accepted
@@ -382,6 +384,8 @@ class EstServer:
             profile = dataclasses.replace(profile, eku=(ExtendedKeyUsageOID.SERVER_AUTH,))
         elif options.fault == "issuer-not-ca":
             ca = self.not_a_ca
+        with self._lock:  # a test may fix the serial of the next one (to revoke it ahead)
+            serial = self.next_serials.pop(0) if self.next_serials else None
         cert = ca.issue(
             key,  # type: ignore[arg-type]
             subject=csr.subject,
@@ -390,6 +394,7 @@ class EstServer:
             ca=options.fault == "ca-cert",
             not_before=not_before,
             lifetime=lifetime,
+            serial=serial,
         )
         with self._lock:
             self.issued.append(cert)
