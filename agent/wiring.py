@@ -963,6 +963,7 @@ def broker_proof(config: Config, channel: Component) -> Callable[[Identity], Non
     the current identity), the new one must be taken too, or the rotation is refused and the
     old identity stays. A broker that is down, or that refuses the current identity as well,
     does not hold a rotation back: the EST proof alone decides then (it would be no better)."""
+    from agent.clock import SystemClock
     from agent.errors import TrustError
     from agent.mqtt.channel import parse_broker
     from agent.mqtt.probe import probe
@@ -970,6 +971,7 @@ def broker_proof(config: Config, channel: Component) -> Callable[[Identity], Non
     m = config.mqtt
     make_context = mqtt_context(config)
     log = logging.getLogger("agent.mqtt")
+    clock = SystemClock()
 
     def prove(identity: Identity) -> None:
         if not channel.status().get("connected"):
@@ -983,7 +985,7 @@ def broker_proof(config: Config, channel: Component) -> Callable[[Identity], Non
             gc.collect()  # the EST proof's context (a TPM object) is gone before ours is made
             result = probe(broker, make_context(identity), client_id=m.client_id or
                            config.device.id, protocol=m.protocol,
-                           timeout=m.connect_timeout_seconds)  # fmt: skip
+                           timeout=m.connect_timeout_seconds, clock=clock)  # fmt: skip
             if result.outcome == "accepted":
                 log.info("mqtt: %s takes identity generation %d (%s)", broker,
                          identity.generation, result.detail)  # fmt: skip

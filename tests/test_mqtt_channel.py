@@ -527,26 +527,44 @@ def test_a_new_identity_the_broker_refuses_is_not_rotated_to_while_it_takes_the_
     """Verified rotation, the broker's part: generation 2's certificate is revoked at the broker
     before it is issued (its serial fixed ahead), so the broker refuses it while it takes
     generation 1: the rotation is refused as a security event, generation 1 stays current and
-    connected, and the next renewal (a certificate the broker takes) rotates."""
-    est.options.cert_lifetime_seconds = LIFETIME  # due for renewal 3 s after it is issued
+    connected, and the next renewal (a certificate the broker takes) rotates. The renewals are
+    asked for with signed commands once the channel is connected (not by the clock)."""
+    from datetime import datetime, timezone
+
+    from tests.support.command_signer import CommandPki, payload
+
+    pki = CommandPki()
+    anchor = tmp_path / "command-anchor.pem"
+    pki.root.write_cert(anchor)
     refused_serial = x509.random_serial_number()
     est.next_serials = [x509.random_serial_number(), refused_serial]  # generations 1 and 2
     device.configure(proof_of_possession="never")
-    configure(device)
     mosquitto = broker(tmp_path, est)
     mosquitto.write_crl(revoked=[refused_serial])
     with mosquitto:
-        with_mqtt(device, mosquitto)
+        with_mqtt(device, mosquitto, command_trust_anchor=str(anchor))
         watcher = observe(mosquitto, observers)
         service = Service(device, notify, watchdog_usec=None)
         services.append(service)
         wait_for(online(watcher, 1), "online as generation 1", service)
-        wait_for(lambda: "refuses the new identity (generation 2)" in service.text(),
-                 "the broker's refusal of generation 2", service)  # fmt: skip
-        assert current(device) == 1 and 2 in generations(device)  # kept aside, not current
+
+        def renew(command_id: str) -> dict[str, Any]:
+            data = payload(device=DEVICE, command="renew", command_id=command_id,
+                           issued_at=datetime.now(timezone.utc))  # fmt: skip
+            before = len(watcher.payloads(RESPONSES))
+            watcher.publish(COMMANDS, pki.signer.envelope(data))
+            wait_for(lambda: len(watcher.payloads(RESPONSES)) >= before + 2,
+                     "accepted, then finished", service)  # fmt: skip
+            return watcher.payloads(RESPONSES)[before + 1]  # type: ignore[return-value]
+
+        refused = renew("c-renew-1")
+        assert refused["ok"] is False, refused
+        assert "refuses the new identity (generation 2)" in service.text()
         assert "certificate_revoked" in service.text()
-        est.options.cert_lifetime_seconds = 3600  # the next identity lasts
-        wait_for(lambda: (current(device) or 0) >= 3 and online(watcher, current(device))(),
-                 "rotated to a certificate the broker takes", service)  # fmt: skip
-        assert "takes identity generation 3" in service.text()
+        assert current(device) == 1 and 2 in generations(device)  # kept aside, not current
+        assert online(watcher, 1)()  # still connected as generation 1
+        taken = renew("c-renew-2")
+        assert taken["ok"] is True and taken["code"] == "renewed", taken
+        assert current(device) == 3 and "takes identity generation 3" in service.text()
+        wait_for(online(watcher, 3), "online as generation 3", service)
         assert service.stop() == 0

@@ -586,6 +586,7 @@ def check_service(ctx: Context) -> Finding:
 def check_mqtt_broker(ctx: Context) -> Finding:
     """A broker takes the current identity: TLS with its key, MQTT CONNECT, CONNACK
     (agent/mqtt/probe.py, with its own client id so the service's session stays)."""
+    from agent.clock import SystemClock
     from agent.errors import AgentError
     from agent.mqtt.channel import parse_broker
     from agent.mqtt.probe import probe
@@ -611,7 +612,7 @@ def check_mqtt_broker(ctx: Context) -> Finding:
                 "mqtt_broker", ERROR, f"cannot make a TLS context with the identity: {e}"
             )
         result = probe(broker, context, client_id=m.client_id or ctx.config.device.id,
-                       protocol=m.protocol, timeout=timeout)  # fmt: skip
+                       protocol=m.protocol, timeout=timeout, clock=SystemClock())  # fmt: skip
         del context  # its TPM object goes with it
         if result.outcome == "accepted":
             return Finding(

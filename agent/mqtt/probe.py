@@ -10,7 +10,6 @@ included.
 from __future__ import annotations
 
 import ssl
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +17,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
+from agent.clock import Clock
 from agent.mqtt.channel import Broker, _recording_socket_class
 from agent.mqtt.rejection import from_connack, from_tls_reason
 
@@ -32,7 +32,13 @@ class ProbeResult:
 
 
 def probe(
-    broker: Broker, context: ssl.SSLContext, *, client_id: str, protocol: str, timeout: float
+    broker: Broker,
+    context: ssl.SSLContext,
+    *,
+    client_id: str,
+    protocol: str,
+    timeout: float,
+    clock: Clock,
 ) -> ProbeResult:
     errors: list[tuple[str | None, str]] = []
     context.sslsocket_class = _recording_socket_class(errors)
@@ -50,14 +56,14 @@ def probe(
         answer.append(reason)
 
     client.on_connect = on_connect
-    started = time.monotonic()
+    started = clock.monotonic()
     try:
         try:
             client.connect(broker.host, broker.port, keepalive=max(5, int(timeout) * 2))
         except (OSError, ValueError) as e:
             return _failed(errors, e)
         while not answer:
-            if time.monotonic() - started > timeout:
+            if clock.monotonic() - started > timeout:
                 return ProbeResult("unreachable", f"no CONNACK within {timeout:g} s")
             if client.loop(timeout=0.1) != mqtt.MQTT_ERR_SUCCESS and not answer:
                 return _failed(errors, None)
@@ -67,7 +73,7 @@ def probe(
             return ProbeResult("rejected" if found else "unreachable",
                                found.message if found else f"CONNACK: {reason}")  # fmt: skip
         client.disconnect()
-        elapsed = (time.monotonic() - started) * 1e3
+        elapsed = (clock.monotonic() - started) * 1e3
         return ProbeResult("accepted", f"CONNACK in {elapsed:.0f} ms")
     finally:
         sock = client.socket()
