@@ -27,7 +27,6 @@ import logging
 import random
 import select
 import ssl
-import time
 from collections import deque
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -131,7 +130,9 @@ class IdentitySource(Protocol):
 ContextFactory = Callable[[Identity], ssl.SSLContext]
 
 
-def _recording_socket_class(sink: list[tuple[str | None, str]]) -> type[ssl.SSLSocket]:
+def _recording_socket_class(
+    sink: list[tuple[str | None, str]], clock: Clock
+) -> type[ssl.SSLSocket]:
     """An SSLSocket that keeps the TLS errors it meets, as (reason, text): in TLS 1.3 the
     broker's alert about our certificate arrives on the first read after the handshake, and paho
     reports only "Unspecified error"; the recorded reason names the alert. (Not the exception
@@ -140,7 +141,9 @@ def _recording_socket_class(sink: list[tuple[str | None, str]]) -> type[ssl.SSLS
     def recording(name: str) -> Callable[..., Any]:
         method = getattr(ssl.SSLSocket, name)
         if name == "do_handshake":
-            method = _handshake_within_timeout
+
+            def method(sock: ssl.SSLSocket, *args: Any, **kwargs: Any) -> None:
+                _handshake_within_timeout(sock, clock)
 
         def call(self: ssl.SSLSocket, *args: Any, **kwargs: Any) -> Any:
             try:
@@ -163,7 +166,7 @@ def _recording_socket_class(sink: list[tuple[str | None, str]]) -> type[ssl.SSLS
     return type("RecordingSSLSocket", (ssl.SSLSocket,), {n: recording(n) for n in names})
 
 
-def _handshake_within_timeout(sock: ssl.SSLSocket) -> None:
+def _handshake_within_timeout(sock: ssl.SSLSocket, clock: Clock) -> None:
     """The handshake within the socket's timeout as a whole (paho sets it to
     mqtt.connect_timeout_seconds), not per read: a server that drips its handshake a byte a
     second would otherwise keep each read under the timeout, and the daemon's loop for hours."""
@@ -171,7 +174,7 @@ def _handshake_within_timeout(sock: ssl.SSLSocket) -> None:
     if not timeout:  # blocking without a limit, or not blocking: as asked
         ssl.SSLSocket.do_handshake(sock)
         return
-    end = time.monotonic() + timeout
+    end = clock.monotonic() + timeout
     sock.settimeout(0.0)
     try:
         while True:
@@ -182,7 +185,7 @@ def _handshake_within_timeout(sock: ssl.SSLSocket) -> None:
                 readers, writers = [sock], []
             except ssl.SSLWantWriteError:
                 readers, writers = [], [sock]
-            left = end - time.monotonic()
+            left = end - clock.monotonic()
             if left <= 0:
                 raise TimeoutError(
                     f"TLS handshake not done within {timeout:g} s (mqtt.connect_timeout_seconds)"
@@ -423,7 +426,7 @@ class MqttChannel:
         broker = self._broker = self._s.brokers[self._plan.index]
         errors: list[tuple[str | None, str]] = []
         self._ssl_errors = errors
-        ctx.sslsocket_class = _recording_socket_class(errors)
+        ctx.sslsocket_class = _recording_socket_class(errors, self._clock)
         client = self._new_client(ctx, now)
         self._client = client
         self._generation = identity.generation
