@@ -14,7 +14,7 @@ from agent.mqtt import messages
 from agent.mqtt.backoff import ReconnectPlan, ReconnectPolicy
 from agent.mqtt.commands import Refused, refuse_all
 from agent.mqtt.queue import EventQueue
-from agent.mqtt.rejection import from_connack, from_tls_reason
+from agent.mqtt.rejection import from_connack, from_tls_reason, untrusted_broker
 from agent.mqtt.topics import Topics
 
 NOW = datetime(2026, 12, 1, 12, 0, tzinfo=timezone.utc)
@@ -72,7 +72,7 @@ def test_failover_in_order_then_a_jittered_round() -> None:
     assert NOW + timedelta(seconds=1) <= plan.at <= NOW + timedelta(seconds=2)
     assert not plan.due(NOW)
     plan.failed(NOW, slow=True)  # refused our identity: the longest waits
-    assert plan.index == 0 and plan.at is not None and plan.at >= NOW + timedelta(seconds=1)
+    assert plan.index == 0 and plan.at is not None and plan.at >= NOW + timedelta(seconds=5)
     plan.connected()
     assert plan.due(NOW) and plan.failures == 0
     plan.lost(NOW)  # spread wide at once: 1 .. 16 x min
@@ -84,6 +84,16 @@ def test_failover_in_order_then_a_jittered_round() -> None:
         assert p.at is not None
         lost.append((p.at - NOW).total_seconds())
     assert 1.0 <= min(lost) < 2.0 and 15.0 < max(lost) <= 16.0
+
+
+def test_a_slow_retry_is_drawn_in_the_upper_half_of_the_upper_bound_never_near_the_lower() -> None:
+    for seed in range(200):
+        plan = ReconnectPlan(2, ReconnectPolicy(1.0, 120.0), random.Random(seed))
+        plan.failed(NOW, slow=True)  # no failover either: the same refusal from the next
+        assert plan.index == 0 and plan.at is not None
+        assert NOW + timedelta(seconds=60) <= plan.at <= NOW + timedelta(seconds=120)
+    tight = ReconnectPolicy(3.0, 4.0)  # half the max is below the min: the min holds
+    assert all(3.0 <= tight.slow_delay(random.Random(s)) <= 4.0 for s in range(50))
 
 
 def test_the_offline_queue_drops_the_oldest_and_reports_the_count_once() -> None:
@@ -117,6 +127,26 @@ def test_tls_reasons(reason: str, name: str, renew: bool, identity: bool) -> Non
     got = from_tls_reason(reason, "x")
     assert got is not None
     assert (got.reason, got.renew, got.identity) == (name, renew, identity)
+    assert got.security is (not identity)  # we refused the broker: a security event
+
+
+@pytest.mark.parametrize(
+    ("code", "words"),
+    [
+        (62, "its certificate is for another host name"),
+        (10, "its certificate has expired (or this device's clock is ahead)"),
+        (19, "its chain ends in a root that is not in mqtt.ca_file (another CA: a man in the"),
+        (2, "its certificate's issuer is not in mqtt.ca_file"),
+        (None, "its certificate was refused"),
+    ],
+)
+def test_an_untrusted_broker_is_named_with_the_check_that_failed(
+    code: int | None, words: str
+) -> None:
+    got = untrusted_broker("localhost:8883", code, "OpenSSL's words")
+    assert got.reason == "broker_untrusted" and got.security and not got.identity
+    assert got.message.startswith(f"broker localhost:8883 is not trusted: {words}")
+    assert got.message.endswith("(OpenSSL's words)") and not got.renew
 
 
 def test_connack_codes_and_unknown_reasons() -> None:

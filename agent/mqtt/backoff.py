@@ -7,7 +7,9 @@ doubles with each failed round up to the upper bound (AWS's "full jitter", kept 
 lower bound). A fleet that lost its broker at the same instant comes back spread over the cap,
 not in the same second as paho's own doubling without jitter would bring it: after a lost
 connection the first draw already spans [min, min(max, 16 x min)] (1-16 s at the defaults),
-and the rounds after it continue from there.
+and the rounds after it continue from there. After a refusal (the broker refused our identity,
+or our check refused the broker: a security event) the delay is drawn in [max / 2, max]: never
+retried at the lower bound.
 """
 
 from __future__ import annotations
@@ -41,6 +43,11 @@ class ReconnectPolicy:
     def delay(self, failures: int, rng: random.Random) -> float:
         return rng.uniform(self.min_seconds, self.cap(failures))
 
+    def slow_delay(self, rng: random.Random) -> float:
+        """After a refusal (of us, or of the broker by us): at the upper bound, jittered over
+        its upper half, never soon: [max / 2, max] (and never below the lower bound)."""
+        return rng.uniform(max(self.min_seconds, self.max_seconds / 2), self.max_seconds)
+
 
 class ReconnectPlan:
     """Which broker next and when: `failed()` after an attempt that did not connect, `lost()`
@@ -64,16 +71,21 @@ class ReconnectPlan:
 
     def failed(self, now: datetime, *, slow: bool = False) -> None:
         """The attempt to broker `index` failed: the next broker at once, or (after the last one,
-        or with `slow`: the broker refused our identity) a new round after a jittered delay
-        (with `slow`, the longest: retrying soon would be refused the same way)."""
+        or with `slow`: the broker refused our identity, or we refused the broker) a new round
+        after a jittered delay (with `slow`, in the upper half of the upper bound: retrying soon
+        would be refused the same way)."""
         if not slow and self.index + 1 < self._brokers:
             self.index += 1
             self.at = now
             return
         self.failures += 1
         self.index = 0
-        cap_failures = _MAX_EXPONENT if slow else self.failures
-        self.at = now + timedelta(seconds=self.policy.delay(cap_failures, self._rng))
+        delay = (
+            self.policy.slow_delay(self._rng)
+            if slow
+            else self.policy.delay(self.failures, self._rng)
+        )
+        self.at = now + timedelta(seconds=delay)
 
     def lost(self, now: datetime) -> None:
         """A connection ended without our asking: the first broker again, after a draw spread

@@ -25,6 +25,7 @@ import contextlib
 import gc
 import logging
 import random
+import select
 import ssl
 from collections import deque
 from collections.abc import Callable, Collection, Mapping, Sequence
@@ -46,7 +47,7 @@ from agent.mqtt import messages
 from agent.mqtt.backoff import ReconnectPlan, ReconnectPolicy
 from agent.mqtt.commands import ACTIONS, Accepted, CommandVerifier, Refused
 from agent.mqtt.queue import EventQueue
-from agent.mqtt.rejection import Rejection, from_connack, from_tls_reason
+from agent.mqtt.rejection import Rejection, from_connack, from_tls_reason, untrusted_broker
 from agent.mqtt.topics import Topics
 
 __all__ = ["Broker", "ChannelSettings", "MqttChannel", "parse_broker"]
@@ -112,6 +113,16 @@ class ChannelSettings:
     extra_status: Mapping[str, Scalar] = field(default_factory=dict)
 
 
+#: OpenSSL reasons meaning no protocol version both sides accept
+_VERSION_REASONS = (
+    "UNSUPPORTED_PROTOCOL",
+    "TLSV1_ALERT_PROTOCOL_VERSION",
+    "WRONG_SSL_VERSION",
+    "NO_PROTOCOLS_AVAILABLE",
+    "VERSION_TOO_LOW",
+)
+
+
 class IdentitySource(Protocol):
     def current(self) -> Identity | None: ...
 
@@ -119,7 +130,9 @@ class IdentitySource(Protocol):
 ContextFactory = Callable[[Identity], ssl.SSLContext]
 
 
-def _recording_socket_class(sink: list[tuple[str | None, str]]) -> type[ssl.SSLSocket]:
+def _recording_socket_class(
+    sink: list[tuple[str | None, str]], clock: Clock
+) -> type[ssl.SSLSocket]:
     """An SSLSocket that keeps the TLS errors it meets, as (reason, text): in TLS 1.3 the
     broker's alert about our certificate arrives on the first read after the handshake, and paho
     reports only "Unspecified error"; the recorded reason names the alert. (Not the exception
@@ -127,6 +140,10 @@ def _recording_socket_class(sink: list[tuple[str | None, str]]) -> type[ssl.SSLS
 
     def recording(name: str) -> Callable[..., Any]:
         method = getattr(ssl.SSLSocket, name)
+        if name == "do_handshake":
+
+            def method(sock: ssl.SSLSocket, *args: Any, **kwargs: Any) -> None:
+                _handshake_within_timeout(sock, clock)
 
         def call(self: ssl.SSLSocket, *args: Any, **kwargs: Any) -> Any:
             try:
@@ -147,6 +164,36 @@ def _recording_socket_class(sink: list[tuple[str | None, str]]) -> type[ssl.SSLS
 
     names = ("do_handshake", "recv", "recv_into", "read", "send", "sendall", "write")
     return type("RecordingSSLSocket", (ssl.SSLSocket,), {n: recording(n) for n in names})
+
+
+def _handshake_within_timeout(sock: ssl.SSLSocket, clock: Clock) -> None:
+    """The handshake within the socket's timeout as a whole (paho sets it to
+    mqtt.connect_timeout_seconds), not per read: a server that drips its handshake a byte a
+    second would otherwise keep each read under the timeout, and the daemon's loop for hours."""
+    timeout = sock.gettimeout()
+    if not timeout:  # blocking without a limit, or not blocking: as asked
+        ssl.SSLSocket.do_handshake(sock)
+        return
+    end = clock.monotonic() + timeout
+    sock.settimeout(0.0)
+    try:
+        while True:
+            try:
+                ssl.SSLSocket.do_handshake(sock)
+                return
+            except ssl.SSLWantReadError:
+                readers, writers = [sock], []
+            except ssl.SSLWantWriteError:
+                readers, writers = [], [sock]
+            left = end - clock.monotonic()
+            if left <= 0:
+                raise TimeoutError(
+                    f"TLS handshake not done within {timeout:g} s (mqtt.connect_timeout_seconds)"
+                )
+            select.select(readers, writers, [], left)
+    finally:
+        if sock.fileno() >= 0:
+            sock.settimeout(timeout)
 
 
 class MqttChannel:
@@ -379,7 +426,7 @@ class MqttChannel:
         broker = self._broker = self._s.brokers[self._plan.index]
         errors: list[tuple[str | None, str]] = []
         self._ssl_errors = errors
-        ctx.sslsocket_class = _recording_socket_class(errors)
+        ctx.sslsocket_class = _recording_socket_class(errors, self._clock)
         client = self._new_client(ctx, now)
         self._client = client
         self._generation = identity.generation
@@ -404,7 +451,9 @@ class MqttChannel:
         del ctx, client  # only self._client keeps them: _teardown frees the TPM object
         if failure is not None:  # handled after the except block, whose frames hold the context
             if self._client is not None and self._client.on_connect is not None:
-                self._failed(now, failure[0], rejection=failure[1])
+                # the backoff counts from the failure: the connect may have blocked for
+                # connect_timeout_seconds (a handshake dripped to its deadline)
+                self._failed(self._clock.now(), failure[0], rejection=failure[1])
             return
         log.debug("mqtt: connecting to %s as generation %d", broker, identity.generation)
 
@@ -428,9 +477,26 @@ class MqttChannel:
         return client
 
     def _describe(self, error: BaseException) -> str:
-        return " ".join(f"{type(error).__name__}: {error}".split())
+        text = " ".join(f"{type(error).__name__}: {error}".split())
+        reason = (getattr(error, "reason", None) or "") if isinstance(error, ssl.SSLError) else ""
+        if isinstance(error, TimeoutError) and str(error).startswith("TLS handshake"):
+            return str(error)
+        if reason.upper() in _VERSION_REASONS:
+            return (
+                "TLS handshake failed: the broker offers no TLS version >= 1.2 (TLS 1.0 and 1.1 "
+                f"are never used) ({text})"
+            )
+        if isinstance(error, (ssl.SSLEOFError, ssl.SSLZeroReturnError)) or (
+            isinstance(error, ConnectionError) and not isinstance(error, ConnectionRefusedError)
+        ):
+            return f"the broker closed or reset the connection in the TLS handshake ({text})"
+        return text
 
     def _classify_tls(self, error: BaseException | None = None) -> Rejection | None:
+        if isinstance(error, ssl.SSLCertVerificationError) and self._broker is not None:
+            where = f"{self._broker.host}:{self._broker.port}"
+            detail = error.verify_message or str(error)
+            return untrusted_broker(where, error.verify_code, detail)
         candidates = list(self._ssl_errors)
         if isinstance(error, ssl.SSLError):
             candidates.append((error.reason, str(error)))
@@ -516,6 +582,11 @@ class MqttChannel:
         self._teardown()
         if rejection is not None and rejection.identity:
             self._rejected(now, rejection)
+            return
+        if rejection is not None and rejection.security:  # we cannot trust it: not hammered
+            self._last_error = rejection.message
+            log.error("mqtt: security: %s; retrying slowly", self._last_error)
+            self._plan.failed(now, slow=True)
             return
         self._last_error = f"{broker}: {rejection.message if rejection else what}"
         log.warning("mqtt: %s", self._last_error)

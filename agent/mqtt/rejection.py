@@ -12,15 +12,17 @@ reason code (MQTT v5 codes; paho maps the 3.1.1 return codes onto them).
   operator must fix the broker's CA file (or our EST CA changed: the CA refresh's job).
 - bad certificate, certificate required, not authorized, bad user name, banned: reported and
   retried slowly; not ours to repair.
-- our own check of the broker failing (`broker_untrusted`, hostname mismatch) is not a
-  rejection of us: the next broker is tried, with the usual backoff.
+- our own check of the broker failing (`broker_untrusted`: another host name, expired, another
+  CA's chain) is not a rejection of us but a security event (a man in the middle, or a broken
+  broker): said in one line naming which check failed, and retried slowly, never at the lower
+  bound.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["Rejection", "from_connack", "from_tls_reason"]
+__all__ = ["Rejection", "from_connack", "from_tls_reason", "untrusted_broker"]
 
 
 @dataclass(frozen=True)
@@ -32,6 +34,8 @@ class Rejection:
     identity: bool = True
     #: a new certificate would fix it: ask the scheduler for a renewal
     renew: bool = False
+    #: a security event (we cannot trust the broker): logged as an error, retried slowly
+    security: bool = False
 
 
 _TLS = {
@@ -66,8 +70,37 @@ def from_tls_reason(reason: str | None, message: str) -> Rejection | None:
             name, f"the broker refused our certificate: {name} ({message})", renew=renew
         )
     if reason in _OURS:
-        return Rejection(_OURS[reason], f"the broker's certificate: {message}", identity=False)
+        return Rejection(
+            _OURS[reason], f"the broker's certificate: {message}", identity=False, security=True
+        )
     return None
+
+
+_OTHER_CA = "(another CA: a man in the middle, or the wrong mqtt.ca_file)"
+#: OpenSSL verify codes (X509_V_ERR_*) for the broker's certificate, in words
+_UNTRUSTED = {
+    2: f"its certificate's issuer is not in mqtt.ca_file {_OTHER_CA}",
+    18: f"its certificate is self-signed and not in mqtt.ca_file {_OTHER_CA}",
+    19: f"its chain ends in a root that is not in mqtt.ca_file {_OTHER_CA}",
+    20: f"its certificate does not chain to mqtt.ca_file {_OTHER_CA}",
+    21: f"its certificate does not chain to mqtt.ca_file {_OTHER_CA}",
+    9: "its certificate is not valid yet (or this device's clock is behind)",
+    10: "its certificate has expired (or this device's clock is ahead)",
+    62: "its certificate is for another host name",  # X509_V_ERR_HOSTNAME_MISMATCH
+    64: "its certificate is for another address",  # X509_V_ERR_IP_ADDRESS_MISMATCH
+}
+
+
+def untrusted_broker(where: str, verify_code: int | None, detail: str) -> Rejection:
+    """Our check of the broker's certificate failed (OpenSSL's verify code and message): one
+    line naming the check, OpenSSL's words after it."""
+    words = _UNTRUSTED.get(verify_code or 0, "its certificate was refused")
+    return Rejection(
+        "broker_untrusted",
+        f"broker {where} is not trusted: {words} ({detail})",
+        identity=False,
+        security=True,
+    )
 
 
 def from_connack(code: int, name: str) -> Rejection | None:
