@@ -41,7 +41,7 @@ def probe(
     clock: Clock,
 ) -> ProbeResult:
     errors: list[tuple[str | None, str]] = []
-    context.sslsocket_class = _recording_socket_class(errors)
+    context.sslsocket_class = _recording_socket_class(errors, clock)
     v5 = protocol == "5"
     client = mqtt.Client(
         CallbackAPIVersion.VERSION2,
