@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -14,6 +15,7 @@ from tests.support.swtpm import Swtpm
 
 if TYPE_CHECKING:
     from tests.support.device import Device
+    from tests.support.service import Notifications, Service
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -75,3 +77,23 @@ def device(tmp_path: Path, swtpm: Swtpm, est: EstServer) -> Device:
     from tests.support.device import Device
 
     return Device(tmp_path, swtpm, est)
+
+
+@pytest.fixture
+def notify(tmp_path: Path) -> Iterator[Notifications]:
+    """A datagram socket standing in for systemd's NOTIFY_SOCKET (tests/support/service.py)."""
+    from tests.support.service import Notifications
+
+    n = Notifications(tmp_path / "notify")
+    yield n
+    n.close()
+
+
+@pytest.fixture
+def services() -> Iterator[list[Service]]:
+    """Services a test starts (append them): any still running at the end is killed."""
+    started: list[Service] = []
+    yield started
+    for s in started:
+        if s.proc.poll() is None:
+            s.stop(signal.SIGKILL)

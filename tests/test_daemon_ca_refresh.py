@@ -22,8 +22,8 @@ from agent.est.response import fingerprint
 from tests.support.ca import pem
 from tests.support.device import Device
 from tests.support.est_server import EstOptions, EstServer
+from tests.support.service import LIFETIME, Notifications, Service, configure, current, wait_for
 from tests.support.swtpm import Swtpm
-from tests.test_daemon import LIFETIME, Notifications, Service, configure, current, wait_for
 
 Metrics = dict[str, list[tuple[dict[str, str], float]]]
 
@@ -40,22 +40,6 @@ def device(tmp_path: Path, swtpm: Swtpm, est: EstServer) -> Device:
     d.basic()
     d.configure(cacerts_refresh_seconds=1)  # a refresh about every second
     return d
-
-
-@pytest.fixture
-def notify(tmp_path: Path) -> Iterator[Notifications]:
-    n = Notifications(tmp_path / "notify")
-    yield n
-    n.close()
-
-
-@pytest.fixture
-def services() -> Iterator[list[Service]]:
-    started: list[Service] = []
-    yield started
-    for s in started:
-        if s.proc.poll() is None:
-            s.stop(signal.SIGKILL)
 
 
 def service_config(device: Device, window: float = 0.95) -> None:

@@ -18,18 +18,8 @@ from pathlib import Path
 
 from tests.support.device import Device
 from tests.support.enroll_env import snapshot
-from tests.test_daemon import (  # noqa: F401 - fixtures
-    Notifications,
-    Service,
-    configure,
-    current,
-    device,
-    est,
-    notify,
-    services,
-    state,
-    wait_for,
-)
+from tests.support.service import Notifications, Service, configure, current, state, wait_for
+from tests.test_daemon import device, est  # noqa: F401 - fixtures
 
 
 def _time(value: object) -> datetime:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,8 +29,8 @@ from tests.support.device import Device
 from tests.support.enroll_env import snapshot
 from tests.support.est_server import EstOptions, EstServer
 from tests.support.faulty_broker import FAULTS, FaultyBroker
+from tests.support.service import Notifications, Service, wait_for
 from tests.support.swtpm import Swtpm
-from tests.test_daemon import Notifications, Service, wait_for
 
 RECONNECT_MIN = 0.1
 RECONNECT_MAX = 2.0
@@ -94,22 +93,6 @@ def device(tmp_path: Path, swtpm: Swtpm, est: EstServer) -> Device:
     d = Device(tmp_path, swtpm, est)
     d.basic()
     return d
-
-
-@pytest.fixture
-def notify(tmp_path: Path) -> Iterator[Notifications]:
-    n = Notifications(tmp_path / "notify")
-    yield n
-    n.close()
-
-
-@pytest.fixture
-def services() -> Iterator[list[Service]]:
-    started: list[Service] = []
-    yield started
-    for s in started:
-        if s.proc.poll() is None:
-            s.stop(signal.SIGKILL)
 
 
 def with_faulty_broker(device: Device, server: FaultyBroker) -> None:

@@ -24,8 +24,8 @@ from hal.tpm import transient_objects
 from tests.support.device import Device
 from tests.support.est_server import EstOptions, EstServer
 from tests.support.mosquitto import Mosquitto, Observer
+from tests.support.service import Notifications, Service, configure, current, generations, wait_for
 from tests.support.swtpm import Swtpm
-from tests.test_daemon import Notifications, Service, configure, current, generations, wait_for
 
 LIFETIME = 105
 DEVICE = "gw-0001"
@@ -46,22 +46,6 @@ def device(tmp_path: Path, swtpm: Swtpm, est: EstServer) -> Device:
     d = Device(tmp_path, swtpm, est)
     d.basic()
     return d
-
-
-@pytest.fixture
-def notify(tmp_path: Path) -> Iterator[Notifications]:
-    n = Notifications(tmp_path / "notify")
-    yield n
-    n.close()
-
-
-@pytest.fixture
-def services() -> Iterator[list[Service]]:
-    started: list[Service] = []
-    yield started
-    for s in started:
-        if s.proc.poll() is None:
-            s.stop(signal.SIGKILL)
 
 
 @pytest.fixture
