@@ -196,6 +196,23 @@ def _handshake_within_timeout(sock: ssl.SSLSocket, clock: Clock) -> None:
             sock.settimeout(timeout)
 
 
+def rejection_from_tls(
+    recorded: Sequence[tuple[str | None, str]], error: BaseException | None
+) -> Rejection | None:
+    """What the TLS errors a connection met (recorded by `_recording_socket_class`, newest
+    last, then `error`) say about an identity, or None when they say nothing about one."""
+    candidates = list(recorded)
+    if isinstance(error, ssl.SSLError):
+        candidates.append((error.reason, str(error)))
+    for reason, text in reversed(candidates):
+        found = from_tls_reason(reason, text)
+        if found is not None:
+            return found
+    if isinstance(error, ssl.CertificateError):
+        return Rejection("broker_untrusted", f"the broker's certificate: {error}", identity=False)
+    return None
+
+
 class MqttChannel:
     """The Component (agent/components.py) named "mqtt"."""
 
@@ -497,18 +514,7 @@ class MqttChannel:
             where = f"{self._broker.host}:{self._broker.port}"
             detail = error.verify_message or str(error)
             return untrusted_broker(where, error.verify_code, detail)
-        candidates = list(self._ssl_errors)
-        if isinstance(error, ssl.SSLError):
-            candidates.append((error.reason, str(error)))
-        for reason, text in reversed(candidates):
-            found = from_tls_reason(reason, text)
-            if found is not None:
-                return found
-        if isinstance(error, ssl.CertificateError):
-            return Rejection(
-                "broker_untrusted", f"the broker's certificate: {error}", identity=False
-            )
-        return None
+        return rejection_from_tls(self._ssl_errors, error)
 
     # -- paho callbacks (called inside loop_read/loop_write/connect, in this thread) -----------
 

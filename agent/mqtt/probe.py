@@ -18,8 +18,8 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
 from agent.clock import Clock
-from agent.mqtt.channel import Broker, _recording_socket_class
-from agent.mqtt.rejection import from_connack, from_tls_reason
+from agent.mqtt.channel import Broker, _recording_socket_class, rejection_from_tls
+from agent.mqtt.rejection import from_connack
 
 PROBE_SUFFIX = "-probe"
 
@@ -82,15 +82,9 @@ def probe(
 
 
 def _failed(errors: list[tuple[str | None, str]], error: BaseException | None) -> ProbeResult:
-    candidates = list(errors)
-    if isinstance(error, ssl.SSLError):
-        candidates.append((error.reason, str(error)))
-    for reason, text in reversed(candidates):
-        found = from_tls_reason(reason, text)
-        if found is not None:
-            return ProbeResult("rejected", found.message)
-    if isinstance(error, ssl.CertificateError):
-        return ProbeResult("rejected", f"the broker's certificate: {error}")
+    found = rejection_from_tls(errors, error)
+    if found is not None:
+        return ProbeResult("rejected", found.message)
     if error is None:
         return ProbeResult("unreachable", "the connection closed before CONNACK")
     return ProbeResult("unreachable", " ".join(f"{type(error).__name__}: {error}".split()))
