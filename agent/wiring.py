@@ -966,9 +966,10 @@ def broker_proof(config: Config, channel: Component) -> Callable[[Identity], Non
     from agent.clock import SystemClock
     from agent.errors import TrustError
     from agent.mqtt.channel import parse_broker
-    from agent.mqtt.probe import probe
+    from agent.mqtt.probe import probe_in_order
 
     m = config.mqtt
+    brokers = [parse_broker(url) for url in m.brokers]
     make_context = mqtt_context(config)
     log = logging.getLogger("agent.mqtt")
     clock = SystemClock()
@@ -979,25 +980,25 @@ def broker_proof(config: Config, channel: Component) -> Callable[[Identity], Non
             return
         import gc
 
-        seen = []
-        for url in m.brokers:
-            broker = parse_broker(url)
-            gc.collect()  # the EST proof's context (a TPM object) is gone before ours is made
-            result = probe(broker, make_context(identity), client_id=m.client_id or
-                           config.device.id, protocol=m.protocol,
-                           timeout=m.connect_timeout_seconds, clock=clock)  # fmt: skip
-            if result.outcome == "accepted":
-                log.info("mqtt: %s takes identity generation %d (%s)", broker,
-                         identity.generation, result.detail)  # fmt: skip
-                return
-            if result.outcome == "rejected":
-                raise TrustError(  # a security event: retried at the slow pace, the old one kept
-                    f"the MQTT broker {broker} refuses the new identity (generation "
-                    f"{identity.generation}) while it takes the current one: {result.detail}"
-                )
-            seen.append(f"{broker}: {result.detail}")
-        log.warning("mqtt: no broker reachable to prove the new identity to (%s): the EST "
-                    "proof decides", "; ".join(seen))  # fmt: skip
+        def context() -> ssl.SSLContext:
+            gc.collect()  # the last context (a TPM object) is gone before this one is made
+            return make_context(identity)
+
+        broker, result = probe_in_order(
+            brokers, context, client_id=m.client_id or config.device.id, protocol=m.protocol,
+            timeout=m.connect_timeout_seconds, clock=clock,
+        )  # fmt: skip
+        if result.outcome == "accepted":
+            log.info("mqtt: %s takes identity generation %d (%s)", broker,
+                     identity.generation, result.detail)  # fmt: skip
+        elif result.outcome == "rejected":
+            raise TrustError(  # a security event: retried at the slow pace, the old one kept
+                f"the MQTT broker {broker} refuses the new identity (generation "
+                f"{identity.generation}) while it takes the current one: {result.detail}"
+            )
+        else:
+            log.warning("mqtt: no broker reachable to prove the new identity to (%s): the EST "
+                        "proof decides", result.detail)  # fmt: skip
 
     return prove
 

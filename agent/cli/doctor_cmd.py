@@ -589,7 +589,7 @@ def check_mqtt_broker(ctx: Context) -> Finding:
     from agent.clock import SystemClock
     from agent.errors import AgentError
     from agent.mqtt.channel import parse_broker
-    from agent.mqtt.probe import probe
+    from agent.mqtt.probe import probe_in_order
     from agent.wiring import identity_store, mqtt_context
 
     m = ctx.config.mqtt
@@ -601,29 +601,25 @@ def check_mqtt_broker(ctx: Context) -> Finding:
         return Finding("mqtt_broker", ERROR, f"no identity to connect with: {e}")
     if identity is None:
         return Finding("mqtt_broker", WARNING, "not enrolled: no identity to connect with yet")
-    timeout = min(PROBE_TIMEOUT_SECONDS, m.connect_timeout_seconds)
-    seen = []
-    for url in m.brokers:
-        broker = parse_broker(url)
-        try:
-            context = mqtt_context(ctx.config)(identity)
-        except (AgentError, OSError, ValueError) as e:
-            return Finding(
-                "mqtt_broker", ERROR, f"cannot make a TLS context with the identity: {e}"
-            )
-        result = probe(broker, context, client_id=m.client_id or ctx.config.device.id,
-                       protocol=m.protocol, timeout=timeout, clock=SystemClock())  # fmt: skip
-        del context  # its TPM object goes with it
-        if result.outcome == "accepted":
-            return Finding(
-                "mqtt_broker",
-                OK,
-                f"{broker} accepts identity generation {identity.generation} ({result.detail})",
-            )
-        if result.outcome == "rejected":
-            return Finding("mqtt_broker", ERROR, f"{broker}: {result.detail}")
-        seen.append(f"{broker}: {result.detail}")
-    return Finding("mqtt_broker", ERROR, "no broker reachable: " + "; ".join(seen))
+    context_for = mqtt_context(ctx.config)
+    try:
+        broker, result = probe_in_order(
+            [parse_broker(url) for url in m.brokers], lambda: context_for(identity),
+            client_id=m.client_id or ctx.config.device.id, protocol=m.protocol,
+            timeout=min(PROBE_TIMEOUT_SECONDS, m.connect_timeout_seconds), clock=SystemClock(),
+        )  # fmt: skip
+    except (AgentError, OSError, ValueError) as e:
+        why = f"cannot make a TLS context with the identity: {e}"
+        return Finding("mqtt_broker", ERROR, why)
+    if result.outcome == "accepted":
+        return Finding(
+            "mqtt_broker",
+            OK,
+            f"{broker} accepts identity generation {identity.generation} ({result.detail})",
+        )
+    if result.outcome == "rejected":
+        return Finding("mqtt_broker", ERROR, f"{broker}: {result.detail}")
+    return Finding("mqtt_broker", ERROR, f"no broker reachable: {result.detail}")
 
 
 CHECKS: list[Callable[[Context], Finding]] = [

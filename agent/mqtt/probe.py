@@ -10,6 +10,7 @@ included.
 from __future__ import annotations
 
 import ssl
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -79,6 +80,27 @@ def probe(
         sock = client.socket()
         if sock is not None:
             sock.close()
+
+
+def probe_in_order(
+    brokers: Sequence[Broker],
+    make_context: Callable[[], ssl.SSLContext],
+    *,
+    client_id: str,
+    protocol: str,
+    timeout: float,
+    clock: Clock,
+) -> tuple[Broker | None, ProbeResult]:
+    """The brokers in order (as the channel fails over) until one answers: the first that
+    accepts or refuses, with its result; else (None, "unreachable" naming each broker)."""
+    seen = []
+    for broker in brokers:
+        result = probe(broker, make_context(), client_id=client_id, protocol=protocol,
+                       timeout=timeout, clock=clock)  # fmt: skip
+        if result.outcome != "unreachable":
+            return broker, result
+        seen.append(f"{broker}: {result.detail}")
+    return None, ProbeResult("unreachable", "; ".join(seen))
 
 
 def _failed(errors: list[tuple[str | None, str]], error: BaseException | None) -> ProbeResult:
