@@ -480,11 +480,9 @@ def _firmware_status_as_root(config: Config) -> FirmwareStatus:
 def firmware_status(config: Config) -> FirmwareStatus:
     """As root, from root's own state; as anyone else (the service), from the snapshot root
     leaves after every firmware command: never from root's files, which it cannot vouch for."""
-    import json
     import os
 
     from agent.errors import StorageError
-    from agent.firmware.status import FirmwareStatus
 
     if os.geteuid() == 0:
         return _firmware_status_as_root(config)
@@ -502,11 +500,21 @@ def firmware_status(config: Config) -> FirmwareStatus:
             f"no firmware status snapshot at {path} yet: root writes it at its next firmware "
             "install, commit (every boot, by the mark-good service) or rollback"
         )
+    return _firmware_status_json(data, f"firmware status snapshot {path}", str(path))
+
+
+def _firmware_status_json(data: bytes, what: str, where: str) -> FirmwareStatus:
+    """A FirmwareStatus from its JSON (`to_dict`): the snapshot, or the service's last seen."""
+    import json
+
+    from agent.errors import StorageError
+    from agent.firmware.status import FirmwareStatus
+
     try:
         table = json.loads(data)
     except (ValueError, RecursionError) as e:
-        raise StorageError(f"firmware status snapshot {path} is not JSON: {e}") from e
-    return FirmwareStatus.from_dict(table, where=str(path))
+        raise StorageError(f"{what} is not JSON: {e}") from e
+    return FirmwareStatus.from_dict(table, where=where)
 
 
 # -- status --------------------------------------------------------------------------------------
@@ -703,8 +711,6 @@ def firmware_watch(config: Config, *, clock: Clock | None = None) -> Component:
     import json
 
     from agent.clock import SystemClock
-    from agent.errors import StorageError
-    from agent.firmware.status import FirmwareStatus
     from agent.firmware_watch import FirmwareWatch
 
     store = state_dir_store(config)
@@ -714,11 +720,7 @@ def firmware_watch(config: Config, *, clock: Clock | None = None) -> Component:
         if data is None:
             return None
         where = str(config.paths.state_dir / FIRMWARE_SEEN_FILE)
-        try:
-            table = json.loads(data)
-        except ValueError as e:
-            raise StorageError(f"{where}: not JSON: {e}") from e
-        return FirmwareStatus.from_dict(table, where=where)
+        return _firmware_status_json(data, f"the firmware status last seen, {where},", where)
 
     def remember(status: FirmwareStatus) -> None:
         store.write(FIRMWARE_SEEN_FILE, json.dumps(status.to_dict(), sort_keys=True).encode())
