@@ -663,6 +663,9 @@ class Config:
     mqtt: MqttConfig = field(default_factory=MqttConfig)
     #: where this config was read from (not a TOML key)
     source: Path = field(default=Path("<defaults>"), metadata={"internal": True})
+    #: the text it was parsed from, so that the service's attempt process works under exactly
+    #: this config, not whatever the file holds by then (agent/attempt_process.py)
+    text: str = field(default="", repr=False, compare=False, metadata={"internal": True})
 
 
 def parse_config(text: str, *, source: Path = Path("<string>")) -> Config:
@@ -678,7 +681,7 @@ def parse_config(text: str, *, source: Path = Path("<string>")) -> Config:
     loader = Loader(source)
     config = loader.build(Config, table)
     _check_subject(loader, config)
-    config = dataclasses.replace(config, source=source)
+    config = dataclasses.replace(config, source=source, text=text)
     check_cross_keys(config)
     return config
 

@@ -36,12 +36,11 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from functools import partial
 from types import FrameType
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 from agent.clock import Clock, Interrupt
 from agent.components import Component, Event, EventKind, IdentitySummary, Scalar, Snapshot
 from agent.config import Config
-from agent.enroll import Enroller, EnrollResult
 from agent.errors import AgentError, classify
 from agent.identity import Identity, IdentityStore
 from agent.renewal import Action, CertFacts, Decision, Failure, RenewalPolicy, decide
@@ -64,12 +63,31 @@ MAX_RETRY_AFTER_SECONDS = 7 * 86400.0
 HOOK_OUTPUT_CHARS = 2000
 
 
+class Attempted(Protocol):
+    """A successful attempt (agent/enroll.py EnrollResult, agent/attempt_process.py Attempted)."""
+
+    @property
+    def identity(self) -> Identity: ...
+
+    @property
+    def changed(self) -> bool: ...
+
+
+class Attempts(Protocol):
+    """What acts for the scheduler: the service's attempt process (agent/attempt_process.py),
+    or an Enroller in this process (tests)."""
+
+    def renew(self) -> Attempted: ...
+
+    def enroll(self, *, force: bool = False) -> Attempted: ...
+
+
 @dataclass(frozen=True)
 class DaemonParts:
     """What the daemon works with under one config."""
 
     config: Config
-    enroller: Enroller
+    enroller: Attempts
     identities: IdentityStore
     policy: RenewalPolicy
     bootstrap_available: bool
@@ -445,7 +463,7 @@ class Daemon:
         self._dispatch()
         return state
 
-    def _run_hooks(self, parts: DaemonParts, result: EnrollResult) -> None:
+    def _run_hooks(self, parts: DaemonParts, result: Attempted) -> None:
         identity = result.identity
         env = {
             "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",

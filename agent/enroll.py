@@ -35,6 +35,7 @@ from agent.errors import (
 )
 from agent.est import trust
 from agent.est.auth import BasicCredentials
+from agent.est.ca_source import server_name
 from agent.est.client import CsrFactory, EstClient
 from agent.est.csr import make_csr, rebind, subject_of
 from agent.est.csrattrs import CsrAttrsHints, CsrPlan, parse_csrattrs, plan_csr
@@ -180,45 +181,6 @@ class Enroller:
                 reenroll=True, client_identity=identity, current=current, reuse_key=reuse_key
             )
             return dataclasses.replace(result, repair=repair)
-
-    # -- the CA set, for the scheduled /cacerts refresh (agent/ca_service.py) -------------------
-
-    def explicit_anchor(self) -> Path | None:
-        """The anchor file that authenticates the EST server, or None before a fingerprint
-        bootstrap stored one (a refresh never bootstraps: that is for enrollment)."""
-        return trust.configured_anchor(
-            trust_anchor=self._est.trust_anchor,
-            state_dir=self._config.paths.state_dir,
-            fingerprint=self._est.bootstrap_fingerprint_sha256,
-        )
-
-    def fetch_cacerts(self, anchor: Path) -> list[x509.Certificate]:
-        """GET /cacerts over TLS verified against `anchor`; no client certificate (RFC 7030
-        4.1.1: anonymous), so no TPM object is used."""
-        return self._client(anchor, None).cacerts()
-
-    def stored_ca_set(self) -> list[x509.Certificate]:
-        """The stored EST CA set (empty before the first enrollment)."""
-        pem = self.store.cacerts_pem()
-        if not pem:
-            return []
-        try:
-            return x509.load_pem_x509_certificates(pem)
-        except ValueError as e:
-            raise StorageError(f"{self.store.cacerts_file}: not PEM certificates: {e}") from e
-
-    def adopt_ca_set(self, certs: list[x509.Certificate], anchor: Path) -> None:
-        """Replace the stored CA set with one the CA refresh judged (agent/ca_refresh.py),
-        atomically, under the enrollment lock, and remember it as this server's so that the
-        next enrollment uses it instead of fetching /cacerts."""
-        with self.store.exclusive():
-            memory = self.memory.load(
-                server=self._server_name(), anchor_sha256=self.memory.file_sha256(anchor)
-            )
-            # the memory first: cut between the two, the stored set no longer matches it, so the
-            # next enrollment fetches /cacerts and the next refresh stores the set again
-            self.memory.save(replace(memory, cacerts_sha256=ca_set_sha256(certs)))
-            self.store.replace_cacerts(certs)
 
     # -- the flow ------------------------------------------------------------------------------
 
@@ -433,7 +395,7 @@ class Enroller:
         )
 
     def _server_name(self) -> str:
-        return f"{self._est.url} label={self._est.label}"
+        return server_name(self._config)
 
     def _stored_ca_certs(
         self, skew: timedelta, memory: ServerMemory

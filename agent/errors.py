@@ -57,6 +57,7 @@ __all__ = [
     "Kind",
     "NotEnrolled",
     "ProviderError",
+    "Reported",
     "RollbackError",
     "StateConflict",
     "StorageError",
@@ -187,6 +188,15 @@ CLIENT_CERT_ALERTS = (
 )
 
 
+class Reported(AgentError):
+    """An error another process of the agent met and classified (the service's attempt process,
+    agent/attempt_process.py): its message and disposition travel here as they were."""
+
+    def __init__(self, message: str, disposition: Disposition) -> None:
+        super().__init__(message)
+        self.disposition = disposition
+
+
 def _client_cert_alert(error: BaseException) -> bool:
     """Somewhere in the cause chain, an SSL error whose reason is a client-certificate alert.
 
@@ -204,6 +214,8 @@ def _client_cert_alert(error: BaseException) -> bool:
 
 def classify(error: BaseException) -> Disposition:
     """What to do about `error`. Pure: looks only at the error and its causes."""
+    if isinstance(error, Reported):
+        return error.disposition
     if isinstance(error, ConfigError):
         return Disposition(Kind.CONFIG)
     if isinstance(error, Busy):

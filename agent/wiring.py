@@ -28,11 +28,15 @@ if TYPE_CHECKING:
     import ssl
     from datetime import datetime
 
+    from cryptography import x509
+
     from agent.audit_log import AuditLog
+    from agent.ca_service import CaSource
     from agent.clock import Clock, Interrupt
     from agent.components import Component, Snapshot
     from agent.daemon import Daemon, DaemonParts
     from agent.enroll import Enroller, TransportFactory
+    from agent.est.ca_source import EstCaSource
     from agent.est.memory import MemoryStore
     from agent.est.pending import PendingStore
     from agent.firmware.chain import NamedCrl, TrustPolicy
@@ -521,7 +525,11 @@ def _firmware_status_json(data: bytes, what: str, where: str) -> FirmwareStatus:
 
 
 def status_collector(
-    config: Config, *, clock: Clock | None = None, key_check: bool = True
+    config: Config,
+    *,
+    clock: Clock | None = None,
+    key_check: bool = True,
+    checker: Callable[[Identity], None] | None = None,
 ) -> StatusCollector:
     from datetime import timedelta
 
@@ -536,7 +544,7 @@ def status_collector(
         firmware=(lambda: firmware_status(config)) if config.firmware.compatible else None,
         clock=clock or SystemClock(),
         skew=timedelta(seconds=config.est.clock_skew_seconds),
-        key_check=identity_key_check(config) if key_check else None,
+        key_check=(checker or identity_key_check(config)) if key_check else None,
         trust=(lambda: est_trust_status(config)) if config.est.url else None,
     )
 
@@ -676,27 +684,51 @@ def scheduler_state_store(config: Config) -> SchedulerStateStore:
 
 
 def daemon_parts(config: Config, *, interrupt: Interrupt | None = None) -> DaemonParts:
+    """The service's parts. Attempts run in a process of their own (agent/attempt_process.py):
+    this long-lived one never imports the TPM stack or the enrollment code."""
+    from agent.attempt_process import AttemptProcess
     from agent.daemon import DaemonParts
 
     est = config.est
-    transports = https_transport_factory(config, interrupt=interrupt)
     channel = mqtt_channel(config) if config.mqtt.enabled else None
-    proofs = () if channel is None else (broker_proof(config, channel),)
-    enroll = enroller(config, prove_rotation=True, transport_factory=transports, more_proofs=proofs)
-    components: list[Component] = [ca_refresher(config, enroll), *metrics_writers(config)]
+    attempts = AttemptProcess(
+        config=config,
+        identities=identity_store(config),
+        broker_connected=lambda: channel is not None and bool(channel.status().get("connected")),
+        interrupt=interrupt,
+    )
+    components: list[Component] = [
+        ca_refresher(config, ca_source(config, fetch=attempts.fetch_cacerts)),
+        *metrics_writers(config),
+    ]
     if config.control.enabled:
-        components.append(control_server(config))
+        components.append(control_server(config, check_key=attempts.check_key))
     if channel is not None:
         components.append(channel)
     if config.firmware.compatible:
         components.append(firmware_watch(config))
     return DaemonParts(
         config=config,
-        enroller=enroll,
+        enroller=attempts,
         identities=identity_store(config),
         policy=renewal_policy(config),
         bootstrap_available=bool(est.username) or est.idevid_cert is not None,
         components=tuple(components),
+    )
+
+
+def attempt_enroller(
+    config: Config, *, interrupt: Interrupt | None, broker_connected: bool
+) -> Enroller:
+    """The enroller of the service's attempt process (agent/attempt_worker.py): every rotation
+    proven over mutual TLS to the EST server, and to the MQTT broker while the service's channel
+    is connected; a request in progress ends when the service stops."""
+    proofs = (broker_proof(config, lambda: broker_connected),) if config.mqtt.enabled else ()
+    return enroller(
+        config,
+        prove_rotation=True,
+        transport_factory=https_transport_factory(config, interrupt=interrupt),
+        more_proofs=proofs,
     )
 
 
@@ -734,8 +766,54 @@ def firmware_watch(config: Config, *, clock: Clock | None = None) -> Component:
     )
 
 
-def ca_refresher(config: Config, source: Enroller) -> Component:
-    """The scheduled /cacerts refresh (agent/ca_service.py), through the service's enroller."""
+def ca_source(
+    config: Config,
+    *,
+    fetch: Callable[[Path], list[x509.Certificate]] | None = None,
+    interrupt: Interrupt | None = None,
+) -> EstCaSource:
+    """The EST CA set for the refresh: the enrollment's anchor, store, memory and lock; /cacerts
+    by `fetch` (the service's attempt process), else over HTTPS here with the enrollment's
+    limits, a request in progress ending when `interrupt` trips."""
+    from agent.est.ca_source import EstCaSource
+
+    return EstCaSource(
+        config=config,
+        store=identity_store(config),
+        memory=memory_store(config),
+        fetch=fetch or _cacerts_over_https(config, interrupt),
+    )
+
+
+def _cacerts_over_https(
+    config: Config, interrupt: Interrupt | None
+) -> Callable[[Path], list[x509.Certificate]]:
+    from urllib.parse import urlsplit
+
+    from agent.clock import SystemClock
+    from agent.est.auth import load_basic_credentials
+    from agent.est.client import EstClient
+
+    est = config.est
+    transports = https_transport_factory(config, interrupt=interrupt)
+    credentials = load_basic_credentials(est.username, est.password_file)
+
+    def fetch(anchor: Path) -> list[x509.Certificate]:
+        client = EstClient(
+            transport=transports(anchor),
+            prefix=urlsplit(est.url).path.rstrip("/"),
+            label=est.label,
+            credentials=credentials,
+            send_credentials_upfront=est.send_credentials_upfront,
+            clock=SystemClock(),
+        )
+        return client.cacerts()
+
+    return fetch
+
+
+def ca_refresher(config: Config, source: CaSource) -> Component:
+    """The scheduled /cacerts refresh (agent/ca_service.py)."""
     from datetime import timedelta
 
     from agent.ca_refresh import RefreshPolicy
@@ -806,10 +884,14 @@ STATUS_CACHE_SECONDS = 1.0
 
 
 def control_status_answer(
-    config: Config, *, clock: Clock | None = None
+    config: Config,
+    *,
+    check_key: Callable[[Identity], None] | None = None,
+    clock: Clock | None = None,
 ) -> Callable[[Snapshot], dict[str, Any]]:
     """What the daemon answers `status` with: the model `status` prints (the disk parts collected
-    here, with the service's snapshot), its text, and its exit code."""
+    here, the key checked by `check_key`, with the service's snapshot), its text, and its exit
+    code."""
     from dataclasses import replace
 
     from agent.clock import SystemClock
@@ -818,7 +900,7 @@ def control_status_answer(
     from agent.status_codes import status_code
 
     clock = clock or SystemClock()
-    collector = status_collector(config, clock=clock)
+    collector = status_collector(config, clock=clock, checker=check_key)
     cache: list[tuple[float, int | None, AgentStatus]] = []
 
     def answer(snapshot: Snapshot) -> dict[str, Any]:
@@ -841,7 +923,12 @@ def control_status_answer(
     return answer
 
 
-def control_server(config: Config, *, clock: Clock | None = None) -> Component:
+def control_server(
+    config: Config,
+    *,
+    check_key: Callable[[Identity], None] | None = None,
+    clock: Clock | None = None,
+) -> Component:
     import os
 
     from agent.clock import SystemClock
@@ -855,7 +942,7 @@ def control_server(config: Config, *, clock: Clock | None = None) -> Component:
         open_run_dir=lambda: _checked_dir_fd(config.paths.run_dir),
         policy=Policy(service_uid=os.geteuid(), readers_gid=readers),
         group=readers if readers is not None else os.getegid(),
-        status=control_status_answer(config, clock=clock),
+        status=control_status_answer(config, check_key=check_key, clock=clock),
         audit=service_audit_log(config, clock=clock),
         request_timeout_seconds=config.control.request_timeout_seconds,
         max_clients=config.control.max_clients,
@@ -960,7 +1047,7 @@ def mqtt_command_verifier(config: Config) -> CommandVerifier:
     return verify
 
 
-def broker_proof(config: Config, channel: Component) -> Callable[[Identity], None]:
+def broker_proof(config: Config, connected: Callable[[], bool]) -> Callable[[Identity], None]:
     """Verified rotation, the broker's part: while the channel is connected (the broker takes
     the current identity), the new one must be taken too, or the rotation is refused and the
     old identity stays. A broker that is down, or that refuses the current identity as well,
@@ -977,7 +1064,7 @@ def broker_proof(config: Config, channel: Component) -> Callable[[Identity], Non
     clock = SystemClock()
 
     def prove(identity: Identity) -> None:
-        if not channel.status().get("connected"):
+        if not connected():
             log.info("mqtt: not connected, so the broker's proof of the new identity is skipped")
             return
         import gc

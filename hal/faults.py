@@ -35,6 +35,30 @@ def point(where: str) -> None:
         os._exit(CRASH_EXIT)
 
 
+def child_environment() -> dict[str, str]:
+    """What a helper process of the service needs in its environment so that the crash points
+    count on there: one numbering for the whole service, as one power cut ends both."""
+    if _target is None:
+        return {}
+    return {ENV: str(_target - _passed)}  # >= 1: at 0 this process would have ended already
+
+
+def child_ended(returncode: int, points_passed: int) -> None:
+    """A helper process ended: a crash point there ends this process too (the power is cut for
+    both); the points it passed count as passed here."""
+    global _passed
+    if _target is None:
+        return
+    if returncode == CRASH_EXIT:
+        os._exit(CRASH_EXIT)
+    _passed += points_passed
+
+
+def passed() -> int:
+    """The crash points this process has passed (0 when they are off)."""
+    return _passed
+
+
 def armed() -> bool:
     """Whether crash points are on (so callers may wrap what they would not otherwise)."""
     return _target is not None

@@ -19,7 +19,7 @@ from agent.ca_service import CaRefresher
 from agent.clock import SystemClock
 from agent.components import Event, EventKind, Snapshot
 from agent.config import Config, load_config
-from agent.wiring import ca_refresher, enroller
+from agent.wiring import ca_refresher, ca_source, enroller
 from tests.support.ca import pem
 from tests.support.enroll_env import write_config
 from tests.support.est_server import EstServer
@@ -58,7 +58,7 @@ def _config(tmp_path: Path, est: EstServer, **est_keys: object) -> Config:
 
 
 def _refresher(config: Config) -> tuple[CaRefresher, Host]:
-    component = ca_refresher(config, enroller(config))
+    component = ca_refresher(config, ca_source(config))
     assert isinstance(component, CaRefresher)
     host = Host()
     component.start(host)

@@ -111,6 +111,37 @@ def test_failures_back_off_survive_a_kill_and_the_next_start_finishes_the_job(
     assert done["last_success"] is not None
 
 
+def test_a_renewal_whose_process_dies_is_a_failure_and_the_service_goes_on(
+    device: Device, notify: Notifications, services: list[Service]
+) -> None:
+    """agent/attempt_process.py: the attempt's child is killed mid-renewal (a crash or the OOM
+    killer would do the same); the service lives on, records an internal failure and the next
+    attempt rotates. Software keys: on a bare swtpm a killed process's objects stay loaded."""
+    device.configure(store="software")
+    configure(device)
+    assert device.run("enroll").code == 0
+    device.est.options.fault = "hang"
+    device.est.options.hang_seconds = 30
+    service = Service(device, notify, watchdog_usec=None)
+    services.append(service)
+    wait_for(device.est.hang_started.is_set, "a renewal in flight", service)
+    task = Path(f"/proc/{service.proc.pid}/task")
+    (child,) = {int(p) for t in task.iterdir() for p in (t / "children").read_text().split()}
+    device.est.options.fault = None
+    os.kill(child, signal.SIGKILL)
+
+    def failure_recorded() -> bool:
+        s = state(device)
+        return s.get("last_disposition") == "internal" and "SIGKILL" in str(s.get("last_error"))
+
+    wait_for(failure_recorded, "the killed attempt recorded as a failure", service)
+    assert current(device) == 1  # the old identity, whole
+    wait_for(lambda: (current(device) or 0) >= 2, "the next attempt's rotation", service)
+    assert service.proc.poll() is None  # the same service all along
+    assert service.stop() == 0
+    assert "the attempt process (killed by SIGKILL) ended without an answer" in service.text()
+
+
 def test_sighup_reloads_and_an_invalid_config_is_refused_and_the_old_one_kept(
     device: Device, notify: Notifications, services: list[Service]
 ) -> None:

@@ -13,23 +13,26 @@ import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from agent.errors import ChainValidationError, ConfigError, StorageError
-from agent.est.client import EstClient
 from agent.est.response import fingerprint as fingerprint_of
 from agent.est.response import normalize_fingerprint, select_bootstrap_anchor
 from agent.layout import EST_ANCHOR_FILE_NAME
 from hal.storage import atomic_write, ensure_private_dir, fsync_dir, read_bytes
+
+if TYPE_CHECKING:  # the service's long-lived process reads the anchor without the EST client
+    from agent.est.client import EstClient
 
 log = logging.getLogger(__name__)
 
 ANCHOR_FILE_NAME = EST_ANCHOR_FILE_NAME
 
 #: makes an EstClient whose transport trusts the given anchor file (None: provisional only)
-ClientFactory = Callable[[Path | None], EstClient]
+ClientFactory = Callable[[Path | None], "EstClient"]
 
 
 def configured_anchor(
