@@ -20,7 +20,9 @@ fetches /cacerts on a schedule, not only when a renewal fails to validate.
   (NewWithNew) is accepted only when the set carries a NewWithOld certificate (the new key,
   signed by a trusted root) that validates; OldWithNew (the old key signed by the new) is kept
   once the new root is. A set in which nothing chains to that trust is refused as a trust
-  failure, and the stored set stays as it was. Never trust-on-first-use again.
+  failure, and the stored set stays as it was. Never trust-on-first-use again. Enrollment
+  judges the /cacerts answers it fetches with the same function (agent/enroll.py; on a first
+  enrollment the root the issued certificate validates under may join the anchors).
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@
 The order is what makes failures harmless: everything that can fail (network, server, response
 checks) happens before the first byte is written, so a refused or garbled answer leaves the
 identity store as it was. The only writes before success are the bootstrap anchor (after it was
-verified) and the pending request of a 202.
+verified) and the pending request of a 202. A fetched /cacerts answer is judged as the CA
+refresh judges it (agent/ca_refresh.py `judge`) before it validates anything or is stored.
 """
 
 from __future__ import annotations

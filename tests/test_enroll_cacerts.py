@@ -7,6 +7,7 @@ The rule and why a first enrollment differs: docs/est.md, "What a fetched CA set
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from collections.abc import Iterator
@@ -16,6 +17,7 @@ from typing import Any
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
 
 from agent import wiring
 from agent.ca_service import CaRefresher
@@ -55,6 +57,10 @@ class Env:
         ops = self.est.operations()
         self.est.records.clear()
         return ops
+
+
+def _der(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(Encoding.DER)
 
 
 def _two_level() -> Pki:
@@ -132,6 +138,22 @@ def test_a_set_with_nothing_chaining_is_refused_and_nothing_is_stored(env: Env) 
     assert line.startswith("/cacerts: none of the 1 certificate(s) chains to the trust anchor")
     assert line.endswith("; no CA set is stored")
     assert snapshot(env.state_dir) == {}
+
+
+def test_an_intermediate_as_the_anchor_keeps_itself_and_not_the_root_above_it(
+    env: Env, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A fingerprint bootstrap (or est.trust_anchor) naming the issuing CA, not the root: the
+    anchor is kept as itself; the root above it would trust more than the anchor does."""
+    fingerprint = hashlib.sha256(_der(env.est.ca.cert)).hexdigest()
+    with caplog.at_level(logging.WARNING):
+        result = env.enroller(trust_anchor="", bootstrap_fingerprint_sha256=fingerprint).enroll()
+    assert env.stored() == {env.est.ca.cert}
+    chain = x509.load_pem_x509_certificates(result.identity.chain_file.read_bytes())
+    assert chain == [env.est.ca.cert]
+    assert _not_kept(caplog) == [
+        "EST: not kept from /cacerts: 'CN=device root': does not chain to the trust anchor"
+    ]
 
 
 # -- later: the stored set is trust too ---------------------------------------------------------
