@@ -193,7 +193,9 @@ def judge(
             valid.append(cert)
     if not valid:
         raise EnrollmentError("/cacerts: none of the certificates is a CA certificate valid now")
-    trusted = [*anchors, *(c for c in current if _self_signed(c))]
+    # each self-signature checked once (the loop below asks again and again)
+    roots = {id(c) for c in [*valid, *current] if _self_signed(c)}
+    trusted = [*anchors, *(c for c in current if id(c) in roots)]
     trusted_keys = {(c.subject, _spki(c)) for c in trusted}
     accepted: list[x509.Certificate] = []
     new_roots: list[x509.Certificate] = []
@@ -205,10 +207,10 @@ def judge(
             ok = False
             if any(cert == a for a in anchors):
                 ok = True  # an anchor itself, a root or not (an intermediate as the anchor)
-            elif _self_signed(cert):
+            elif id(cert) in roots:
                 if (cert.subject, _spki(cert)) in trusted_keys:
                     ok = True  # a root we trust already (OldWithOld)
-                elif _vouched(cert, [c for c in accepted if not _self_signed(c)]):
+                elif _vouched(cert, [c for c in accepted if id(c) not in roots]):
                     ok = True  # NewWithNew, vouched for by an accepted NewWithOld
                     new_roots.append(cert)
                     trusted.append(cert)
