@@ -475,7 +475,7 @@ class Enroller:
         try:
             pem = self.store.cacerts_pem()
             return x509.load_pem_x509_certificates(pem) if pem else []
-        except (AgentError, ValueError, OSError) as e:
+        except (AgentError, ValueError, x509.InvalidVersion, OSError) as e:
             log.warning("EST: %s cannot be read as certificates (%s): judging /cacerts as on a "
                         "first enrollment", self.store.cacerts_file, e)  # fmt: skip
             return []
