@@ -20,7 +20,9 @@ fetches /cacerts on a schedule, not only when a renewal fails to validate.
   (NewWithNew) is accepted only when the set carries a NewWithOld certificate (the new key,
   signed by a trusted root) that validates; OldWithNew (the old key signed by the new) is kept
   once the new root is. A set in which nothing chains to that trust is refused as a trust
-  failure, and the stored set stays as it was. Never trust-on-first-use again.
+  failure, and the stored set stays as it was. Never trust-on-first-use again. Enrollment
+  judges the /cacerts answers it fetches with the same function (agent/enroll.py; on a first
+  enrollment the root the issued certificate validates under may join the anchors).
 """
 
 from __future__ import annotations
@@ -171,8 +173,13 @@ def judge(
     skew: timedelta,
 ) -> Verdict:
     """The part of a /cacerts answer (fetched over TLS verified by `anchors`) that may replace
-    the stored set `current`. Raises EnrollmentError for an answer out of bounds or with nothing
-    valid, ChainValidationError when nothing in it chains to the trust the agent has."""
+    the stored set `current` (empty: none stored yet), in the answer's order. Raises
+    EnrollmentError for an answer out of bounds or with nothing valid, ChainValidationError when
+    nothing in it chains to the trust the agent has.
+
+    The one judgement of a fetched set: the scheduled refresh (agent/ca_service.py) and
+    enrollment when it fetches /cacerts (agent/enroll.py; on a first enrollment, with no stored
+    set, the root that issued the device's certificate may join `anchors`: docs/est.md)."""
     if len(fetched) > MAX_CA_CERTS:
         raise EnrollmentError(f"/cacerts: {len(fetched)} certificates, more than {MAX_CA_CERTS}")
     dropped: list[str] = []
@@ -186,7 +193,9 @@ def judge(
             valid.append(cert)
     if not valid:
         raise EnrollmentError("/cacerts: none of the certificates is a CA certificate valid now")
-    trusted = [*anchors, *(c for c in current if _self_signed(c))]
+    # each self-signature checked once (the loop below asks again and again)
+    roots = {id(c) for c in [*valid, *current] if _self_signed(c)}
+    trusted = [*anchors, *(c for c in current if id(c) in roots)]
     trusted_keys = {(c.subject, _spki(c)) for c in trusted}
     accepted: list[x509.Certificate] = []
     new_roots: list[x509.Certificate] = []
@@ -196,10 +205,12 @@ def judge(
         progress = False
         for cert in list(pending):
             ok = False
-            if _self_signed(cert):
+            if any(cert == a for a in anchors):
+                ok = True  # an anchor itself, a root or not (an intermediate as the anchor)
+            elif id(cert) in roots:
                 if (cert.subject, _spki(cert)) in trusted_keys:
                     ok = True  # a root we trust already (OldWithOld)
-                elif _vouched(cert, [c for c in accepted if not _self_signed(c)]):
+                elif _vouched(cert, [c for c in accepted if id(c) not in roots]):
                     ok = True  # NewWithNew, vouched for by an accepted NewWithOld
                     new_roots.append(cert)
                     trusted.append(cert)
@@ -212,10 +223,18 @@ def judge(
                 progress = True
     dropped += [f"{_who(c)}: does not chain to the trust anchor" for c in pending]
     if not accepted:
-        raise ChainValidationError(
-            f"/cacerts: none of the {len(fetched)} certificate(s) chains to the trust anchor or "
-            "the stored CA set (" + "; ".join(dropped) + "); the stored CA set is kept"
+        trust, kept = (
+            ("the trust anchor or the stored CA set", "the stored CA set is kept")
+            if current
+            else ("the trust anchor", "no CA set is stored")
         )
+        raise ChainValidationError(
+            f"/cacerts: none of the {len(fetched)} certificate(s) chains to {trust} ("
+            + "; ".join(dropped)
+            + f"); {kept}"
+        )
+    order = {id(c): i for i, c in enumerate(valid)}
+    accepted.sort(key=lambda c: order[id(c)])  # as the server sent them
     return Verdict(
         certificates=tuple(accepted),
         sha256=ca_set_sha256(accepted),

@@ -3,7 +3,8 @@
 The order is what makes failures harmless: everything that can fail (network, server, response
 checks) happens before the first byte is written, so a refused or garbled answer leaves the
 identity store as it was. The only writes before success are the bootstrap anchor (after it was
-verified) and the pending request of a 202.
+verified) and the pending request of a 202. A fetched /cacerts answer is judged as the CA
+refresh judges it (agent/ca_refresh.py `judge`) before it validates anything or is stored.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from urllib.parse import urlsplit
 
 from cryptography import x509
 
+from agent.ca_refresh import Verdict, judge
 from agent.clock import Clock
 from agent.config import Config, ProofOfPossession, check_cross_keys
 from agent.errors import (
@@ -41,9 +43,10 @@ from agent.est.csr import make_csr, rebind, subject_of
 from agent.est.csrattrs import CsrAttrsHints, CsrPlan, parse_csrattrs, plan_csr
 from agent.est.memory import MemoryStore, ServerMemory, ca_set_sha256
 from agent.est.pending import PendingRequest, PendingStore
-from agent.est.response import IssuedCertificate, validate_ca_certs, validate_issued
+from agent.est.response import IssuedCertificate, ca_roots, validate_ca_certs, validate_issued
 from agent.est.transport import ClientIdentity, Transport
 from agent.est.wire import clamp_retry_after, parse_retry_after
+from agent.firmware.pem import load_certificates
 from agent.identity import Identity, IdentityStore, Repair
 from agent.layout import PENDING_FILE_NAME  # noqa: F401 - re-exported
 from agent.pki import SubjectSpec
@@ -81,6 +84,16 @@ class EnrollResult:
     timings: EnrollTimings = EnrollTimings()
     #: what was found damaged in the identity store and done about it, if anything
     repair: Repair | None = None
+
+
+@dataclass(frozen=True)
+class _FirstContact:
+    """A /cacerts answer fetched with no stored set, judged against the explicit anchor alone
+    (`verdict`: None when nothing in it chains to the anchor)."""
+
+    fetched: list[x509.Certificate]
+    anchors: list[x509.Certificate]
+    verdict: Verdict | None
 
 
 def _signed_ahead(factory: CsrFactory) -> CsrFactory:
@@ -223,17 +236,18 @@ class Enroller:
         with client:
             ca_certs = self._stored_ca_certs(skew, memory)
             fetched_ca = ca_certs is None
+            #: a first enrollment's answer in which the anchor alone may not decide (see below)
+            first: _FirstContact | None = None
             if ca_certs is None:
-                ca_certs = validate_ca_certs(
-                    client.cacerts(), now=self._clock.now(), clock_skew=skew
-                )
+                ca_certs, first = self._judge_fetched(client.cacerts(), anchor, skew)
+            provisional = ca_set_sha256(ca_certs)
             keygen = 0.0
             if pending is not None:
                 key_blob = pending.key_blob
                 new_key = not pending.reused_key
                 csr_factory = self._resubmission(pending)
             else:
-                plan, memory = self._plan(client, current, memory, ca_set_sha256(ca_certs))
+                plan, memory = self._plan(client, current, memory, provisional)
                 new_key = not reuse_key
                 if current is not None and reuse_key:
                     key_blob = self.store.key_blob(current)
@@ -268,17 +282,18 @@ class Enroller:
                 )
 
             try:
-                issued = validate(ca_certs)
+                issued, ca_certs = self._validated(validate, ca_certs, first, skew)
             except ChainValidationError as e:
                 if fetched_ca:
                     raise
                 # the stored CA set may be out of date (a CA rollover): ask the server once
                 log.info("EST: the stored CA certificates do not validate the issued one (%s); "
                          "fetching /cacerts", e)  # fmt: skip
-                ca_certs = validate_ca_certs(
-                    client.cacerts(), now=self._clock.now(), clock_skew=skew
-                )
-                issued = validate(ca_certs)
+                ca_certs, first = self._judge_fetched(client.cacerts(), anchor, skew)
+                issued, ca_certs = self._validated(validate, ca_certs, first, skew)
+            if first is not None and memory.ca_set_sha256 == provisional:
+                # /csrattrs was fetched under this answer: remember it under the set kept of it
+                memory = replace(memory, ca_set_sha256=ca_set_sha256(ca_certs))
         saved = "" if fetched_ca else "; /cacerts not fetched (stored CA set)"
         log.info("EST: %d request(s) over %d TLS connection(s)%s", client.requests,
                  client.connections, saved)  # fmt: skip
@@ -415,6 +430,103 @@ class Enroller:
         except (AgentError, ValueError, OSError) as e:
             log.info("EST: not using %s (%s); fetching /cacerts", path, e)
             return None
+
+    def _stored_trust(self) -> list[x509.Certificate]:
+        """The stored EST CA set as trust for judging a fetched one (empty: none stored, or
+        unreadable, which is logged: then the answer is judged as on a first enrollment)."""
+        try:
+            pem = self.store.cacerts_pem()
+            return x509.load_pem_x509_certificates(pem) if pem else []
+        except (AgentError, ValueError, x509.InvalidVersion, OSError) as e:
+            log.warning("EST: %s cannot be read as certificates (%s): judging /cacerts as on a "
+                        "first enrollment", self.store.cacerts_file, e)  # fmt: skip
+            return []
+
+    def _judge_fetched(
+        self, fetched: list[x509.Certificate], anchor: Path, skew: timedelta
+    ) -> tuple[list[x509.Certificate], _FirstContact | None]:
+        """A /cacerts answer judged (agent/ca_refresh.py `judge`, as the scheduled refresh does)
+        against the explicit anchor and the stored set, before anything uses it: what may be
+        used and stored, and, on a first enrollment (no stored set), what `_first_contact`
+        decides with the issued certificate. Raises ChainValidationError when a stored set
+        exists and nothing in the answer chains to it or to the anchor."""
+        anchors = load_certificates(anchor)
+        stored = self._stored_trust()
+        try:
+            verdict: Verdict | None = judge(
+                fetched, anchors=anchors, current=stored, now=self._clock.now(), skew=skew
+            )
+        except ChainValidationError:
+            if stored:
+                raise
+            log.info("EST: nothing in /cacerts chains to the trust anchor; first enrollment: "
+                     "the root under which the issued certificate validates decides")  # fmt: skip
+            verdict = None
+        if stored and verdict is not None:
+            self._report_dropped(verdict)
+            return list(verdict.certificates), None
+        # a first enrollment: until the issued certificate decides (`_validated`), these are
+        # only a fingerprint for /csrattrs; nothing unjudged is ever used
+        first = _FirstContact(fetched=fetched, anchors=anchors, verdict=verdict)
+        return (list(verdict.certificates) if verdict else []), first
+
+    def _validated(
+        self,
+        validate: Callable[[list[x509.Certificate]], IssuedCertificate],
+        ca_certs: list[x509.Certificate],
+        first: _FirstContact | None,
+        skew: timedelta,
+    ) -> tuple[IssuedCertificate, list[x509.Certificate]]:
+        """The issued certificate validated, and the CA set to store beside it."""
+        if first is None:
+            return validate(ca_certs), ca_certs
+        return self._first_contact(first, validate, skew)
+
+    def _first_contact(
+        self,
+        first: _FirstContact,
+        validate: Callable[[list[x509.Certificate]], IssuedCertificate],
+        skew: timedelta,
+    ) -> tuple[IssuedCertificate, list[x509.Certificate]]:
+        """A first enrollment's CA set: what chains to the explicit anchor when that validates
+        the issued certificate; else what chains to the anchor or to the root of the answer
+        under which the issued certificate validates (an EST server authenticated by another
+        CA than the one that issues: docs/est.md). The issued certificate is only ever validated
+        against sets `judge` returned. Raises ChainValidationError when none validates it."""
+        refusal: ChainValidationError | None = None
+        if first.verdict is not None:
+            certs = list(first.verdict.certificates)
+            try:
+                issued = validate(certs)
+            except ChainValidationError as e:
+                refusal = e
+            else:
+                self._report_dropped(first.verdict)
+                return issued, certs
+        for root in ca_roots(first.fetched):
+            try:
+                verdict = judge(first.fetched, anchors=[*first.anchors, root], current=[],
+                                now=self._clock.now(), skew=skew)  # fmt: skip
+                issued = validate(list(verdict.certificates))
+            except ChainValidationError as e:
+                refusal = refusal or e
+                continue
+            log.info("EST: first enrollment: adopting the CA set under %r, which issued this "
+                     "device's certificate (not under the TLS trust anchor)",
+                     root.subject.rfc4514_string())  # fmt: skip
+            self._report_dropped(verdict)
+            return issued, list(verdict.certificates)
+        if first.verdict is not None and refusal is not None:
+            raise refusal  # the usual "does not chain to the EST CA certificates"
+        raise ChainValidationError(
+            f"/cacerts: none of the {len(first.fetched)} certificate(s) chains to the trust "
+            f"anchor, and the issued certificate validates under none of their roots ({refusal}); "
+            "no CA set is stored"
+        )
+
+    def _report_dropped(self, verdict: Verdict) -> None:
+        for line in verdict.dropped:
+            log.warning("EST: not kept from /cacerts: %s", line)
 
     def _plan(
         self,

@@ -162,3 +162,30 @@ def test_bounds_expired_and_non_ca_certificates() -> None:
     verdict = _judge([old, root.cert], [root.cert], [])
     assert verdict.certificates == (root.cert,)
     assert any("not valid now" in line for line in verdict.dropped)
+
+
+def test_an_anchor_that_is_not_a_root_is_kept_as_itself_not_the_root_above_it() -> None:
+    root = TestCA(name="root")
+    issuing = TestCA(name="issuing", parent=root)
+    verdict = _judge([root.cert, issuing.cert], [issuing.cert], [])
+    assert verdict.certificates == (issuing.cert,)
+    assert verdict.dropped == ("'CN=root': does not chain to the trust anchor",)
+
+
+def test_kept_certificates_stay_in_the_answer_order_and_a_refusal_says_what_is_kept() -> None:
+    root = TestCA(name="root")
+    issuing = TestCA(name="issuing", parent=root)
+    # the root is accepted before the certificate it vouches for; the answer's order stays
+    assert _judge([issuing.cert, root.cert], [root.cert], []).certificates == (
+        issuing.cert,
+        root.cert,
+    )
+    rogue = TestCA(name="rogue")
+    with pytest.raises(
+        ChainValidationError, match=r"chains to the trust anchor \(.*; no CA set is stored$"
+    ):
+        _judge([rogue.cert], [root.cert], [])
+    with pytest.raises(
+        ChainValidationError, match=r"or the stored CA set \(.*; the stored CA set is kept$"
+    ):
+        _judge([rogue.cert], [root.cert], [root.cert])

@@ -155,9 +155,11 @@ class EstOptions:
 
 @dataclass
 class Pki:
-    """The CA hierarchy behind the server: `issuing` (with its `parent`s up to the root the
-    agent is given as anchor) signs the device certificates, `tls_issuer` the server's TLS
-    certificate (default: `issuing`); /cacerts sends `issuing` and the CAs above it."""
+    """The CA hierarchy behind the server: `issuing` (with its `parent`s) signs the device
+    certificates, `tls_issuer` the server's TLS certificate (default: `issuing`); the agent is
+    given the root above `tls_issuer` as anchor (`EstServer.ca_file`), and /cacerts sends
+    `issuing` and the CAs above it. A `tls_issuer` under another root than `issuing` is an EST
+    server authenticated by one CA for a PKI whose root is another (RFC 7030 3.6.1)."""
 
     issuing: TestCA
     tls_issuer: TestCA | None = None
@@ -194,13 +196,16 @@ class EstServer:
         self.options = options or EstOptions()
         self.pki = pki or Pki(issuing=TestCA(name="devid test EST CA"))
         self.ca = self.pki.issuing  # issues the device certificates
-        self.root = self.ca.root()  # the anchor the agent is given
+        self.root = self.ca.root()  # the root of the device PKI
+        #: the anchor the agent is given (ca_file): the root above the TLS issuer, which is
+        #: `root` unless `pki.tls_issuer` is under another
+        self.tls_root = (self.pki.tls_issuer or self.ca).root()
         self.idevid_ca = TestCA(name="devid test manufacturer CA")
         self.rogue_ca = TestCA(name="devid rogue CA")
         #: a certificate the EST CA issued with cA=FALSE, signing anyway (fault issuer-not-ca)
         self.not_a_ca = TestCA(name="devid not a CA", parent=self.ca, shape=CaShape(bc_ca=False))
         directory.mkdir(parents=True, exist_ok=True)
-        self.ca_file = self.root.write_cert(directory / "est-ca.pem")
+        self.ca_file = self.tls_root.write_cert(directory / "est-ca.pem")
         self.idevid_ca_file = self.idevid_ca.write_cert(directory / "idevid-ca.pem")
         tls_issuer = self.pki.tls_issuer or self.ca
         self.server_cert, self.server_key = tls_issuer.server_identity(directory)
@@ -343,6 +348,13 @@ class EstServer:
             self.ca = new
             self.cacerts_answer = [new.cert, new_with_old, old_with_new, old.cert]
         return new.cert, new_with_old, old_with_new
+
+    def switch_ca(self, ca: TestCA) -> None:
+        """From now on `ca` issues, and /cacerts sends its chain (unless `cacerts_answer` says
+        otherwise); identities the CA before issued still authenticate a re-enrollment."""
+        with self._lock:
+            self.previous_cas.append(self.ca)
+            self.ca = ca
 
     def cacerts(self) -> list[x509.Certificate]:
         """What /cacerts answers now."""
@@ -666,9 +678,9 @@ class _Handler(BaseHTTPRequestHandler):
         if operation == "simplereenroll":
             tls: ssl.SSLSocket = self.connection  # type: ignore[assignment]
             der = tls.getpeercert(binary_form=True)
+            issuers = {c.cert.subject for c in (self.est.ca, *self.est.previous_cas)}
             issued_by_est = (
-                der is not None
-                and x509.load_der_x509_certificate(der).issuer == self.est.ca.cert.subject
+                der is not None and x509.load_der_x509_certificate(der).issuer in issuers
             )
             if not issued_by_est:
                 return self._send(403, b"re-enroll needs the current identity\n", "text/plain")
