@@ -21,6 +21,7 @@ killed. The child also gets SIGTERM when the service dies (PR_SET_PDEATHSIG).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -29,22 +30,21 @@ import select
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
-from agent.clock import Interrupt
+from agent.clock import Clock, Interrupt, SystemClock
 from agent.config import Config
-from agent.errors import Disposition, Kind, Reported
+from agent.errors import Busy, Disposition, Kind, Reported
 from agent.identity import Identity, IdentityStore
-from hal import faults
 
 if TYPE_CHECKING:
     from cryptography import x509
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 PROTOCOL = 1
 ACTIONS = ("enroll", "renew", "bootstrap", "cacerts", "check-key")
@@ -54,8 +54,31 @@ MAX_ANSWER_BYTES = 64 * 1024
 MAX_MESSAGE_CHARS = 4096
 #: how long a key check (or a successful attempt, which proved the key) vouches for the key
 KEY_CHECK_SECONDS = 300.0
+#: deadlines of the other children (an attempt's is renewal.attempt_timeout_seconds)
+CACERTS_DEADLINE_SECONDS = 120.0
+KEY_CHECK_DEADLINE_SECONDS = 60.0
 #: after the service's stop reached the child, how long it may take to end cleanly
 STOP_GRACE_SECONDS = 10.0
+
+
+class ChildFaults(Protocol):
+    """The deterministic crash points of the tests (hal/faults.py, given by agent/wiring.py),
+    counted across the service and its children as one power cut ends both."""
+
+    def child_environment(self) -> dict[str, str]: ...
+
+    def child_ended(self, returncode: int, points_passed: int) -> None: ...
+
+
+class _NoFaults:
+    def child_environment(self) -> dict[str, str]:
+        return {}
+
+    def child_ended(self, returncode: int, points_passed: int) -> None:
+        pass
+
+
+NO_FAULTS = _NoFaults()
 
 
 @dataclass(frozen=True)
@@ -148,8 +171,125 @@ def parse_answer(data: bytes, returncode: int) -> dict[str, Any]:
     return answer
 
 
+class Running(Generic[T]):
+    """One child at work: its answer read as it comes (the loop waits on `fileno()` with the rest),
+    killed past its deadline, stopped on request."""
+
+    def __init__(
+        self,
+        child: subprocess.Popen[bytes],
+        *,
+        action: str,
+        deadline_seconds: float,
+        grace_seconds: float,
+        finish: Callable[[dict[str, Any]], T],
+        clock: Clock,
+        faults: ChildFaults,
+    ) -> None:
+        assert child.stdout is not None
+        self._clock = clock
+        self._faults = faults
+        self.action = action
+        self._child = child
+        self._stdout = child.stdout
+        self._out = bytearray()
+        self._deadline_seconds = deadline_seconds
+        self._deadline = clock.monotonic() + deadline_seconds
+        self._grace = grace_seconds
+        self._stop_at: float | None = None
+        self._overdue = False
+        self._over = False
+        self._finish = finish
+
+    @property
+    def over(self) -> bool:
+        return self._over
+
+    def fileno(self) -> int:
+        return self._stdout.fileno()
+
+    def wake_at(self) -> float:
+        """The monotonic time by which `pump` must run even if the child says nothing."""
+        return self._deadline if self._stop_at is None else self._stop_at
+
+    def pump(self) -> bool:
+        """Read what the child wrote, without blocking; True once it is over (its answer
+        complete, or killed: past its deadline, past the grace after a stop, or too talkative)."""
+        if self._over:
+            return True
+        now = self._clock.monotonic()
+        if now >= self.wake_at():
+            if self._stop_at is None:
+                self._overdue = True
+                log.warning("the attempt process (%s) took longer than %.0f s: killed",
+                            self.action, self._deadline_seconds)  # fmt: skip
+            else:
+                log.warning("the attempt process (%s) did not end on SIGTERM: killed", self.action)
+            self._end(kill=True)
+            return True
+        while select.select([self._stdout], [], [], 0)[0]:
+            chunk = os.read(self.fileno(), 65536)
+            if not chunk:
+                self._end(kill=False)
+                return True
+            self._out += chunk
+            if len(self._out) > MAX_ANSWER_BYTES:
+                self._out.clear()
+                self._end(kill=True)
+                return True
+        return False
+
+    def stop(self) -> None:
+        """The service is stopping: SIGTERM ends the child's EST request at once and lets it exit
+        cleanly; killed if it is not over within the grace period."""
+        if self._stop_at is None and not self._over:
+            with contextlib.suppress(ProcessLookupError):
+                self._child.send_signal(signal.SIGTERM)
+            self._stop_at = self._clock.monotonic() + self._grace
+
+    def wait(self, interrupt: Interrupt | None = None) -> T:
+        """Block until it is over (a tripped `interrupt` stops it); its outcome."""
+        while not self.pump():
+            waits: list[Any] = [self._stdout]
+            if interrupt is not None and self._stop_at is None:
+                waits.append(interrupt)
+            timeout = max(0.0, self.wake_at() - self._clock.monotonic())
+            ready, _, _ = select.select(waits, [], [], timeout)
+            if interrupt is not None and interrupt in ready:
+                self.stop()
+        return self.outcome()
+
+    def outcome(self) -> T:
+        """What the child achieved, or Reported with the disposition it gave (once over)."""
+        assert self._over, "outcome() before the attempt is over"
+        returncode = self._child.wait()
+        answer: dict[str, Any] | None = None
+        try:
+            if self._overdue:
+                raise Reported(
+                    f"the attempt process ({self.action}) took longer than "
+                    f"{self._deadline_seconds:.0f} s and was killed",
+                    Disposition(Kind.RETRY_LATER),
+                )
+            answer = parse_answer(bytes(self._out), returncode)
+        finally:  # a crash point there is a power cut here too (tests only)
+            self._faults.child_ended(returncode, answer.get("crash_points", 0) if answer else 0)
+        if not answer["ok"]:
+            disposition = Disposition(Kind(answer["kind"]), answer["wait_seconds"])
+            raise Reported(answer["message"], disposition)
+        return self._finish(answer)
+
+    def _end(self, *, kill: bool) -> None:
+        if kill:
+            with contextlib.suppress(ProcessLookupError):
+                self._child.kill()
+        self._stdout.close()
+        self._over = True
+
+
 class AttemptProcess:
-    """The daemon's attempts (agent/daemon.py `Attempts`), each run by a child process."""
+    """The daemon's attempts (agent/daemon.py `Attempts`), each run by a child process; one
+    child at a time (they share the TPM and its few object slots)."""
 
     def __init__(
         self,
@@ -160,48 +300,66 @@ class AttemptProcess:
         interrupt: Interrupt | None = None,
         argv: tuple[str, ...] | None = None,
         stop_grace_seconds: float = STOP_GRACE_SECONDS,
+        clock: Clock | None = None,
+        faults: ChildFaults | None = None,
     ) -> None:
         self._config = config
+        self._clock = clock or SystemClock()
+        self._faults = faults or NO_FAULTS
         self._identities = identities
         self._broker_connected = broker_connected
         self._interrupt = interrupt
         self._argv = argv or (sys.executable, "-P", "-m", "agent.attempt_worker")
         self._grace = stop_grace_seconds
+        self._deadline = config.renewal.attempt_timeout_seconds
+        est = config.est
+        self._cacerts_deadline = max(
+            CACERTS_DEADLINE_SECONDS, 2 * (est.connect_timeout_seconds + est.read_timeout_seconds)
+        )
+        self._running: Running[Any] | None = None
         #: (generation, monotonic time) of the last proof that the current key loads and signs
         self._key_vouched: tuple[int, float] | None = None
 
+    @property
+    def busy(self) -> bool:
+        """A child is at work (until its outcome was taken or it is over)."""
+        return self._running is not None and not self._running.over
+
+    def start(self, action: str) -> Running[Attempted]:
+        """An enroll, renew or bootstrap, started; the daemon's loop pumps it with the rest."""
+        if action not in ("enroll", "renew", "bootstrap"):
+            raise ValueError(f"not an attempt: {action!r}")
+        return self._start(action, self._attempted, broker_connected=self._broker_connected())
+
     def renew(self) -> Attempted:
-        return self._attempted(self._run("renew", broker_connected=self._broker_connected()))
+        return self.start("renew").wait(self._interrupt)
 
     def enroll(self, *, force: bool = False) -> Attempted:
-        action = "bootstrap" if force else "enroll"
-        return self._attempted(self._run(action, broker_connected=self._broker_connected()))
+        return self.start("bootstrap" if force else "enroll").wait(self._interrupt)
 
     def fetch_cacerts(self, anchor: Path) -> list[x509.Certificate]:
         """/cacerts over TLS verified against `anchor` (agent/est/ca_source.py), fetched by a
-        child, so the EST client never lives in this process."""
-        from cryptography import x509
-
-        pems = self._run("cacerts", anchor=anchor).get("certificates")
-        if not isinstance(pems, list) or not pems:
-            raise Reported("the attempt process answered /cacerts with no certificates",
-                           Disposition(Kind.INTERNAL))  # fmt: skip
-        try:
-            return [x509.load_pem_x509_certificate(pem.encode()) for pem in pems]
-        except ValueError as e:
-            raise Reported(f"the attempt process answered /cacerts with a bad PEM: {e}",
-                           Disposition(Kind.INTERNAL)) from e  # fmt: skip
+        child, so the EST client never lives in this process. Busy while an attempt runs."""
+        running = self._start("cacerts", _certificates, anchor=anchor,
+                              deadline_seconds=self._cacerts_deadline)  # fmt: skip
+        return running.wait(self._interrupt)
 
     def check_key(self, identity: Identity) -> None:
         """KeyStoreError-like Reported unless `identity`'s key loads and signs for its
         certificate: checked by a child (the TPM stack is not in this process), at most every
-        KEY_CHECK_SECONDS; a successful attempt proved it too. A failure is never cached."""
-        now = time.monotonic()
+        KEY_CHECK_SECONDS; a successful attempt proved it too. A failure is never remembered.
+        While an attempt runs, the TPM is its: KeyNotChecked (status says "not checked")."""
+        from agent.status import KeyNotChecked
+
+        now = self._clock.monotonic()
         vouched = self._key_vouched
         if vouched and vouched[0] == identity.generation and now - vouched[1] < KEY_CHECK_SECONDS:
             return
-        answer = self._run("check-key")  # the current identity's key: `identity`, unless it moved
-        if answer.get("generation") == identity.generation:
+        if self.busy:
+            raise KeyNotChecked("an attempt is using the TPM: the key is checked after it")
+        running = self._start("check-key", lambda answer: answer.get("generation"),
+                              deadline_seconds=KEY_CHECK_DEADLINE_SECONDS)  # fmt: skip
+        if running.wait(self._interrupt) == identity.generation:  # unless the identity moved
             self._key_vouched = (identity.generation, now)
 
     def _attempted(self, answer: dict[str, Any]) -> Attempted:
@@ -215,22 +373,31 @@ class AttemptProcess:
                 f"but {current.generation if current else 'none'} is",
                 Disposition(Kind.INTERNAL),
             )
-        self._key_vouched = (current.generation, time.monotonic())  # proven over mutual TLS
+        self._key_vouched = (current.generation, self._clock.monotonic())  # proven over mTLS
         return Attempted(identity=current, changed=answer["changed"])
 
-    def _run(self, action: str, **fields: Any) -> dict[str, Any]:
-        """One child for `action`: its successful answer, or Reported with its disposition."""
+    def _start(
+        self,
+        action: str,
+        finish: Callable[[dict[str, Any]], T],
+        *,
+        deadline_seconds: float | None = None,
+        **fields: Any,
+    ) -> Running[T]:
+        if self.busy:
+            raise Busy(f"the service's attempt process is at work ({self._running_action()}): "
+                       f"{action} later")  # fmt: skip
         request = request_document(self._config, action, **fields)
-        data, returncode = self._communicate(request, self._environment())
-        answer: dict[str, Any] | None = None
-        try:
-            answer = parse_answer(data, returncode)
-        finally:  # a crash point there is a power cut here too (tests only)
-            faults.child_ended(returncode, answer.get("crash_points", 0) if answer else 0)
-        if not answer["ok"]:
-            disposition = Disposition(Kind(answer["kind"]), answer["wait_seconds"])
-            raise Reported(answer["message"], disposition)
-        return answer
+        child = self._spawn(request)
+        running = Running(
+            child, action=action, deadline_seconds=deadline_seconds or self._deadline,
+            grace_seconds=self._grace, finish=finish, clock=self._clock, faults=self._faults,
+        )  # fmt: skip
+        self._running = running
+        return running
+
+    def _running_action(self) -> str:
+        return self._running.action if self._running is not None else "none"
 
     def _environment(self) -> Mapping[str, str]:
         import agent
@@ -241,49 +408,39 @@ class AttemptProcess:
         env["PYTHONPATH"] = os.pathsep.join(p for p in (home, env.get("PYTHONPATH")) if p)
         for name in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):  # systemd hears the service
             env.pop(name, None)
-        env.update(faults.child_environment())
+        env.update(self._faults.child_environment())
         return env
 
-    def _communicate(self, request: bytes, env: Mapping[str, str]) -> tuple[bytes, int]:
+    def _spawn(self, request: bytes) -> subprocess.Popen[bytes]:
         try:
             child = subprocess.Popen(
-                self._argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env,
-                close_fds=True,
+                self._argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                env=self._environment(), close_fds=True,
             )  # fmt: skip
         except OSError as e:
             raise Reported(
                 f"cannot start the attempt process {self._argv[0]}: {e}",
                 Disposition(Kind.LOCAL_FAULT),
             ) from e
-        assert child.stdin is not None and child.stdout is not None
+        assert child.stdin is not None
         try:
             with child.stdin:
                 child.stdin.write(request)  # read at once by the child, before anything else
         except BrokenPipeError:
             pass  # it ended already: its exit status says why
-        out = bytearray()
-        stop_at: float | None = None
-        with child.stdout:
-            fd = child.stdout.fileno()
-            while True:
-                waits = [fd]
-                if self._interrupt is not None and stop_at is None:
-                    waits.append(self._interrupt.fileno())
-                timeout = None if stop_at is None else max(0.0, stop_at - time.monotonic())
-                ready, _, _ = select.select(waits, [], [], timeout)
-                if not ready:  # the grace after the stop is over
-                    log.warning("the attempt process did not end on SIGTERM: killed")
-                    child.kill()
-                    break
-                if fd not in ready:  # the service is stopping: so does the attempt
-                    child.send_signal(signal.SIGTERM)
-                    stop_at = time.monotonic() + self._grace
-                    continue
-                chunk = os.read(fd, 65536)
-                if not chunk:
-                    break
-                out += chunk
-                if len(out) > MAX_ANSWER_BYTES:
-                    child.kill()
-                    return b"", child.wait()
-        return bytes(out), child.wait()
+        os.set_blocking(child.stdout.fileno(), False)  # type: ignore[union-attr]
+        return child
+
+
+def _certificates(answer: dict[str, Any]) -> list[x509.Certificate]:
+    from cryptography import x509
+
+    pems = answer.get("certificates")
+    if not isinstance(pems, list) or not pems:
+        raise Reported("the attempt process answered /cacerts with no certificates",
+                       Disposition(Kind.INTERNAL))  # fmt: skip
+    try:
+        return [x509.load_pem_x509_certificate(pem.encode()) for pem in pems]
+    except ValueError as e:
+        raise Reported(f"the attempt process answered /cacerts with a bad PEM: {e}",
+                       Disposition(Kind.INTERNAL)) from e  # fmt: skip

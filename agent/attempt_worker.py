@@ -28,7 +28,6 @@ from agent.attempt_process import (
 )
 from agent.clock import Interrupt
 from agent.errors import AgentError, classify
-from hal import faults
 
 if TYPE_CHECKING:
     from cryptography import x509
@@ -134,7 +133,9 @@ def main() -> int:
         log.error("attempt process: the service that asked (pid %d) is gone", request["parent"])
         return 3
     answer = attempt(request, interrupt)
-    answer["crash_points"] = faults.passed()
+    from agent.wiring import crash_points_passed
+
+    answer["crash_points"] = crash_points_passed()
     sys.stdout.buffer.write(json.dumps(answer).encode() + b"\n")
     sys.stdout.buffer.flush()
     return 0

@@ -86,6 +86,7 @@ class CaRefresher:
         self._load_anchors = load_anchors
         self._host: Host | None = None
         self._requested = False
+        self._attempting = False  # between attempt_started and attempt_finished
         self._failures = 0
         self._security = False  # the last failure was a refused set
         self._last_attempt: datetime | None = None
@@ -108,9 +109,13 @@ class CaRefresher:
         return (), ()
 
     def next_turn(self) -> datetime | None:
+        if self._attempting:  # at the attempt's end (its attempt_finished)
+            return None
         return self._clock.now() if self._requested else self._next
 
     def turn(self, now: datetime, readable: Collection[int], writable: Collection[int]) -> None:
+        if self._attempting:  # one EST client at a time, and the attempt may store a set too
+            return
         if self._requested or (self._next is not None and now >= self._next):
             requested, self._requested = self._requested, False
             self.refresh(now, requested=requested)
@@ -118,6 +123,10 @@ class CaRefresher:
     def on_event(self, event: Event) -> None:
         if event.kind == EventKind.CACERTS_REFRESH_REQUESTED:
             self._requested = True
+        elif event.kind == EventKind.ATTEMPT_STARTED:
+            self._attempting = True
+        elif event.kind == EventKind.ATTEMPT_FINISHED:
+            self._attempting = False
         elif event.kind in (EventKind.ENROLLED, EventKind.ROTATED):
             self._reload_stored()  # an enrollment may have stored a set it fetched
 

@@ -88,6 +88,8 @@ class Snapshot:
     renewal_requested: bool
     #: each running component's own status, by component name
     components: Mapping[str, Mapping[str, Scalar]]
+    #: the attempt at work now ("renew", "enroll", "bootstrap"; "" when none)
+    attempt_in_progress: str = ""
 
 
 class Host(Protocol):

@@ -426,6 +426,10 @@ def _wait_share(value: float) -> str | None:
     return None if 0.01 <= value <= 0.5 else "a share of the time left from 0.01 to 0.5"
 
 
+def _attempt_seconds(value: float) -> str | None:
+    return None if 2 <= value <= 86400 else "a number of seconds from 2 to 86400"
+
+
 @dataclass(frozen=True)
 class RenewalConfig:
     """When the daemon renews (agent/renewal.py)."""
@@ -438,6 +442,9 @@ class RenewalConfig:
     retry_max_seconds: float = checked(4 * 3600.0, check=_retry_seconds)
     #: no wait longer than this share of the time the certificate has left
     max_wait_share_of_time_left: float = checked(0.25, check=_wait_share)
+    #: an attempt (its own process, agent/attempt_process.py) still at work after this long is
+    #: killed and counted as a failure; well above the EST timeouts of all its requests
+    attempt_timeout_seconds: float = checked(600.0, check=_attempt_seconds)
 
 
 def _hook_seconds(value: float) -> str | None:

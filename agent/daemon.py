@@ -64,7 +64,7 @@ HOOK_OUTPUT_CHARS = 2000
 
 
 class Attempted(Protocol):
-    """A successful attempt (agent/enroll.py EnrollResult, agent/attempt_process.py Attempted)."""
+    """A successful attempt (agent/attempt_process.py Attempted, agent/enroll.py EnrollResult)."""
 
     @property
     def identity(self) -> Identity: ...
@@ -73,13 +73,44 @@ class Attempted(Protocol):
     def changed(self) -> bool: ...
 
 
+class Attempt(Protocol):
+    """One attempt at work in a process of its own (agent/attempt_process.py `Running`)."""
+
+    @property
+    def over(self) -> bool: ...
+
+    def fileno(self) -> int: ...
+
+    def wake_at(self) -> float:
+        """The monotonic time by which `pump` must run (its deadline)."""
+        ...
+
+    def pump(self) -> bool:
+        """Take what it said, without blocking; True once it is over."""
+        ...
+
+    def stop(self) -> None:
+        """End it now (the service stops); over within a grace period."""
+        ...
+
+    def outcome(self) -> Attempted:
+        """Its identity, or the AgentError it ended with (once over)."""
+        ...
+
+
 class Attempts(Protocol):
-    """What acts for the scheduler: the service's attempt process (agent/attempt_process.py),
-    or an Enroller in this process (tests)."""
+    """What acts for the scheduler (agent/attempt_process.py AttemptProcess)."""
 
-    def renew(self) -> Attempted: ...
+    def start(self, action: str) -> Attempt:
+        """`enroll`, `renew` or `bootstrap`, started (AgentError if it cannot start)."""
+        ...
 
-    def enroll(self, *, force: bool = False) -> Attempted: ...
+
+@dataclass
+class _InFlight:
+    attempt: Attempt
+    action: Action
+    requested: bool
 
 
 @dataclass(frozen=True)
@@ -93,6 +124,30 @@ class DaemonParts:
     bootstrap_available: bool
     #: started after the build, stopped before a reload's replacements start
     components: Sequence[Component] = field(default_factory=tuple)
+
+
+class _Failed:
+    """An attempt that could not start: over at once, its outcome the error."""
+
+    over = True
+
+    def __init__(self, error: AgentError) -> None:
+        self._error = error
+
+    def fileno(self) -> int:
+        return -1
+
+    def wake_at(self) -> float:
+        return 0.0  # already over
+
+    def pump(self) -> bool:
+        return True
+
+    def stop(self) -> None:
+        pass
+
+    def outcome(self) -> Attempted:
+        raise self._error
 
 
 class Wakeup:
@@ -153,6 +208,7 @@ class Daemon:
         self._ready: tuple[set[int], set[int]] = (set(), set())
         self._started_at = clock.now()
         self._view: tuple[Identity | None, SchedulerState, Decision] | None = None
+        self._in_flight: _InFlight | None = None
 
     # -- signals: flags and a byte, nothing else ----------------------------------------------
 
@@ -181,30 +237,42 @@ class Daemon:
         log.info("devid-agent is running: %s", started)
         try:
             while not self._stop:
-                if self._reload:
+                if self._reload and self._in_flight is None:  # an attempt ends under its config
                     parts, store = self._reloaded(parts, store)
                 now = self._clock.now()
                 current = self._current(parts)  # read once a turn: decide, then report
                 decision = self._decide(parts, state, current, now)
-                self._view = (current, state, decision)
-                requested = self._renewal_requested
-                if requested:
-                    self._renewal_requested = False
-                    decision = self._requested(decision, now)
-                if decision.action is not Action.WAIT and decision.at <= now:
-                    state = self._attempt(parts, store, state, decision, now, requested=requested)
-                    # no sleep, but a turn for the components (seeing the attempt's outcome):
-                    # attempts due back to back must not starve the channel's keepalive
-                    after = self._clock.now()
-                    current = self._current(parts)
-                    self._view = (current, state, self._decide(parts, state, current, after))
-                    self._sleep_until(after, after)
-                    self._turn_components()
-                    continue
-                self._say(f"STATUS={_status_line(current, state, decision, now)}")
-                self._sleep_until(decision.at, now)
+                wake = now + timedelta(seconds=MAX_SLEEP_SECONDS)  # while an attempt is at work
+                if self._in_flight is not None:
+                    if self._renewal_requested:  # the attempt at work answers the request
+                        self._renewal_requested = False
+                        self._in_flight.requested = True
+                else:
+                    # (while one works, the view stays the one that started it: its attempt is
+                    # recorded as failed until it is over, for a crash's sake, not for status)
+                    self._view = (current, state, decision)
+                    requested = self._renewal_requested
+                    if requested:
+                        self._renewal_requested = False
+                        decision = self._requested(decision, now)
+                    if decision.action is not Action.WAIT and decision.at <= now:
+                        state = self._begin(parts, store, state, decision, now, requested)
+                    else:
+                        self._say(f"STATUS={_status_line(current, state, decision, now)}")
+                        wake = decision.at
+                self._sleep_until(wake, now)
+                flight = self._in_flight
+                if flight is not None and flight.attempt.pump():
+                    state = self._finish(parts, store, state)
                 self._turn_components()
         finally:
+            flight = self._in_flight
+            if flight is not None:  # stopping: SIGTERM ends its request at once, then it exits
+                flight.attempt.stop()
+                while not flight.attempt.pump():
+                    self._wakeup.wait(flight.attempt.wake_at() - self._clock.monotonic(),
+                                      [flight.attempt.fileno()])  # fmt: skip
+                state = self._finish(parts, store, state)
             self._say("STOPPING=1")
             self._stop_components()
             self._wakeup.close()
@@ -223,6 +291,10 @@ class Daemon:
             seconds = min(seconds, self._watchdog)
         readable: list[int] = []
         writable: list[int] = []
+        if self._in_flight is not None:
+            attempt = self._in_flight.attempt
+            readable.append(attempt.fileno())
+            seconds = min(seconds, attempt.wake_at() - self._clock.monotonic())
         for component in list(self._components):
             wants = self._guarded(component, "descriptors", component.descriptors)
             if wants is not None:
@@ -279,7 +351,7 @@ class Daemon:
             mine_r = readable.intersection(wants[0])
             mine_w = writable.intersection(wants[1])
             self._guarded(component, "turn", partial(component.turn, now, mine_r, mine_w))
-        self._dispatch()
+            self._dispatch()  # what it did reaches the others before their turns
 
     def _guarded(self, component: Component, what: str, call: Callable[[], _R]) -> _R | None:
         """Run a component's method; one that fails is stopped, the loop goes on without it
@@ -353,6 +425,7 @@ class Daemon:
             last_disposition=state.last_disposition,
             renewal_requested=self._renewal_requested,
             components=statuses,
+            attempt_in_progress="" if self._in_flight is None else self._in_flight.action.value,
         )
 
     def _requested(self, decision: Decision, now: datetime) -> Decision:
@@ -398,16 +471,17 @@ class Daemon:
             policy=parts.policy,
         )
 
-    def _attempt(
+    def _begin(
         self,
         parts: DaemonParts,
         store: SchedulerStateStore,
         state: SchedulerState,
         decision: Decision,
         now: datetime,
-        *,
-        requested: bool = False,
+        requested: bool,
     ) -> SchedulerState:
+        """Record the attempt, tell the components, start it. The loop goes on while it works
+        (the control socket answers, the channel keeps its keepalive) until it is over."""
         action = decision.action.value
         log.info("%s: %s", action, decision.reason)
         self._say(f"STATUS={action}: {decision.reason}")
@@ -416,10 +490,21 @@ class Daemon:
         self.emit(self._event(EventKind.ATTEMPT_STARTED, action=action, reason=decision.reason))
         self._dispatch()
         try:
-            if decision.action is Action.RENEW:
-                result = parts.enroller.renew()
-            else:  # ENROLL, or BOOTSTRAP after expiry: the bootstrap credential
-                result = parts.enroller.enroll(force=decision.action is Action.BOOTSTRAP)
+            self._in_flight = _InFlight(parts.enroller.start(action), decision.action, requested)
+        except AgentError as e:  # it could not start: over at once
+            self._in_flight = _InFlight(_Failed(e), decision.action, requested)
+            return self._finish(parts, store, state)
+        return state
+
+    def _finish(
+        self, parts: DaemonParts, store: SchedulerStateStore, state: SchedulerState
+    ) -> SchedulerState:
+        flight = self._in_flight
+        assert flight is not None and flight.attempt.over
+        self._in_flight = None
+        action = flight.action.value
+        try:
+            result = flight.attempt.outcome()
         except AgentError as e:
             disposition = classify(e)
             failure = Failure.SECURITY if disposition.kind.security else Failure.RETRYABLE
@@ -436,7 +521,7 @@ class Daemon:
             finished: dict[str, Scalar] = {
                 "ok": False, "disposition": disposition.kind.value, "message": str(e),
             }  # fmt: skip
-            if decision.action is Action.RENEW:
+            if flight.action is Action.RENEW:
                 self.emit(self._event(EventKind.ROTATION_FAILED, **finished))
         else:
             issued = result.identity.certificate
@@ -448,7 +533,7 @@ class Daemon:
             )  # fmt: skip
             finished = {"ok": True, "disposition": "ok", "message": ""}
             if result.changed:
-                kind = EventKind.ROTATED if decision.action is Action.RENEW else EventKind.ENROLLED
+                kind = EventKind.ROTATED if flight.action is Action.RENEW else EventKind.ENROLLED
                 news = self._event(
                     kind, generation=result.identity.generation, action=action,
                     serial=f"{issued.serial_number:x}",
@@ -457,10 +542,13 @@ class Daemon:
                 self.emit(news)
                 self._run_hooks(parts, result)
         state = store.save(state, self._clock.now())
-        self.emit(
-            self._event(EventKind.ATTEMPT_FINISHED, action=action, requested=requested, **finished)
+        finished_event = self._event(
+            EventKind.ATTEMPT_FINISHED, action=action, requested=flight.requested, **finished
         )
+        self.emit(finished_event)
         self._dispatch()
+        current = self._current(parts)  # the components' view of what happened
+        self._view = (current, state, self._decide(parts, state, current, self._clock.now()))
         return state
 
     def _run_hooks(self, parts: DaemonParts, result: Attempted) -> None:

@@ -80,6 +80,8 @@ class ServiceStatus:
     last_error: str = ""
     last_disposition: str = ""
     renewal_requested: bool = False
+    #: the attempt at work now ("renew", "enroll", "bootstrap"; "" when none)
+    attempt_in_progress: str = ""
     #: each component's own status, by name (e.g. "mqtt": {"connected": true, ...})
     components: dict[str, dict[str, Any]] = field(default_factory=dict)
 
@@ -101,6 +103,7 @@ def service_status(snapshot: Snapshot) -> ServiceStatus:
         last_error=snapshot.last_error or "",
         last_disposition=snapshot.last_disposition or "",
         renewal_requested=snapshot.renewal_requested,
+        attempt_in_progress=snapshot.attempt_in_progress,
         components={name: dict(values) for name, values in snapshot.components.items()},
     )
 
@@ -115,6 +118,8 @@ def _service_lines(s: ServiceStatus) -> list[str]:
     lines = [f"service:   running since {s.started_at}"]
     if s.clock_trusted is False:
         lines.append(f"  clock:   NOT TRUSTED: {s.reason}")
+    elif s.attempt_in_progress:
+        lines.append(f"  now:     {s.attempt_in_progress} at work (in its own process)")
     else:
         lines.append(f"  next:    {s.next_action} at {s.next_at} ({s.reason})")
     if s.last_attempt:
@@ -292,6 +297,11 @@ class FirmwareReport(Protocol):
     def to_dict(self) -> dict[str, Any]: ...
 
 
+class KeyNotChecked(AgentError):
+    """The key check cannot run now (an attempt is using the TPM): the key is neither usable nor
+    unusable as far as this status knows (`key_usable` stays null)."""
+
+
 class StatusCollector:
     """Collects an `AgentStatus` from the stores it is given."""
 
@@ -331,6 +341,8 @@ class StatusCollector:
             try:  # healthy only when the key loads and signs for the certificate
                 self._key_check(current)
                 identity = replace(identity, key_usable=True)
+            except KeyNotChecked:
+                pass
             except AgentError as e:
                 identity = replace(identity, key_usable=False)
                 errors.append(f"the identity's key is unusable: {e}")

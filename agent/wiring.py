@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from agent.config import BootloaderKind, Config, CounterKind, KeyStoreKind, ProofOfPossession
 from agent.errors import ConfigError
+from hal import faults
 from hal.interfaces import (
     AppendStore,
     BootControl,
@@ -696,6 +697,7 @@ def daemon_parts(config: Config, *, interrupt: Interrupt | None = None) -> Daemo
         identities=identity_store(config),
         broker_connected=lambda: channel is not None and bool(channel.status().get("connected")),
         interrupt=interrupt,
+        faults=faults,
     )
     components: list[Component] = [
         ca_refresher(config, ca_source(config, fetch=attempts.fetch_cacerts)),
@@ -715,6 +717,11 @@ def daemon_parts(config: Config, *, interrupt: Interrupt | None = None) -> Daemo
         bootstrap_available=bool(est.username) or est.idevid_cert is not None,
         components=tuple(components),
     )
+
+
+def crash_points_passed() -> int:
+    """The tests' crash points this process passed (hal/faults.py), for its service."""
+    return faults.passed()
 
 
 def attempt_enroller(
@@ -1121,6 +1128,8 @@ def mqtt_channel(config: Config, *, clock: Clock | None = None) -> MqttChannel:
         release_for_attempts=bare_tpm
         and config.est.proof_of_possession is not ProofOfPossession.NEVER
         and config.tls.min_version == "1.2",
+        # the loop goes on while an attempt's process works: no new TPM object beside it
+        hold_during_attempts=bare_tpm,
     )
 
     def snapshot() -> Snapshot | None:
@@ -1155,7 +1164,6 @@ def service_clock() -> Clock:
     """The system clock; under test, moved as hal.faults' clock offset file says (a device
     booting at 1970, then set)."""
     from agent.clock import ShiftedClock, SystemClock
-    from hal import faults
 
     path = faults.clock_offset_file()
     if path is None:

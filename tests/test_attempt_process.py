@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,8 @@ from agent.attempt_process import AttemptProcess, parse_answer, request_document
 from agent.attempt_worker import read_request
 from agent.clock import Interrupt
 from agent.config import load_config, parse_config
-from agent.errors import Kind, Reported, classify
+from agent.errors import Busy, Kind, Reported, classify
+from agent.status import KeyNotChecked
 from agent.wiring import identity_store
 from hal.interfaces import KeyAlgorithm
 from hal.tpm import TpmKeyStore
@@ -190,6 +192,33 @@ def test_the_key_check_runs_in_a_child_and_a_success_vouches_for_a_while(device:
     key.write_bytes(other)
     fresh.check_key(identity)  # ...and vouches for KEY_CHECK_SECONDS
     key.write_bytes(good)
+
+
+def test_while_an_attempt_works_the_tpm_is_its_alone(device: Device) -> None:
+    """One child at a time: the key check says "not checked" and /cacerts waits (Busy)."""
+    process = attempts(device)
+    identity = process.enroll().identity
+    device.est.options.fault = "hang"
+    device.est.options.hang_seconds = 30
+    running = process.start("renew")
+    assert device.est.hang_started.wait(60)
+    process._key_vouched = None  # as KEY_CHECK_SECONDS after the last proof
+    with pytest.raises(KeyNotChecked):
+        process.check_key(identity)
+    with pytest.raises(Busy) as busy:
+        process.fetch_cacerts(device.est.ca_file)
+    assert "at work (renew): cacerts later" in str(busy.value)
+    with pytest.raises(Busy):
+        process.start("renew")
+    running.stop()  # as the service's stop does
+    while not running.pump():
+        time.sleep(0.05)
+    with pytest.raises(Reported) as stopped:
+        running.outcome()
+    assert "interrupted: the service is stopping" in str(stopped.value)
+    device.est.options.fault = None
+    process.check_key(identity)  # the TPM is free again: checked by a child
+    assert process.renew().identity.generation == 2
 
 
 def test_the_service_stopping_ends_a_hanging_attempt_at_once(device: Device) -> None:

@@ -14,9 +14,11 @@ import json
 import os
 import socket
 import stat
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -198,6 +200,37 @@ def test_renew_goes_through_the_service_and_works_alone_when_it_does_not_run(
     alone = cli_as(SERVICE_UID, SERVICE_UID, [], s.config, "renew")
     assert alone["code"] == 0 and "renewed:" in alone["out"], alone
     assert os.readlink(current) == "gen-3"
+
+
+def test_status_answers_while_a_renewal_hangs_and_the_renew_gets_its_outcome(
+    service: ServiceUnderTest,
+) -> None:
+    """The attempt works in its own process: the loop serves the socket meanwhile."""
+    s = serving(service)
+    s.est.options.fault = "hang"  # never answers: the attempt fails at the read timeout (5 s)
+    s.est.options.hang_seconds = 30
+    renewing: dict[str, Any] = {}
+    thread = threading.Thread(
+        target=lambda: renewing.update(cli_as(0, 0, [], s.config, "renew")), daemon=True
+    )
+    thread.start()
+    assert s.est.hang_started.wait(60), "the renewal never reached the server"
+    s.est.options.fault = None
+    done = cli_as(0, 0, [], s.config, "status", "--json")
+    assert done["code"] == 0, done  # answered by the service, not "not running" (87)
+    model = json.loads(done["out"])
+    assert model["service"]["attempt_in_progress"] == "renew"
+    # not checked while the TPM is the attempt's: vouched for by the enrollment seconds ago
+    assert model["identity"]["key_usable"] is True
+    text = cli_as(READER_UID, READER_UID, [READERS_GID], s.config, "status")
+    assert "now:     renew at work" in text["out"], text
+    thread.join(90)
+    assert renewing.get("code") == 69, renewing  # the outcome of the attempt it asked for
+    assert "no complete response within 5 s" in renewing["err"]
+    assert os.readlink(s.state_dir / "identity" / "current") == "gen-1"
+    again = cli_as(0, 0, [], s.config, "renew")
+    assert again["code"] == 0 and "renewed through the running service" in again["out"], again
+    assert os.readlink(s.state_dir / "identity" / "current") == "gen-2"
 
 
 def test_ctl_reload_and_reconnect(service: ServiceUnderTest) -> None:

@@ -256,7 +256,7 @@ def test_a_tls_anchor_from_another_pki_still_enrolls_and_renews(
     write_config(path, state_dir=split.state_dir, est=split.est, store="software",
                  cacerts_refresh_seconds=3600)  # fmt: skip
     config = load_config(path)
-    refresher = wiring.ca_refresher(config, wiring.enroller(config))
+    refresher = wiring.ca_refresher(config, wiring.ca_source(config))
     assert isinstance(refresher, CaRefresher)
     refresher.refresh(split.clock.now())
     assert refresher.status()["last_result"] == "same"

@@ -27,6 +27,7 @@ from agent.errors import (
     Kind,
     NotEnrolled,
     ProviderError,
+    Reported,
     RollbackError,
     StateConflict,
     StorageError,
@@ -75,6 +76,10 @@ CASES: list[tuple[BaseException, Kind, int]] = [
     (BootControlError("b"), Kind.LOCAL_FAULT, 74),
     (StorageError("s"), Kind.LOCAL_FAULT, 74),
     (OSError(5, "Input/output error"), Kind.LOCAL_FAULT, 74),
+    # classified in the attempt process, carried as it was (agent/attempt_process.py)
+    (Reported("r", Disposition(Kind.WAIT_UNTIL, wait_seconds=30)), Kind.WAIT_UNTIL, 75),
+    (Reported("r", Disposition(Kind.SECURITY_EVENT)), Kind.SECURITY_EVENT, 65),
+    (Reported("r", Disposition(Kind.INTERNAL)), Kind.INTERNAL, 1),
     (AgentError("an unclassified branch"), Kind.INTERNAL, 1),
     (ValueError("a bug"), Kind.INTERNAL, 1),
 ]

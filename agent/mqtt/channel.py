@@ -110,6 +110,9 @@ class ChannelSettings:
     connect_timeout_seconds: float = 10.0
     #: let go of the TPM context while an attempt runs (it needs more slots than are free)
     release_for_attempts: bool = False
+    #: make no new TLS context (a TPM object) while an attempt runs, keeping the connection
+    #: (a TPM without a resource manager: the attempt's process may need every other slot)
+    hold_during_attempts: bool = False
     extra_status: Mapping[str, Scalar] = field(default_factory=dict)
 
 
@@ -358,8 +361,8 @@ class MqttChannel:
                 )
                 self._close(now, reason="released for a renewal attempt")
                 self._held = True
-            elif self._s.release_for_attempts:
-                self._held = True
+            elif self._s.release_for_attempts or self._s.hold_during_attempts:
+                self._held = True  # no new TPM context until the attempt is over
         elif kind == EventKind.ATTEMPT_FINISHED:
             if self._held:
                 self._held = False

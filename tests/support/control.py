@@ -178,7 +178,9 @@ class ServiceUnderTest:
         self.wait_for(lambda: "control socket" in self.text() and self.socket.exists(), "socket")
 
     def wait_enrolled(self) -> None:
-        self.wait_for(lambda: (self.state_dir / "identity" / "current").exists(), "enrollment")
+        """The enrollment over, as the service sees it (its outcome recorded), not only the
+        identity in place (its attempt process may still be at work)."""
+        self.wait_for(lambda: "is current: serial" in self.text(), "enrollment")
 
     def stop(self, sig: int = signal.SIGTERM) -> int | None:
         if self.pid is None:
@@ -203,7 +205,8 @@ def raw(path: Path, data: bytes, *, timeout: float = 30) -> bytes:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(timeout)
         s.connect(str(path))
-        s.sendall(data)
+        with contextlib.suppress(BrokenPipeError):  # a server refusing ("busy") may close first
+            s.sendall(data)
         got = b""
         while not got.endswith(b"\n"):
             chunk = s.recv(65536)
