@@ -9,13 +9,13 @@ lost connection: 1-16 s at the defaults; up to 2 x min after a failed start), an
 step doubles per round up to the upper bound, at which it runs on in steps of the upper bound.
 
 Why a grid rather than drawing each delay afresh (full jitter): wherever in its outage the
-broker comes back, at time T, every device's next round is the first of its points after T;
-with the phases uniform over the fleet those points are uniform in offset's coordinate over one
-step, so the returns spread over one step after T at a density that varies by at most the
-step's growth (2x; ln 2 of it on average: <= 1.44x busiest / mean), for a broker down 1 s as for
-one down an hour. Delays drawn afresh from each failure leave the fleet at different doubling
-levels with a long tail. A broker that stays down is still backed off: the steps reach the upper
-bound, one round per `max_seconds` per device, the fleet spread evenly over it.
+broker comes back, at time T, each device's next round is the first of its points after T; with
+the phases uniform over the fleet, those points are uniform in offset's coordinate over one
+step, so the returns spread over one step after T at a density that varies at most 2x (the
+step's growth) across it: busiest / mean <= 1 / ln 2 = 1.44 before sampling noise, for a broker
+down 1 s as for one down an hour. Delays drawn afresh from each failure leave the fleet at
+different doubling levels, with a long tail. A broker that stays down is still backed off: the
+steps reach the upper bound, one round per `max_seconds` per device, the fleet spread over it.
 
 Each delay, counted from the failure, stays within [min, max]: the next point at least `min`
 after the failure (an attempt that took long skips the points it ran over), and never more than
