@@ -120,7 +120,7 @@ def test_every_delay_stays_within_the_bounds_and_the_plan_is_deterministic_given
             elif event == "now":
                 plan.now(now)
             else:
-                plan.connected()
+                plan.connected(now)
             ats.append(plan.at)
             if event == "connected" or event == "now":
                 assert plan.due(now)
@@ -170,6 +170,27 @@ def test_the_grid_keeps_its_phase_and_skips_the_points_an_attempt_ran_over() -> 
     assert plan.at in grid  # back on the same grid, at the same phase
 
 
+def test_a_broker_that_accepts_and_drops_us_is_backed_off_too() -> None:
+    plan = ReconnectPlan(1, ReconnectPolicy(1.0, 120.0), random.Random(4))
+    plan.lost(NOW)
+    first_grid = plan.since
+    rounds = []
+    while plan.at is not None and plan.at < NOW + timedelta(hours=1):
+        at = plan.at
+        rounds.append(at)
+        plan.connected(at)  # accepted, then dropped half a second later
+        plan.lost(at + timedelta(seconds=0.5))
+    assert plan.since == first_grid  # one grid all along
+    waits = [(b - a).total_seconds() for a, b in itertools.pairwise(rounds)]
+    assert waits == sorted(waits) and waits[-1] == pytest.approx(120.0)
+    assert len(rounds) <= 3600 / 120 + 5
+    held = rounds[-1] + timedelta(seconds=120)
+    plan.connected(rounds[-1])
+    plan.lost(held)  # a connection that held max_seconds: spread anew from the first window
+    assert plan.since == held and plan.at is not None
+    assert held + timedelta(seconds=1) <= plan.at <= held + timedelta(seconds=16)
+
+
 @pytest.mark.parametrize("down", [1.0, 5.0, 10.0, 30.0, 600.0])
 def test_a_fleet_comes_back_spread_whenever_the_broker_returns(down: float) -> None:
     """1,000 devices lose the broker at once; it is back after `down`: the busiest second of
@@ -203,10 +224,12 @@ def test_failover_in_order_then_a_round_on_the_grid() -> None:
     assert not plan.due(NOW)
     plan.failed(NOW, slow=True)  # refused our identity: the longest waits
     assert plan.index == 0 and plan.at is not None and plan.at >= NOW + timedelta(seconds=5)
-    plan.connected()
+    plan.connected(NOW)
     assert plan.due(NOW) and plan.failures == 0
-    plan.lost(NOW)  # spread wide at once: 1 .. 16 x min
-    assert plan.at is not None and plan.at <= NOW + timedelta(seconds=10)
+    later = NOW + timedelta(hours=1)
+    plan.lost(later)  # the connection held: a new grid, spread wide at once (1 .. 10 s here)
+    assert plan.since == later and plan.at is not None
+    assert later + timedelta(seconds=1) <= plan.at <= later + timedelta(seconds=10)
     lost = []
     for seed in range(200):
         p = ReconnectPlan(1, ReconnectPolicy(1.0, 120.0), random.Random(seed))

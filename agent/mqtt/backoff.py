@@ -21,8 +21,13 @@ Each delay, counted from the failure, stays within [min, max]: the next point at
 after the failure (an attempt that took long skips the points it ran over), and never more than
 `max` (where the grid would wait longer, as after an attempt that ran over a whole step).
 
+A connection lost within `max_seconds` of its start (a broker that accepts and drops us, a
+client id that another client takes over) does not start a new grid: the rounds go on along the
+old one, so such a broker too is backed off to one round per `max_seconds`.
+
 After a refusal (the broker refused our identity, or our check refused the broker: a security
-event) the delay is drawn in [max / 2, max] (never below min): never retried at the lower bound.
+event) the delay is drawn in [max / 2, max] (never below min): never retried at the lower bound;
+the grid stays.
 """
 
 from __future__ import annotations
@@ -132,13 +137,16 @@ class ReconnectPlan:
         self.since: datetime | None = None
         self.schedule: Schedule | None = None
         self.phase = 0.0
+        self._connected_at: datetime | None = None  # the grid's last connection
 
     def due(self, now: datetime) -> bool:
         return self.at is None or self.at <= now
 
-    def connected(self) -> None:
+    def connected(self, now: datetime) -> None:
+        """The broker accepted us: the grid is kept until the connection has held `max_seconds`
+        (lost before, the rounds go on along it)."""
         self.index, self.failures, self.at = 0, 0, None
-        self.since, self.schedule = None, None
+        self._connected_at = now
 
     def failed(self, now: datetime, *, slow: bool = False) -> None:
         """The attempt to broker `index` failed: the next broker at once, or (after the last one,
@@ -151,7 +159,7 @@ class ReconnectPlan:
             return
         self.failures += 1
         self.index = 0
-        if self.since is None:
+        if self._ended(now):
             self._begin(now, START_SPREAD)
         if slow:
             self.at = now + timedelta(seconds=self.policy.slow_delay(self._rng))
@@ -161,10 +169,11 @@ class ReconnectPlan:
     def lost(self, now: datetime) -> None:
         """A connection ended without our asking: the first broker again, in a window spread
         wide enough that a fleet which lost its broker together does not come back together,
-        then on a new grid from now."""
+        then on a new grid from now; a connection that did not hold `max_seconds`: the next point
+        on the grid it was made on."""
         self.index = 0
-        self.failures = 0
-        self._begin(now, LOST_SPREAD)
+        if self._ended(now):
+            self._begin(now, LOST_SPREAD)
         self.at = self._next(now)
 
     def now(self, now: datetime) -> None:
@@ -172,7 +181,14 @@ class ReconnectPlan:
         self.index = 0
         self.at = now
 
+    def _ended(self, now: datetime) -> bool:
+        """No grid, or the last connection made on it held: the next failure starts a new one."""
+        if self.since is None or self._connected_at is None:
+            return self.since is None
+        return now - self._connected_at >= timedelta(seconds=self.policy.max_seconds)
+
     def _begin(self, now: datetime, spread: float) -> None:
+        self._connected_at = None
         self.since = now
         self.schedule = self.policy.schedule(spread)
         self.phase = self._rng.random()
