@@ -11,7 +11,7 @@ from collections import Counter
 from datetime import datetime, timedelta, timezone
 
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from agent.components import Event
@@ -57,6 +57,8 @@ BOUNDS = st.tuples(
 
 
 @given(BOUNDS, st.sampled_from([START_SPREAD, LOST_SPREAD, 1.0, 1000.0]))
+@example([0.1, 0.10000000000000002], START_SPREAD)  # max - min one ulp: a first step of 2e-17
+@example([5.0, 5.0], LOST_SPREAD)
 def test_the_grid_starts_at_the_lower_bound_and_its_steps_grow_to_the_upper_bound(
     bounds: list[float], spread: float
 ) -> None:
@@ -65,7 +67,7 @@ def test_the_grid_starts_at_the_lower_bound_and_its_steps_grow_to_the_upper_boun
     assert s.offset(0) == low and s.offset(-1) == low
     if s.first > 0:  # the first window: [min, min x spread], within [min, max]
         assert s.offset(1) <= min(low * spread, high) * (1 + 1e-9)
-    xs = [i / 4 for i in range(200)]
+    xs = [i / 2 for i in range(200)]  # the knee: < 60 even when max - min is one ulp
     offsets = [s.offset(x) for x in xs]
     assert offsets == sorted(offsets)
     steps = [s.offset(x + 1) - s.offset(x) for x in xs]
@@ -73,8 +75,12 @@ def test_the_grid_starts_at_the_lower_bound_and_its_steps_grow_to_the_upper_boun
         assert a <= b + 1e-9 * high
     assert all(step <= high * (1 + 1e-9) for step in steps)
     assert steps[-1] == pytest.approx(high)  # at the upper bound, then in steps of it
+    # position() inverts offset(), compared in seconds (x is ill-conditioned if max - min is an ulp)
     for x in xs:
-        assert s.position(s.offset(x)) == pytest.approx(x, abs=1e-6)
+        t = s.offset(x)
+        assert s.offset(s.position(t)) == pytest.approx(t, rel=1e-9)
+        phase = x % 1
+        assert t <= s.next_point(t, phase) <= t + high * (1 + 1e-9)
 
 
 def test_the_first_windows_at_the_defaults() -> None:
