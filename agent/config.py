@@ -623,7 +623,7 @@ class MqttConfig:
     #: the MQTT client id ("" = the device id)
     client_id: str = checked("", check=_client_id)
     keepalive_seconds: int = checked(60, check=_keepalive)
-    #: reconnect delays: exponential backoff with full jitter between these bounds
+    #: reconnect delays: a per-device phase grid, its step doubling between these bounds
     reconnect_min_seconds: float = checked(1.0, check=_reconnect_seconds)
     reconnect_max_seconds: float = checked(120.0, check=_reconnect_seconds)
     #: QoS of events, status and the commands subscription

@@ -1,17 +1,22 @@
-"""The channel's pure parts: topics, messages, reconnect delays with full jitter and failover,
-the offline queue, what a broker's refusal means."""
+"""The channel's pure parts: topics, messages, reconnect rounds on a per-device phase grid
+and failover, the offline queue, what a broker's refusal means."""
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
 import random
+from collections import Counter
 from datetime import datetime, timedelta, timezone
 
 import pytest
+from hypothesis import example, given
+from hypothesis import strategies as st
 
 from agent.components import Event
 from agent.mqtt import messages
-from agent.mqtt.backoff import ReconnectPlan, ReconnectPolicy
+from agent.mqtt.backoff import LOST_SPREAD, START_SPREAD, ReconnectPlan, ReconnectPolicy
 from agent.mqtt.commands import Refused, refuse_all
 from agent.mqtt.queue import EventQueue
 from agent.mqtt.rejection import from_connack, from_tls_reason, untrusted_broker
@@ -46,21 +51,173 @@ def test_messages_are_versioned_json_and_bounded() -> None:
     assert will["online"] is False and will["reason"] == "connection lost"
 
 
-def test_full_jitter_between_the_bounds_with_a_doubling_cap() -> None:
-    policy = ReconnectPolicy(1.0, 60.0)
-    rng = random.Random(7)
-    assert [policy.cap(n) for n in (1, 2, 3, 5, 6, 100)] == [2, 4, 8, 32, 60, 60]
-    for failures in range(1, 12):
-        draws = [policy.delay(failures, rng) for _ in range(500)]
-        assert all(1.0 <= d <= policy.cap(failures) for d in draws)
-        if policy.cap(failures) >= 8:  # spread over the whole range, not bunched at the cap
-            assert min(draws) < 1.0 + policy.cap(failures) * 0.1
-            assert max(draws) > policy.cap(failures) * 0.9
-    a = [ReconnectPolicy(1, 60).delay(3, random.Random(1)) for _ in range(3)]
-    assert len(set(a)) == 1  # seeded: deterministic
+BOUNDS = st.tuples(
+    st.floats(0.1, 600, allow_nan=False), st.floats(0.1, 86400, allow_nan=False)
+).map(sorted)
 
 
-def test_failover_in_order_then_a_jittered_round() -> None:
+@given(BOUNDS, st.sampled_from([START_SPREAD, LOST_SPREAD, 1.0, 1000.0]))
+@example([0.1, 0.10000000000000002], START_SPREAD)  # max - min one ulp: a first step of 2e-17
+@example([5.0, 5.0], LOST_SPREAD)
+def test_the_grid_starts_at_the_lower_bound_and_its_steps_grow_to_the_upper_bound(
+    bounds: list[float], spread: float
+) -> None:
+    low, high = bounds
+    s = ReconnectPolicy(low, high).schedule(spread)
+    assert s.offset(0) == low and s.offset(-1) == low
+    if s.first > 0:  # the first window: [min, min x spread], within [min, max]
+        assert s.offset(1) <= min(low * spread, high) * (1 + 1e-9)
+    xs = [i / 2 for i in range(200)]  # the knee: < 60 even when max - min is one ulp
+    offsets = [s.offset(x) for x in xs]
+    assert offsets == sorted(offsets)
+    steps = [s.offset(x + 1) - s.offset(x) for x in xs]
+    for a, b in itertools.pairwise(steps):  # the step (the cap of the wait) is monotone
+        assert a <= b + 1e-9 * high
+    assert all(step <= high * (1 + 1e-9) for step in steps)
+    assert steps[-1] == pytest.approx(high)  # at the upper bound, then in steps of it
+    # position() inverts offset(), compared in seconds (x is ill-conditioned if max - min is an ulp)
+    for x in xs:
+        t = s.offset(x)
+        assert s.offset(s.position(t)) == pytest.approx(t, rel=1e-9)
+        phase = x % 1
+        assert t <= s.next_point(t, phase) <= t + high * (1 + 1e-9)
+
+
+def test_the_first_windows_at_the_defaults() -> None:
+    policy = ReconnectPolicy(1.0, 120.0)
+    lost, start = policy.schedule(LOST_SPREAD), policy.schedule(START_SPREAD)
+    assert (lost.offset(0), lost.offset(1)) == (1.0, pytest.approx(16.0))
+    assert (start.offset(0), start.offset(1)) == (1.0, pytest.approx(2.0))
+    assert [round(start.offset(k + 1) - start.offset(k), 6) for k in range(5)] == [1, 2, 4, 8, 16]
+    assert start.offset(40) - start.offset(39) == pytest.approx(120.0)
+    assert policy.schedule(LOST_SPREAD).offset(1e9) < 1.2e11  # no overflow, however long
+    tight = ReconnectPolicy(5.0, 5.0).schedule(LOST_SPREAD)  # min = max: every step is max
+    assert [tight.offset(k) for k in range(3)] == [5.0, 10.0, 15.0]
+
+
+EVENTS = st.lists(
+    st.tuples(
+        st.sampled_from(["failed", "failed", "failed", "slow", "lost", "now", "connected"]),
+        st.floats(0, 300, allow_nan=False),  # how long the attempt took (or the connection held)
+    ),
+    max_size=40,
+)
+
+
+@given(BOUNDS, st.integers(1, 3), st.integers(0, 2**32), EVENTS)
+def test_every_delay_stays_within_the_bounds_and_the_plan_is_deterministic_given_its_seed(
+    bounds: list[float], brokers: int, seed: int, events: list[tuple[str, float]]
+) -> None:
+    low, high = bounds
+    policy = ReconnectPolicy(low, high)
+
+    def run() -> list[datetime | None]:
+        plan = ReconnectPlan(brokers, policy, random.Random(seed))
+        now, ats = NOW, []
+        for event, took in events:
+            now = max(now, plan.at or now) + timedelta(seconds=took)
+            index = plan.index
+            if event == "failed":
+                plan.failed(now)
+            elif event == "slow":
+                plan.failed(now, slow=True)
+            elif event == "lost":
+                plan.lost(now)
+            elif event == "now":
+                plan.now(now)
+            else:
+                plan.connected(now)
+            ats.append(plan.at)
+            if event == "connected" or event == "now":
+                assert plan.due(now)
+                continue
+            assert plan.at is not None
+            wait = (plan.at - now).total_seconds()
+            if event == "failed" and index + 1 < brokers:
+                assert wait == 0 and plan.index == index + 1  # failover: the next one at once
+                continue
+            assert plan.index == 0
+            floor = max(low, high / 2) if event == "slow" else low
+            assert floor - 1e-6 <= wait <= high + 1e-6, (event, wait)  # datetime: to the µs
+        return ats
+
+    assert run() == run()
+
+
+def test_a_broker_that_stays_down_is_tried_once_per_upper_bound() -> None:
+    plan = ReconnectPlan(1, ReconnectPolicy(1.0, 120.0), random.Random(5))
+    plan.lost(NOW)
+    rounds = []
+    while plan.at is not None and plan.at < NOW + timedelta(hours=1):
+        rounds.append(plan.at)
+        plan.failed(plan.at)
+    waits = [(b - a).total_seconds() for a, b in itertools.pairwise(rounds)]
+    assert waits == sorted(waits) and waits[-1] == pytest.approx(120.0)  # backs off to the cap
+    assert len(rounds) <= 3600 / 120 + 5  # paho's doubling from 1 s: 36 in the hour
+
+
+def test_the_grid_keeps_its_phase_and_skips_the_points_an_attempt_ran_over() -> None:
+    plan = ReconnectPlan(1, ReconnectPolicy(1.0, 120.0), random.Random(9))
+    plan.lost(NOW)
+    assert plan.since == NOW and plan.schedule is not None
+    grid = [NOW + timedelta(seconds=plan.schedule.offset(k + plan.phase)) for k in range(12)]
+    assert plan.at == grid[0]
+    plan.failed(grid[0] + timedelta(seconds=0.5))  # a quick failure: the next point
+    assert plan.at == grid[1]
+    plan.now(grid[1] - timedelta(seconds=3))  # a new identity: at once, the grid stays
+    plan.failed(grid[1] - timedelta(seconds=2.5))
+    assert plan.at == grid[1]
+    plan.failed(grid[2] - timedelta(seconds=0.5))  # ran to within min of a point: skip it
+    assert plan.at == grid[3]
+    plan.failed(grid[3] + timedelta(seconds=1), slow=True)  # a refusal: slow, the grid stays
+    assert plan.since == NOW and plan.at is not None
+    assert plan.at >= grid[3] + timedelta(seconds=61)
+    plan.failed(plan.at)
+    assert plan.at in grid  # back on the same grid, at the same phase
+
+
+def test_a_broker_that_accepts_and_drops_us_is_backed_off_too() -> None:
+    plan = ReconnectPlan(1, ReconnectPolicy(1.0, 120.0), random.Random(4))
+    plan.lost(NOW)
+    first_grid = plan.since
+    rounds = []
+    while plan.at is not None and plan.at < NOW + timedelta(hours=1):
+        at = plan.at
+        rounds.append(at)
+        plan.connected(at)  # accepted, then dropped half a second later
+        plan.lost(at + timedelta(seconds=0.5))
+    assert plan.since == first_grid  # one grid all along
+    waits = [(b - a).total_seconds() for a, b in itertools.pairwise(rounds)]
+    assert waits == sorted(waits) and waits[-1] == pytest.approx(120.0)
+    assert len(rounds) <= 3600 / 120 + 5
+    held = rounds[-1] + timedelta(seconds=120)
+    plan.connected(rounds[-1])
+    plan.lost(held)  # a connection that held max_seconds: spread anew from the first window
+    assert plan.since == held and plan.at is not None
+    assert held + timedelta(seconds=1) <= plan.at <= held + timedelta(seconds=16)
+
+
+@pytest.mark.parametrize("down", [1.0, 5.0, 10.0, 30.0, 600.0])
+def test_a_fleet_comes_back_spread_whenever_the_broker_returns(down: float) -> None:
+    """1,000 devices lose the broker at once; it is back after `down`: the busiest second of
+    their returns holds at most 3x the mean second until 99% are back (bench/bench_mqtt.py)."""
+    rng = random.Random(1)
+    back = []
+    for _ in range(1000):
+        plan = ReconnectPlan(1, ReconnectPolicy(1.0, 120.0), rng)
+        plan.lost(NOW)
+        assert plan.at is not None
+        while (plan.at - NOW).total_seconds() < down:
+            plan.failed(plan.at)
+        back.append((plan.at - NOW).total_seconds() - down)
+    back.sort()
+    window = math.ceil(back[989])
+    assert window >= 10  # not all in a few seconds either
+    busiest = max(Counter(int(t) for t in back).values())
+    assert busiest <= 3 * 990 / window
+
+
+def test_failover_in_order_then_a_round_on_the_grid() -> None:
     plan = ReconnectPlan(3, ReconnectPolicy(1.0, 10.0), random.Random(3))
     assert plan.due(NOW) and plan.index == 0
     plan.failed(NOW)
@@ -73,10 +230,12 @@ def test_failover_in_order_then_a_jittered_round() -> None:
     assert not plan.due(NOW)
     plan.failed(NOW, slow=True)  # refused our identity: the longest waits
     assert plan.index == 0 and plan.at is not None and plan.at >= NOW + timedelta(seconds=5)
-    plan.connected()
+    plan.connected(NOW)
     assert plan.due(NOW) and plan.failures == 0
-    plan.lost(NOW)  # spread wide at once: 1 .. 16 x min
-    assert plan.at is not None and plan.at <= NOW + timedelta(seconds=10)
+    later = NOW + timedelta(hours=1)
+    plan.lost(later)  # the connection held: a new grid, spread wide at once (1 .. 10 s here)
+    assert plan.since == later and plan.at is not None
+    assert later + timedelta(seconds=1) <= plan.at <= later + timedelta(seconds=10)
     lost = []
     for seed in range(200):
         p = ReconnectPlan(1, ReconnectPolicy(1.0, 120.0), random.Random(seed))

@@ -535,7 +535,7 @@ class MqttChannel:
         self._connect_deadline = None
         self._since = now
         self._connects += 1
-        self._plan.connected()
+        self._plan.connected(now)
         self._last_error = None
         if self._rejection is not None:
             log.info(
