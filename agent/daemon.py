@@ -209,6 +209,7 @@ class Daemon:
         self._started_at = clock.now()
         self._view: tuple[Identity | None, SchedulerState, Decision] | None = None
         self._in_flight: _InFlight | None = None
+        self._notify_failing = False
 
     # -- signals: flags and a byte, nothing else ----------------------------------------------
 
@@ -584,7 +585,13 @@ class Daemon:
         try:
             self._notify(*fields)
         except OSError as e:  # never fatal: the service must go on without systemd
-            log.warning("cannot notify systemd: %s", e)
+            if not self._notify_failing:  # once, not at every turn, until it is heard again
+                log.warning("cannot notify systemd (reported once until it works again): %s", e)
+            self._notify_failing = True
+        else:
+            if self._notify_failing:
+                log.info("systemd is notified again")
+            self._notify_failing = False
 
 
 def _describe(current: Identity | None) -> str:

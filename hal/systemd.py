@@ -38,7 +38,9 @@ def notify(*fields: str, environ: dict[str, str] | None = None) -> bool:
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
             sock.connect(target)
-            sock.sendall(message)
+            # never wait: a reader that does not read (its queue is 10 datagrams by default)
+            # must not hold the service's loop, its stop included; the message is dropped
+            sock.send(message, socket.MSG_DONTWAIT)
     except OSError as e:
         raise NotifyError(f"cannot notify systemd at {address}: {e.strerror or e}") from e
     return True

@@ -55,6 +55,20 @@ def test_without_systemd_notify_does_nothing_and_a_dead_socket_is_an_error(tmp_p
         notify("READY=1", environ={"NOTIFY_SOCKET": "relative"})
 
 
+def test_a_reader_that_does_not_read_never_holds_the_sender(
+    listener: tuple[socket.socket, str],
+) -> None:
+    """The kernel queues a few datagrams (net.unix.max_dgram_qlen, 10 by default); past them a
+    blocking send would wait for the reader forever: ours fails at once instead."""
+    _, path = listener
+    env = {"NOTIFY_SOCKET": path}
+    sent = 0
+    with pytest.raises(NotifyError, match="Resource temporarily unavailable"):
+        for sent in range(1, 100_000):
+            notify(f"STATUS=message {sent}", environ=env)
+    assert sent > 1  # the first ones were queued
+
+
 def test_watchdog_interval_is_half_of_watchdog_usec_for_this_process() -> None:
     assert watchdog_interval({"WATCHDOG_USEC": "30000000"}) == 15.0
     pid = str(os.getpid())
