@@ -219,14 +219,16 @@ class Running(Generic[T]):
             return True
         now = self._clock.monotonic()
         if now >= self.wake_at():
-            if self._stop_at is None:
-                self._overdue = True
-                log.warning("the attempt process (%s) took longer than %.0f s: killed",
-                            self.action, self._deadline_seconds)  # fmt: skip
-            else:
+            if self._stop_at is not None:
                 log.warning("the attempt process (%s) did not end on SIGTERM: killed", self.action)
-            self._end(kill=True)
-            return True
+                self._end(kill=True)
+                return True
+            # past its deadline: SIGTERM first, so that a child waiting on the network ends
+            # cleanly and flushes its TPM objects (a bare TPM keeps a killed process's)
+            self._overdue = True
+            log.warning("the attempt process (%s) took longer than %.0f s: stopping it",
+                        self.action, self._deadline_seconds)  # fmt: skip
+            self.stop()
         while select.select([self._stdout], [], [], 0)[0]:
             chunk = os.read(self.fileno(), 65536)
             if not chunk:
@@ -268,7 +270,7 @@ class Running(Generic[T]):
             if self._overdue:
                 raise Reported(
                     f"the attempt process ({self.action}) took longer than "
-                    f"{self._deadline_seconds:.0f} s and was killed",
+                    f"{self._deadline_seconds:.0f} s and was stopped",
                     Disposition(Kind.RETRY_LATER),
                 )
             answer = parse_answer(bytes(self._out), returncode)

@@ -443,7 +443,7 @@ class RenewalConfig:
     #: no wait longer than this share of the time the certificate has left
     max_wait_share_of_time_left: float = checked(0.25, check=_wait_share)
     #: an attempt (its own process, agent/attempt_process.py) still at work after this long is
-    #: killed and counted as a failure; well above the EST timeouts of all its requests
+    #: stopped and counted as a failure; well above the EST timeouts of all its requests
     attempt_timeout_seconds: float = checked(600.0, check=_attempt_seconds)
 
 

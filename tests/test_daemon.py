@@ -165,14 +165,13 @@ def test_sighup_reloads_and_an_invalid_config_is_refused_and_the_old_one_kept(
     assert lines.count("RELOADING=1") == 2 and lines.count("READY=1") == 3
 
 
-def test_a_hanging_attempt_is_killed_at_its_deadline_and_the_loop_pings_meanwhile(
+def test_a_hanging_attempt_is_stopped_at_its_deadline_and_the_loop_pings_meanwhile(
     device: Device, notify: Notifications, services: list[Service]
 ) -> None:
     """The attempt works in its own process: while it hangs at the server the loop goes on
-    (watchdog pings, components); past renewal.attempt_timeout_seconds it is killed, counted as
-    a failure, and the next attempt rotates. Software keys: a killed process's TPM objects
-    would stay loaded on a bare swtpm."""
-    device.configure(store="software")
+    (watchdog pings, components); past renewal.attempt_timeout_seconds it is stopped (SIGTERM:
+    it ends its request and flushes its TPM objects), counted as a failure, and the next
+    attempt rotates."""
     configure(device)
     with device.config.open("a") as f:
         f.write("attempt_timeout_seconds = 3\n")  # [renewal] is the last table
@@ -186,13 +185,14 @@ def test_a_hanging_attempt_is_killed_at_its_deadline_and_the_loop_pings_meanwhil
     device.est.options.fault = None  # the next attempt goes through
 
     failed = "renew failed (retry_later): the attempt process (renew) took longer than 3 s and "
-    wait_for(lambda: failed in service.text(), "the hanging attempt killed at its deadline",
+    wait_for(lambda: failed in service.text(), "the hanging attempt stopped at its deadline",
              service)  # fmt: skip
     killed_seen = time.monotonic()
     pings = [t for t, m in list(notify.messages) if m == "WATCHDOG=1"]
     assert any(hanging_seen < t < killed_seen for t in pings)  # the loop went on meanwhile
-    wait_for(lambda: (current(device) or 0) >= 2, "a renewal after the kill", service)
+    wait_for(lambda: (current(device) or 0) >= 2, "a renewal after the stop", service)
     assert service.stop() == 0
+    assert transient_objects(device.tpm.tcti)[0] == 0  # the stopped child flushed its own
 
 
 def test_a_stuck_loop_stops_the_watchdog_pings(
