@@ -265,21 +265,26 @@ class Running(Generic[T]):
         """What the child achieved, or Reported with the disposition it gave (once over)."""
         assert self._over, "outcome() before the attempt is over"
         returncode = self._child.wait()
+        overdue = Reported(
+            f"the attempt process ({self.action}) took longer than "
+            f"{self._deadline_seconds:.0f} s and was stopped",
+            Disposition(Kind.RETRY_LATER),
+        )
         answer: dict[str, Any] | None = None
         try:
-            if self._overdue:
-                raise Reported(
-                    f"the attempt process ({self.action}) took longer than "
-                    f"{self._deadline_seconds:.0f} s and was stopped",
-                    Disposition(Kind.RETRY_LATER),
-                )
             answer = parse_answer(bytes(self._out), returncode)
+        except Reported as e:
+            if self._overdue:
+                raise overdue from e
+            raise
         finally:  # a crash point there is a power cut here too (tests only)
             self._faults.child_ended(returncode, answer.get("crash_points", 0) if answer else 0)
         if not answer["ok"]:
+            if self._overdue:  # its own message would be the stop's ("interrupted")
+                raise overdue
             disposition = Disposition(Kind(answer["kind"]), answer["wait_seconds"])
             raise Reported(answer["message"], disposition)
-        return self._finish(answer)
+        return self._finish(answer)  # done as it was stopped: what it did counts
 
     def _end(self, *, kill: bool) -> None:
         if kill:

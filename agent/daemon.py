@@ -258,6 +258,8 @@ class Daemon:
                         decision = self._requested(decision, now)
                     if decision.action is not Action.WAIT and decision.at <= now:
                         state = self._begin(parts, store, state, decision, now, requested)
+                        if self._in_flight is None:  # it could not start: decide again now
+                            wake = now
                     else:
                         self._say(f"STATUS={_status_line(current, state, decision, now)}")
                         wake = decision.at

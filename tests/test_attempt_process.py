@@ -271,6 +271,41 @@ def test_a_child_killed_mid_renewal_is_an_internal_failure_and_loses_nothing(
     assert process.renew().identity.generation == 2  # the next attempt finishes the job
 
 
+def _with_child(device: Device, argv: tuple[str, ...], *, timeout: float = 2) -> AttemptProcess:
+    """An AttemptProcess whose child is `argv` (a fault at the edge: a child that misbehaves)."""
+    with device.config.open("a") as f:
+        f.write(f"[renewal]\nattempt_timeout_seconds = {timeout}\n")
+    config = load_config(device.config)
+    return AttemptProcess(config=config, identities=identity_store(config), argv=argv,
+                          stop_grace_seconds=0.5)  # fmt: skip
+
+
+def test_a_child_that_cannot_start_is_a_local_fault(device: Device) -> None:
+    process = _with_child(device, ("/nonexistent/python",))
+    with pytest.raises(Reported) as raised:
+        process.start("renew")
+    assert "cannot start the attempt process /nonexistent/python" in str(raised.value)
+    assert classify(raised.value).kind is Kind.LOCAL_FAULT
+    assert not process.busy
+
+
+@pytest.mark.parametrize(
+    "script",
+    ["exec sleep 60", "trap '' TERM; exec sleep 60"],  # ends on SIGTERM; ignores it: killed
+    ids=["ends-on-sigterm", "ignores-sigterm"],
+)
+def test_a_child_past_its_deadline_is_stopped_and_its_attempt_failed(
+    device: Device, script: str
+) -> None:
+    process = _with_child(device, ("/bin/sh", "-c", script))
+    others = children()
+    with pytest.raises(Reported) as raised:
+        process.renew()
+    assert str(raised.value) == "the attempt process (renew) took longer than 2 s and was stopped"
+    assert classify(raised.value).kind is Kind.RETRY_LATER
+    assert not process.busy and children() <= others  # reaped
+
+
 def test_the_long_lived_process_never_imports_the_tpm_stack_or_the_enrollment_code(
     device: Device,
 ) -> None:
