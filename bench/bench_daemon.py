@@ -34,33 +34,18 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from tests.conftest import provider_path  # noqa: E402
 from tests.support.enroll_env import config_text, password_file  # noqa: E402
 from tests.support.est_server import EstOptions, EstServer  # noqa: E402
 from tests.support.mosquitto import Mosquitto  # noqa: E402
+from tests.support.procs import cpu_seconds, rss_kib  # noqa: E402
 from tests.support.swtpm import Swtpm  # noqa: E402
 
-TICK = os.sysconf("SC_CLK_TCK")
 WHOLE_STACK = (
     "import time, ssl, cryptography.x509, tpm2_pytss, paho.mqtt.client, agent.daemon, "
     "agent.enroll, agent.est.client, agent.mqtt.channel, agent.control.server; time.sleep(3600)"
 )
 BARE = "import time; time.sleep(3600)"
-
-
-def provider() -> Path:
-    return Path((ROOT / ".deps" / "tpm2-provider.path").read_text().strip()).resolve()
-
-
-def rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise RuntimeError("no VmRSS")
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICK
 
 
 def maps_tpm_stack(pid: int) -> bool:
@@ -98,7 +83,7 @@ def device_config(work: Path, est: EstServer, tpm: Swtpm, broker: Mosquitto | No
     """EST, the control socket and the metrics textfile; the MQTT channel with `broker`."""
     state, run = work / "state", work / "run"
     run.mkdir(mode=0o755)
-    text = config_text(state_dir=state, est=est, tcti=tpm.tcti, provider=provider())
+    text = config_text(state_dir=state, est=est, tcti=tpm.tcti, provider=provider_path())
     text = text.replace("[paths]\n", f'[paths]\nrun_dir = "{run}"\n', 1)
     text = text.replace("[control]\nenabled = false\n", "[control]\nenabled = true\n")
     text += f'[metrics]\ntextfile = "{work / "metrics.prom"}"\n'
@@ -165,7 +150,7 @@ def rotations(work: Path, tpm: Swtpm, count: int) -> None:
     with EstServer(work / "est-rot", EstOptions(cert_lifetime_seconds=105)) as est:
         config = work / "rot.toml"
         text = config_text(state_dir=work / "rot-state", est=est, tcti=tpm.tcti,
-                           provider=provider(), username="device",
+                           provider=provider_path(), username="device",
                            password_file=str(password_file(work)))  # fmt: skip
         text += "[renewal]\nwindow_start_fraction = 0.6\nwindow_end_fraction = 0.6\n"
         config.write_text(text)

@@ -35,15 +35,12 @@ from agent import wiring  # noqa: E402
 from agent.config import parse_config  # noqa: E402
 from agent.enroll import EnrollResult  # noqa: E402
 from hal.tpm import TpmKeyStore  # noqa: E402
+from tests.conftest import provider_path  # noqa: E402
 from tests.support.enroll_env import config_text, password_file  # noqa: E402
 from tests.support.est_server import EstOptions, EstServer  # noqa: E402
 from tests.support.swtpm import Swtpm  # noqa: E402
 
 FIELDS = ("keygen", "csr", "handshake", "server", "total")
-
-
-def provider() -> Path:
-    return Path((ROOT / ".deps" / "tpm2-provider.path").read_text().strip()).resolve()
 
 
 def scenario(
@@ -54,7 +51,7 @@ def scenario(
             state_dir=work / name / "state",
             est=est,
             tcti=tpm.tcti,
-            provider=provider(),
+            provider=provider_path(),
             generations_kept=2,
             **keys,
         )
@@ -114,7 +111,7 @@ def process_comparison(work: Path, tpm: Swtpm, runs: int) -> None:
                     est=est,
                     store=store,
                     tcti=tpm.tcti if store == "tpm" else "",
-                    provider=provider() if store == "tpm" else None,
+                    provider=provider_path() if store == "tpm" else None,
                     generations_kept=2,
                     username="device",
                     password_file=str(password),
@@ -172,7 +169,7 @@ def main() -> int:
         try:
             from hal.openssl_provider import load_tpm2_provider
 
-            load_tpm2_provider(str(provider()), tcti=tpm.tcti)
+            load_tpm2_provider(str(provider_path()), tcti=tpm.tcti)
             print(f"EST enroll, median of {args.runs} (ms), swtpm ECC P-256, loopback server")
             scenario("enroll", work, tpm, EstOptions(), args.runs, renew=False)
             scenario(

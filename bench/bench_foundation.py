@@ -27,6 +27,7 @@ from agent.tls import client_context  # noqa: E402
 from hal.interfaces import KeyAlgorithm  # noqa: E402
 from hal.openssl_provider import load_tpm2_provider  # noqa: E402
 from hal.tpm import TpmKeyStore  # noqa: E402
+from tests.conftest import provider_path  # noqa: E402
 from tests.support.ca import TestCA, pem  # noqa: E402
 from tests.support.swtpm import Swtpm  # noqa: E402
 from tests.support.tls_server import MutualTlsServer, handshake  # noqa: E402
@@ -50,7 +51,7 @@ def main() -> None:
     runs = parser.parse_args().runs
     if runs < 1:
         parser.error("--runs must be at least 1")
-    provider = (ROOT / ".deps" / "tpm2-provider.path").read_text().strip()
+    provider = str(provider_path())
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         tpm = Swtpm(work / "tpm").start()

@@ -40,21 +40,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from agent.mqtt.backoff import ReconnectPlan, ReconnectPolicy  # noqa: E402
+from tests.conftest import provider_path  # noqa: E402
 from tests.support.enroll_env import config_text, password_file  # noqa: E402
 from tests.support.est_server import EstOptions, EstServer  # noqa: E402
 from tests.support.mosquitto import Mosquitto  # noqa: E402
+from tests.support.procs import cpu_seconds  # noqa: E402
 from tests.support.swtpm import Swtpm  # noqa: E402
-
-TICK = os.sysconf("SC_CLK_TCK")
-
-
-def provider() -> Path:
-    return Path((ROOT / ".deps" / "tpm2-provider.path").read_text().strip()).resolve()
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICK
 
 
 def connect_once(broker: Mosquitto, cert: Path, key: Path) -> float:
@@ -225,7 +216,7 @@ def main() -> int:
             state = tmp / "state"
             config = tmp / "config.toml"
             base = config_text(
-                state_dir=state, est=est, tcti=tpm.tcti, provider=provider(),
+                state_dir=state, est=est, tcti=tpm.tcti, provider=provider_path(),
                 username="device", password_file=str(password_file(tmp)),
                 proof_of_possession="never",
             )  # fmt: skip

@@ -35,24 +35,15 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from hal.tpm import transient_objects  # noqa: E402
+from tests.conftest import provider_path  # noqa: E402
 from tests.support.enroll_env import config_text, password_file  # noqa: E402
 from tests.support.est_server import EstOptions, EstServer  # noqa: E402
 from tests.support.mosquitto import Mosquitto  # noqa: E402
+from tests.support.procs import rss_kib  # noqa: E402
 from tests.support.swtpm import Swtpm  # noqa: E402
 
 WARM = 10
 GENERATION = re.compile(r"STATUS=identity generation (\d+),")
-
-
-def provider() -> Path:
-    return Path((ROOT / ".deps" / "tpm2-provider.path").read_text().strip()).resolve()
-
-
-def rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise RuntimeError("no VmRSS")
 
 
 def descriptors(pid: int) -> int:
@@ -64,7 +55,7 @@ def soak(work: Path, tpm: Swtpm, count: int, with_broker: bool) -> None:
         broker = Mosquitto(work / "broker", device_ca=est.ca).start() if with_broker else None
         config = work / "soak.toml"
         text = config_text(state_dir=work / "state", est=est, tcti=tpm.tcti,
-                           provider=provider(), username="device",
+                           provider=provider_path(), username="device",
                            password_file=str(password_file(work)))  # fmt: skip
         text += "[renewal]\nwindow_start_fraction = 0.575\nwindow_end_fraction = 0.575\n"
         if broker is not None:
