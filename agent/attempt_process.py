@@ -47,7 +47,9 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 PROTOCOL = 1
-ACTIONS = ("enroll", "renew", "bootstrap", "cacerts", "check-key")
+#: what the scheduler starts (agent/daemon.py), and what else a child does for the service
+ATTEMPTS = ("enroll", "renew", "bootstrap")
+ACTIONS = (*ATTEMPTS, "cacerts", "check-key")
 #: the longest answer read from a child (it is one short JSON line)
 MAX_ANSWER_BYTES = 64 * 1024
 #: an error message longer than this is cut (they are one line; a server's text is bounded too)
@@ -334,7 +336,7 @@ class AttemptProcess:
 
     def start(self, action: str) -> Running[Attempted]:
         """An enroll, renew or bootstrap, started; the daemon's loop pumps it with the rest."""
-        if action not in ("enroll", "renew", "bootstrap"):
+        if action not in ATTEMPTS:
             raise ValueError(f"not an attempt: {action!r}")
         return self._start(action, self._attempted, broker_connected=self._broker_connected())
 
